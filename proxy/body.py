@@ -1,0 +1,119 @@
+"""The client's request body: read at most once, never past the limit, parsed only on demand.
+
+Rules:
+1. A declared Content-Length over `max_body_bytes` is refused (413) before a byte of
+   the body is read or forwarded; a body without a declared length is refused as
+   soon as it passes the limit.
+2. The body is parsed as JSON only when a routing decision or a model rewrite needs
+   it; a body that is not JSON then gets 400. A JSON body that is not an object is
+   treated as an object with no fields.
+3. `Expect: 100-continue` is answered only once the proxy has decided to take the body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from aiohttp import StreamReader, web
+
+from proxy.errors import BadRequestBody, BodyTooLarge
+
+__all__ = ["RequestBody"]
+
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_EMPTY: Final[Mapping[str, Any]] = {}
+
+
+class RequestBody:
+    """The body of one request, read lazily."""
+
+    __slots__ = ("_continued", "_json", "_limit", "_raw", "_request")
+
+    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+        self._request = request
+        self._limit = limit
+        self._raw: bytes | None = None
+        self._json: Mapping[str, Any] | None = None
+        self._continued = False
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
+
+    @property
+    def declared_length(self) -> int | None:
+        return self._request.content_length
+
+    @property
+    def exists(self) -> bool:
+        return self._request.body_exists
+
+    @property
+    def content(self) -> StreamReader:
+        """The unread body, to stream it on; only before `read()`."""
+        return self._request.content
+
+    @property
+    def is_parsed(self) -> bool:
+        return self._json is not None
+
+    @property
+    def is_read(self) -> bool:
+        return self._raw is not None
+
+    async def accept(self) -> None:
+        """Tell a client waiting on `Expect: 100-continue` to send its body."""
+        if self._continued:
+            return
+        self._continued = True
+        expect = self._request.headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue":
+            await self._request.writer.write(_CONTINUE)
+
+    async def read(self) -> bytes:
+        """The whole body, read once; `BodyTooLarge` past the limit."""
+        if self._raw is not None:
+            return self._raw
+        if not self._request.body_exists:
+            self._raw = b""
+            return self._raw
+        await self.accept()
+        content = self._request.content
+        if self._request.content_length is not None:
+            self._raw = await content.read()
+            return self._raw
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await content.readany():
+            size += len(chunk)
+            if size > self._limit:
+                raise BodyTooLarge(f"request body is over the limit of {self._limit} bytes")
+            chunks.append(chunk)
+        self._raw = b"".join(chunks)
+        return self._raw
+
+    async def json(self) -> Mapping[str, Any]:
+        """The body as a JSON object; `BadRequestBody` when it is not JSON."""
+        if self._json is not None:
+            return self._json
+        raw = await self.read()
+        encoding = self._request.headers.get("content-encoding", "identity").lower()
+        if encoding != "identity":
+            raise BadRequestBody(
+                f"this route reads the request body; Content-Encoding {encoding} is not supported"
+            )
+        if not raw:
+            self._json = _EMPTY
+            return self._json
+        try:
+            parsed = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequestBody(f"request body is not valid JSON: {exc}") from exc
+        self._json = parsed if isinstance(parsed, dict) else _EMPTY
+        return self._json
+
+    def replace(self, raw: bytes) -> None:
+        """Use `raw` as the body from now on (after a model rewrite)."""
+        self._raw = raw
+        self._json = None

@@ -1,0 +1,234 @@
+"""The `canary-proxy` command (SPEC §2).
+
+Rules:
+1. Every command answers `--help`.
+2. A bad flag or a bad config is a one-line error per mistake on stderr (a config
+   error names its path) and exit status 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from proxy import __version__
+from proxy.config import ConfigError, load_config, summarize
+from proxy.config.model import Config, Route
+from proxy.fake_backend import add_arguments as add_fake_backend_arguments
+from proxy.routing import bucket_of, canary_from_weight, canary_threshold, choose_variant
+
+__all__ = ["main"]
+
+log = logging.getLogger("proxy.cli")
+
+EXIT_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"canary-proxy: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_ERROR)
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            prefix = "" if problem.startswith(path) else f"{path}: "
+            print(f"{prefix}{problem}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# --- commands ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from proxy.app import serve
+
+    config = _load(args.config)
+    if args.workers != 1:
+        _fail("--workers other than 1 is not available yet")
+    _configure_logging(args.log_level)
+    try:
+        uvloop.run(serve(config))
+    except OSError as exc:
+        _fail(f"cannot listen on {config.listen}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(summarize(config))
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_assign(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    route = config.route(args.route)
+    if route is None:
+        names = ", ".join(r.name for r in config.routes)
+        _fail(f"no route named {args.route!r} in {args.config} (routes: {names})")
+    weight = route.rollout.weight if args.weight is None else args.weight
+    rows = [_assignment_row(route, key, weight) for key in args.keys]
+    if args.json:
+        print(json.dumps({"route": route.name, "weight": weight, "keys": rows}, indent=2))
+    else:
+        print(_assignment_table(route, weight, rows))
+    return 0
+
+
+def _assignment_row(route: Route, key: str, weight: float) -> dict[str, object]:
+    bucket = bucket_of(route.sticky.salt, key)
+    return {
+        "key": key,
+        "bucket": bucket,
+        "variant": choose_variant(bucket, canary_threshold(weight)).value,
+        "canary_from_weight": canary_from_weight(bucket),
+    }
+
+
+def _assignment_table(route: Route, weight: float, rows: list[dict[str, object]]) -> str:
+    lines = [
+        f"route {route.name}: stable {route.stable}, canary {route.canary}, "
+        f"weight {weight:g}%, salt {route.sticky.salt!r}",
+        "",
+    ]
+    width = max([len("key"), *(len(str(row["key"])) for row in rows)])
+    lines.append(f"{'key':<{width}}  bucket  variant  canary from weight")
+    for row in rows:
+        key, bucket, variant, lowest = row.values()
+        lines.append(f"{key!s:<{width}}  {bucket:>6}  {variant:<7}  {lowest:g}%")
+    return "\n".join(lines)
+
+
+def cmd_fake_backend(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from proxy.fake_backend import options_from_args, run_forever
+
+    try:
+        options = options_from_args(args)
+    except ValueError as exc:
+        _fail(str(exc))
+    try:
+        uvloop.run(run_forever(options))
+    except OSError as exc:
+        _fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _weight(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 100 or round(value, 2) != value:
+        raise argparse.ArgumentTypeError(
+            f"must be a percent from 0 to 100 with at most two decimals, got {text}"
+        )
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --- parser -----------------------------------------------------------------------------
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="canary-proxy",
+        description="A reverse proxy for LLM endpoints that ramps a canary on evidence.",
+    )
+    parser.add_argument("--version", action="version", version=f"canary-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    run = commands.add_parser("run", help="serve the proxy")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+    run.add_argument(
+        "--workers", type=_positive_int, default=1, metavar="N", help="processes sharing the port"
+    )
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    run.set_defaults(handler=cmd_run)
+
+    check = commands.add_parser("check", help="validate a config and print a summary")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+    check.set_defaults(handler=cmd_check)
+
+    assign = commands.add_parser(
+        "assign",
+        help="which variant and bucket each user key gets, and from which weight on it is canary",
+    )
+    assign.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+    assign.add_argument("--route", required=True, metavar="NAME", help="the route")
+    assign.add_argument(
+        "--weight",
+        type=_weight,
+        metavar="PERCENT",
+        help="ask at this weight instead of the current one",
+    )
+    assign.add_argument("--json", action="store_true", help="print JSON")
+    assign.add_argument(
+        "keys", nargs="+", metavar="KEY", help="user keys, as the proxy would read them"
+    )
+    assign.set_defaults(handler=cmd_assign)
+
+    fake = commands.add_parser(
+        "fake-backend", help="an OpenAI-compatible fake model server for demos and tests"
+    )
+    add_fake_backend_arguments(fake)
+    fake.set_defaults(handler=cmd_fake_backend)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Command = args.handler
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""The validated configuration: frozen records, one per section of SPEC §3.
+
+Rules:
+1. Every record is immutable (`frozen=True, slots=True`, tuples and frozensets,
+   never lists or dicts that could be changed in place).
+2. A record that exists is valid: `proxy.config.parse` builds them only after
+   checking every field, so nothing downstream re-validates.
+3. Durations are floats in seconds and say so in their name (`interval_s`).
+4. Secrets are held only as values read from the environment, never printed
+   (`repr=False`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "AdminConfig",
+    "Anonymous",
+    "AutoRollout",
+    "Backend",
+    "Checks",
+    "Cohort",
+    "CohortRule",
+    "Config",
+    "ErrorRateCheck",
+    "KeyKind",
+    "KeySource",
+    "LatencyCheck",
+    "Limits",
+    "ListenAddress",
+    "Match",
+    "Network",
+    "OnFailure",
+    "Rollout",
+    "Route",
+    "Schedule",
+    "ScheduleMode",
+    "StateConfig",
+    "StateStoreKind",
+    "Sticky",
+    "Telemetry",
+    "TimeWindow",
+    "Timeouts",
+    "Variant",
+]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Variant(StrEnum):
+    STABLE = "stable"
+    CANARY = "canary"
+
+
+class KeyKind(StrEnum):
+    """Where a user key is read from (SPEC §3, key sources)."""
+
+    HEADER = "header"
+    BODY = "body"
+    COOKIE = "cookie"
+    QUERY = "query"
+    AUTH = "auth"
+    IP = "ip"
+
+
+class Anonymous(StrEnum):
+    """What happens to a request that carries none of the route's keys."""
+
+    RANDOM = "random"
+    STABLE = "stable"
+
+
+class ScheduleMode(StrEnum):
+    ADVANCE = "advance"  # steps go up only inside a window; rollback any time
+    SERVE = "serve"  # outside the windows the canary gets no traffic
+
+
+class OnFailure(StrEnum):
+    ROLLBACK = "rollback"
+    HOLD = "hold"
+
+
+class StateStoreKind(StrEnum):
+    SQLITE = "sqlite"
+    REDIS = "redis"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """One place a user key may come from: `header:x-user-id`, `body:user`, `auth`, `ip`..."""
+
+    kind: KeyKind
+    name: str = ""  # header, field, cookie or query name; empty for auth and ip
+
+    @property
+    def spec(self) -> str:
+        """The source as written in the config; also the `canary.key_source` attribute."""
+        return f"{self.kind}:{self.name}" if self.name else str(self.kind)
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 9090)
+    token_env: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_concurrency: int = 2048
+    header_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 2.0
+    first_byte_s: float = 60.0  # from sending the request to the first byte of the response body
+    idle_s: float = 30.0  # the longest silence allowed inside a response body
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    url: str  # as written, without a trailing slash
+    origin: str  # scheme://host:port
+    base_path: str  # "" or "/something", prepended to every request path
+    api_key_env: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    path_prefix: str = "/"
+    models: frozenset[str] | None = None  # matched on the JSON body's "model"
+
+
+@dataclass(frozen=True, slots=True)
+class Sticky:
+    keys: tuple[KeySource, ...]
+    salt: str
+    anonymous: Anonymous = Anonymous.RANDOM
+
+
+@dataclass(frozen=True, slots=True)
+class CohortRule:
+    """A request matches when the value at `source` is one of `values`."""
+
+    source: KeySource
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Cohort:
+    include: tuple[CohortRule, ...] = ()  # any match makes a request eligible; empty: all are
+    exclude: tuple[CohortRule, ...] = ()  # any match keeps a request on stable
+
+
+@dataclass(frozen=True, slots=True)
+class TimeWindow:
+    """Days of the week (0 = Monday) and a span of minutes; end <= start wraps midnight."""
+
+    days: frozenset[int]
+    start_minute: int
+    end_minute: int
+    text: str  # as written, for messages
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    timezone: str
+    windows: tuple[TimeWindow, ...]
+    mode: ScheduleMode = ScheduleMode.ADVANCE
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRateCheck:
+    max: float | None = None  # absolute ceiling on the canary's error rate
+    max_increase: float | None = None  # ceiling on canary minus stable
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyCheck:
+    max_s: float | None = None  # absolute ceiling on the canary's quantile
+    max_ratio: float | None = None  # ceiling on canary / stable
+
+
+@dataclass(frozen=True, slots=True)
+class Checks:
+    error_rate: ErrorRateCheck | None = None
+    latency_p95: LatencyCheck | None = None
+    ttft_p95: LatencyCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AutoRollout:
+    steps: tuple[float, ...]
+    interval_s: float = 30.0
+    min_requests: int = 100
+    pass_intervals: int = 2
+    failure_limit: int = 2
+    on_failure: OnFailure = OnFailure.ROLLBACK
+    confidence: float = 0.95
+    checks: Checks = Checks()
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    weight: float = 0.0  # canary percent, 0-100, at most two decimals
+    auto: AutoRollout | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    match: Match
+    stable: str  # backend name
+    canary: str  # backend name
+    sticky: Sticky
+    model_rewrite: Mapping[Variant, str] = field(default_factory=dict)
+    override_header: str | None = None
+    cohort: Cohort | None = None
+    schedule: Schedule | None = None
+    fallback_to_stable: bool = False
+    rollout: Rollout = Rollout()
+
+    def backend_of(self, variant: Variant) -> str:
+        return self.canary if variant is Variant.CANARY else self.stable
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    service_name: str = "canary-proxy"
+    otlp_endpoint: str | None = None
+    trace_sample_ratio: float = 1.0
+    prometheus: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    store: StateStoreKind = StateStoreKind.SQLITE
+    path: str = "canary-state.db"
+    url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, valid configuration. `version` is the content hash of the file it came from."""
+
+    backends: Mapping[str, Backend]
+    routes: tuple[Route, ...]
+    listen: ListenAddress = ListenAddress("0.0.0.0", 8080)
+    admin: AdminConfig = AdminConfig()
+    limits: Limits = Limits()
+    trusted_proxies: tuple[Network, ...] = ()
+    shutdown_grace_s: float = 30.0
+    telemetry: Telemetry = Telemetry()
+    state: StateConfig = StateConfig()
+    version: str = ""
+    source: str = ""  # the file it was read from, for messages
+
+    def route(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)

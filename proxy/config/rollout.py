@@ -1,0 +1,126 @@
+"""Reading a route's `rollout` section (SPEC §3): the weight, and the auto rollout's policy.
+
+Rules:
+1. `weight` and every step are percents with at most two decimals, because the
+   bucket grid is 0.01 % (SPEC §4: `bucket < round(weight * 100)`).
+2. Steps strictly increase; each check names at least one of its two limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from proxy.config.model import (
+    AutoRollout,
+    Checks,
+    ErrorRateCheck,
+    LatencyCheck,
+    OnFailure,
+    Rollout,
+)
+from proxy.config.reader import Fields, Reader
+
+__all__ = ["read_rollout"]
+
+AUTO_KEYS = (
+    "steps",
+    "interval",
+    "min_requests",
+    "pass_intervals",
+    "failure_limit",
+    "on_failure",
+    "confidence",
+    "checks",
+)
+
+
+def read_rollout(reader: Reader) -> Rollout | None:
+    fields = reader.fields(("weight", "auto"))
+    if fields is None:
+        return None
+    return Rollout(
+        weight=fields.get("weight", Reader.percent, 0.0),
+        auto=fields.get("auto", _read_auto, None),
+    )
+
+
+def _read_auto(reader: Reader) -> AutoRollout | None:
+    fields = reader.fields(AUTO_KEYS)
+    if fields is None:
+        return None
+    steps = fields.need("steps", _read_steps)
+    defaults = AutoRollout(steps=())
+    auto = AutoRollout(
+        steps=steps or (),
+        interval_s=fields.get("interval", Reader.duration, defaults.interval_s),
+        min_requests=_count(fields, "min_requests", defaults.min_requests),
+        pass_intervals=_count(fields, "pass_intervals", defaults.pass_intervals),
+        failure_limit=_count(fields, "failure_limit", defaults.failure_limit),
+        on_failure=fields.get("on_failure", lambda r: r.choice(OnFailure), defaults.on_failure),
+        confidence=fields.get(
+            "confidence", lambda r: r.number(above=0.5, below=1.0), defaults.confidence
+        ),
+        checks=fields.get("checks", _read_checks, Checks()),
+    )
+    return auto if steps else None
+
+
+def _count(fields: Fields, name: str, default: int) -> int:
+    return fields.get(name, lambda r: r.integer(minimum=1), default)
+
+
+def _read_steps(reader: Reader) -> tuple[float, ...] | None:
+    items = reader.items()
+    if items is None:
+        return None
+    steps = [item.percent(allow_zero=False) for item in items]
+    valid = [step for step in steps if step is not None]
+    if len(valid) != len(steps):
+        return None
+    for before, after in itertools.pairwise(valid):
+        if after <= before:
+            reader.error(f"must increase, got {after:g} after {before:g}")
+            return None
+    return tuple(valid)
+
+
+def _read_checks(reader: Reader) -> Checks | None:
+    fields = reader.fields(("error_rate", "latency_p95", "ttft_p95"))
+    if fields is None:
+        return None
+    return Checks(
+        error_rate=fields.get("error_rate", _read_error_rate, None),
+        latency_p95=fields.get("latency_p95", _read_latency, None),
+        ttft_p95=fields.get("ttft_p95", _read_latency, None),
+    )
+
+
+def _read_error_rate(reader: Reader) -> ErrorRateCheck | None:
+    fields = reader.fields(("max", "max_increase"))
+    if fields is None or not _has_a_limit(reader, fields, "max", "max_increase"):
+        return None
+    return ErrorRateCheck(
+        max=fields.get("max", _read_share, None),
+        max_increase=fields.get("max_increase", _read_share, None),
+    )
+
+
+def _read_share(reader: Reader) -> float | None:
+    return reader.number(minimum=0.0, maximum=1.0)
+
+
+def _read_latency(reader: Reader) -> LatencyCheck | None:
+    fields = reader.fields(("max", "max_ratio"))
+    if fields is None or not _has_a_limit(reader, fields, "max", "max_ratio"):
+        return None
+    return LatencyCheck(
+        max_s=fields.get("max", Reader.duration, None),
+        max_ratio=fields.get("max_ratio", lambda r: r.number(minimum=1.0), None),
+    )
+
+
+def _has_a_limit(reader: Reader, fields: Fields, first: str, second: str) -> bool:
+    if first in fields or second in fields:
+        return True
+    reader.error(f"needs {first}, {second} or both")
+    return False

@@ -1,0 +1,64 @@
+"""An OpenAI-compatible fake model server, for demos, tests, benchmarks and checking a proxy.
+
+`canary-proxy fake-backend` runs it (`run_forever`); tests start it in-process with
+`FakeBackend(FakeBackendOptions(port=0)).start()`, which returns the bound port.
+
+Endpoints:
+    POST /v1/chat/completions   chat completion; `"stream": true` streams SSE, one event
+                                per write: role, one per token ("tok0 ", "tok1 ", ...),
+                                finish_reason, usage (if `stream_options.include_usage`),
+                                `data: [DONE]`
+    POST /v1/completions        the same in the legacy text-completion shape
+    GET  /v1/models             the one model (`--model`)
+    anything else               404 in OpenAI's error shape; a bad JSON body is a 400
+Tokens: `max_completion_tokens` or `max_tokens`, else 16; finish_reason is "length" when
+that limit is reached, else "stop". Usage counts the prompt's whitespace-separated words.
+Every response carries `x-fake-model: <model>`. With probability `--error-rate` (drawn
+once per completion request from `random.Random(--seed)`) a completion answers 500.
+
+Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`):
+    x-fake-status: 503          answer that 4xx/5xx status with an OpenAI error body
+    x-fake-latency: 1.0         seconds before the response head (overrides --latency)
+    x-fake-ttft: 2.5            seconds before the first token (overrides --ttft)
+    x-fake-tokens-per-s: 5      token rate (overrides --tokens-per-s; 0 = no delay)
+    x-fake-tokens: N            generate N tokens (still capped by the request's max_tokens)
+    x-fake-hang: 1              never answer; a client disconnect is counted as cancelled
+    x-fake-reset: before-headers   close the connection without answering
+    x-fake-reset: after-headers    send a 200 chunked head, then close without a body chunk
+    x-fake-cut-after: N         stream: N token events, then close without the terminating
+                                chunk or [DONE]; non-streamed: a Content-Length of twice
+                                the body, the body, then close
+    x-fake-no-done: 1           stream: a clean HTTP end, but no finish_reason event and
+                                no [DONE] (a truncated stream that looks fine to HTTP)
+    x-fake-garbage: 1           write bytes that are not HTTP, then close
+    x-fake-json-garbage: 1      200 application/json whose body is not JSON
+Fault hooks work on any path; when several are sent the first in this order wins:
+hang, reset, garbage, status, json-garbage. Timing: latency, then (streams: after the
+head) ttft, then 1/tokens-per-s between tokens; a non-streamed answer waits all of it
+before its head.
+
+Introspection (never counted nor recorded):
+    GET    /fake/requests   the last 200 requests, oldest first: method, path (with query),
+                            headers ([name, value] pairs as received), body (text, first
+                            64 KiB), received_at (unix seconds)
+    DELETE /fake/requests   forget them
+    GET    /fake/stats      {requests, completed, aborted, cancelled, in_flight, errors}:
+                            completed = fully written, aborted = broken on purpose by a
+                            hook, cancelled = the client left first; errors = ended with
+                            an error status or a broken response
+
+Modules: `options` (flags and settings), `plan` (pure: request → what to answer),
+`wire` (pure: pre-encoded bodies and SSE events), `journal` (recorded requests,
+counters), `server` (the aiohttp low-level server, the only I/O).
+"""
+
+from proxy.fake_backend.options import FakeBackendOptions, add_arguments, options_from_args
+from proxy.fake_backend.server import FakeBackend, run_forever
+
+__all__ = [
+    "FakeBackend",
+    "FakeBackendOptions",
+    "add_arguments",
+    "options_from_args",
+    "run_forever",
+]

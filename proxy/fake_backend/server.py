@@ -1,0 +1,372 @@
+"""The fake backend's server: aiohttp's low-level `web.Server` and one small dispatch.
+
+No router and no middlewares: a request is planned by the pure `plan_request`, then
+performed here, so the only costs per request are the plan and the writes.
+
+Rule 1: `/fake/*` is the server's own namespace (introspection), never counted.
+Rule 2: the server notices a client leaving at once, even while it sleeps between
+        tokens or hangs: `handler_cancellation=True` cancels the handler when the
+        connection is lost, and the CancelledError is counted as `cancelled`.
+Rule 3: a deliberate break (reset, cut, garbage) closes the transport and returns
+        without awaiting, so it is counted `aborted`, never `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
+
+from proxy.fake_backend.journal import Outcome, RecordedRequest, RequestJournal, ServerStats
+from proxy.fake_backend.options import FakeBackendOptions
+from proxy.fake_backend.plan import (
+    INVALID_REQUEST,
+    Action,
+    ErrorReply,
+    Garbage,
+    Generate,
+    Hang,
+    JsonGarbage,
+    ModelList,
+    Plan,
+    Reset,
+    endpoint_of,
+    plan_request,
+)
+from proxy.fake_backend.wire import (
+    DONE_EVENT,
+    GARBAGE_RESPONSE,
+    JSON_GARBAGE_BODY,
+    StreamEvents,
+    completion_body,
+    completion_id,
+    error_body,
+    models_body,
+)
+
+__all__ = ["FakeBackend", "run_forever"]
+
+logger = logging.getLogger("proxy.fake_backend")
+
+MODEL_HEADER = "x-fake-model"
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_SHUTDOWN_GRACE_S = 0.5
+_BACKLOG = 1024
+_INTROSPECTION_PREFIX = "/fake/"
+
+_Handled = tuple[web.StreamResponse, Outcome]
+_Introspect = Callable[[], web.Response]
+
+_TOO_LARGE = Plan(
+    0.0,
+    ErrorReply(
+        413,
+        f"fake backend: the request body is over {_MAX_BODY_BYTES} bytes",
+        INVALID_REQUEST,
+        "body_too_large",
+    ),
+)
+
+
+class FakeBackend:
+    """An OpenAI-compatible model server with fault hooks; see `proxy.fake_backend`."""
+
+    def __init__(self, options: FakeBackendOptions) -> None:
+        self.options = options
+        self._rng = random.Random(options.seed)
+        self._journal = RequestJournal()
+        self._stats = ServerStats()
+        self._serials = itertools.count(1)
+        self._created = int(time.time())
+        self._runner: web.ServerRunner | None = None
+        self._port: int | None = None
+        self._json_headers = CIMultiDict(
+            {hdrs.CONTENT_TYPE: "application/json", MODEL_HEADER: options.model}
+        )
+        self._sse_headers = CIMultiDict(
+            {
+                hdrs.CONTENT_TYPE: "text/event-stream",
+                hdrs.CACHE_CONTROL: "no-cache",
+                MODEL_HEADER: options.model,
+            }
+        )
+        self._introspection: dict[tuple[str, str], _Introspect] = {
+            ("GET", "/fake/requests"): self._list_requests,
+            ("DELETE", "/fake/requests"): self._clear_requests,
+            ("GET", "/fake/stats"): self._show_stats,
+        }
+
+    @property
+    def port(self) -> int:
+        """The bound port. Raises RuntimeError before `start`."""
+        if self._port is None:
+            raise RuntimeError("the fake backend is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """`http://host:port`, the base URL clients use (add `/v1` for SDKs)."""
+        host = self.options.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    async def start(self) -> int:
+        """Bind and serve in the background; returns the bound port (useful with port 0).
+
+        Raises:
+            RuntimeError: already started.
+            OSError: the address cannot be bound.
+        """
+        if self._runner is not None:
+            raise RuntimeError("the fake backend is already started")
+        server = web.Server(
+            self._handle,
+            request_factory=self._make_request,
+            handler_cancellation=True,
+            access_log=None,
+        )
+        runner = web.ServerRunner(server, shutdown_timeout=_SHUTDOWN_GRACE_S)
+        await runner.setup()
+        site = web.TCPSite(runner, self.options.host, self.options.port, backlog=_BACKLOG)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = site.port
+        return site.port
+
+    async def stop(self) -> None:
+        """Stop listening; requests still running after a short grace are cancelled."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        loop = asyncio.get_running_loop()
+        return web.BaseRequest(
+            message, payload, protocol, writer, task, loop, client_max_size=_MAX_BODY_BYTES
+        )
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path.startswith(_INTROSPECTION_PREFIX):
+            return self._introspect(request)
+        stats = self._stats
+        stats.begin()
+        outcome, is_fault = Outcome.CANCELLED, False
+        try:
+            body = await self._read_body(request)
+            plan = _TOO_LARGE if body is None else self._plan(request, body)
+            is_fault = plan.is_fault
+            if plan.latency_s > 0:
+                await asyncio.sleep(plan.latency_s)
+            response, outcome = await self._perform(request, plan.action)
+            return response
+        except ConnectionError:
+            # The client left while we wrote; aiohttp sees it too on its own final write.
+            return web.Response()
+        finally:
+            stats.end(outcome, is_fault)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes | None:
+        """The whole body, recorded in the journal; None when it is over the size limit."""
+        received_at = time.time()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            body = None
+        recorded = RecordedRequest(
+            request.method, request.raw_path, request.raw_headers, body or b"", received_at
+        )
+        self._journal.record(recorded)
+        return body
+
+    def _plan(self, request: web.BaseRequest, body: bytes) -> Plan:
+        method, path = request.method, request.path
+        endpoint = endpoint_of(method, path)
+        # One draw per generation request, used or not, so a seed fixes the sequence.
+        inject = endpoint is not None and endpoint.generates
+        inject = inject and self._rng.random() < self.options.error_rate
+        return plan_request(method, path, request.headers, body, self.options, inject)
+
+    async def _perform(self, request: web.BaseRequest, action: Action) -> _Handled:
+        match action:
+            case Generate(stream=True):
+                return await self._stream(request, action)
+            case Generate():
+                return await self._generate(request, action)
+            case ErrorReply():
+                body = error_body(action.message, action.error_type, action.code)
+                return await self._send(request, action.status, body), Outcome.COMPLETED
+            case ModelList():
+                body = models_body(self.options.model, self._created)
+                return await self._send(request, 200, body), Outcome.COMPLETED
+            case JsonGarbage():
+                return await self._send(request, 200, JSON_GARBAGE_BODY), Outcome.COMPLETED
+            case Reset():
+                return await self._reset(request, action.after_headers), Outcome.ABORTED
+            case Garbage():
+                _close(request, GARBAGE_RESPONSE)
+                return web.Response(), Outcome.ABORTED
+            case Hang():
+                await _forever()
+
+    async def _send(self, request: web.BaseRequest, status: int, body: bytes) -> web.Response:
+        """Write a whole JSON response now, so `completed` means written."""
+        response = web.Response(status=status, body=body, headers=self._json_headers)
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+
+    async def _reset(self, request: web.BaseRequest, after_headers: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers=self._sse_headers)
+        if after_headers:
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+        _close(request)
+        return response
+
+    async def _generate(self, request: web.BaseRequest, generate: Generate) -> _Handled:
+        """Wait the whole generation time, then answer in one body (or a cut one)."""
+        if generate.generation_s > 0:
+            await asyncio.sleep(generate.generation_s)
+        body = completion_body(
+            generate.kind,
+            completion_id(generate.kind, next(self._serials)),
+            int(time.time()),
+            self.options.model,
+            generate.n_tokens,
+            generate.finish_reason,
+            generate.prompt_tokens,
+        )
+        if generate.cut_after is None:
+            return await self._send(request, 200, body), Outcome.COMPLETED
+        response = web.StreamResponse(headers=self._json_headers)
+        response.content_length = 2 * len(body)
+        await response.prepare(request)
+        await response.write(body)
+        _close(request)
+        return response, Outcome.ABORTED
+
+    async def _stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
+        """Stream one SSE event per write: opening, tokens, finish, usage, [DONE]."""
+        response = web.StreamResponse(headers=self._sse_headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        events = StreamEvents.for_request(
+            generate.kind,
+            completion_id(generate.kind, next(self._serials)),
+            int(time.time()),
+            self.options.model,
+        )
+        if generate.ttft_s > 0:
+            await asyncio.sleep(generate.ttft_s)
+        opening = events.opening()
+        if opening is not None:
+            await response.write(opening)
+        n_tokens = generate.n_tokens
+        if generate.cut_after is not None:
+            n_tokens = min(n_tokens, generate.cut_after)
+        await _write_tokens(response, events, n_tokens, generate.token_interval_s)
+        if generate.cut_after is not None:
+            _close(request)
+            return response, Outcome.ABORTED
+        if not generate.no_done:
+            await response.write(events.finish(generate.finish_reason))
+            if generate.include_usage:
+                await response.write(events.usage(generate.prompt_tokens, generate.n_tokens))
+            await response.write(DONE_EVENT)
+        await response.write_eof()
+        return response, Outcome.COMPLETED
+
+    def _introspect(self, request: web.BaseRequest) -> web.Response:
+        show = self._introspection.get((request.method, request.path))
+        if show is None:
+            message = f"fake backend: no endpoint {request.method} {request.path}"
+            body = error_body(message, INVALID_REQUEST, "not_found")
+            return web.Response(status=404, body=body, headers=self._json_headers)
+        return show()
+
+    def _list_requests(self) -> web.Response:
+        return web.Response(body=self._journal.to_json(), headers=self._json_headers)
+
+    def _clear_requests(self) -> web.Response:
+        cleared = self._journal.clear()
+        body = b'{"cleared":%d}' % cleared
+        return web.Response(body=body, headers=self._json_headers)
+
+    def _show_stats(self) -> web.Response:
+        return web.Response(body=self._stats.to_json(), headers=self._json_headers)
+
+
+async def _write_tokens(
+    response: web.StreamResponse, events: StreamEvents, n_tokens: int, interval_s: float
+) -> None:
+    """Write token events `0..n_tokens-1`, one write each, `interval_s` apart without drift."""
+    if interval_s <= 0:
+        for index in range(n_tokens):
+            await response.write(events.token(index))
+        return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for index in range(n_tokens):
+        delay = started + index * interval_s - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await response.write(events.token(index))
+
+
+def _close(request: web.BaseRequest, last_bytes: bytes = b"") -> None:
+    """Close the connection after writing `last_bytes`; buffered bytes are still flushed."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client already left")
+    if last_bytes:
+        transport.write(last_bytes)
+    transport.close()
+
+
+async def _forever() -> NoReturn:
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("unreachable: the future is never resolved")
+
+
+async def run_forever(options: FakeBackendOptions) -> None:
+    """Serve `options` until SIGINT or SIGTERM, for `canary-proxy fake-backend`.
+
+    Prints one line, `fake-backend listening on http://HOST:PORT model=NAME`, once bound.
+    """
+    backend = FakeBackend(options)
+    await backend.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        print(f"fake-backend listening on {backend.url} model={options.model}", flush=True)
+        await stopping.wait()
+        logger.info("Fake backend stopping on a signal.")
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+        await backend.stop()
