@@ -43,6 +43,13 @@ class ProxyServer:
         self.port: int | None = None
 
     async def start(self) -> int:
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> int:
         config = self.config
         self.upstreams = Upstreams(config.backends)
         self.forwarder = Forwarder(RouteTable.build(config), self.upstreams)

@@ -184,6 +184,15 @@ def test_parse_hooks_rejects_a_bad_value_naming_the_header(header: str, value: s
         parse_hooks({header: value})
 
 
+def test_only_hook_applies_the_hooks_on_the_listed_models_alone() -> None:
+    headers = {"x-fake-status": "503", "x-fake-only": "m-canary, m-other"}
+    assert parse_hooks(headers, "m-canary") == Hooks(status=503)
+    assert parse_hooks(headers, "m-other") == Hooks(status=503)
+    assert parse_hooks(headers, "m-stable") == Hooks()
+    # Ignored hooks are not even validated: they are not this server's.
+    assert parse_hooks({"x-fake-status": "oops", "x-fake-only": "x"}, "m") == Hooks()
+
+
 # --- plan ------------------------------------------------------------------------------
 
 OPTIONS = FakeBackendOptions(

@@ -32,6 +32,8 @@ Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`
                                 no [DONE] (a truncated stream that looks fine to HTTP)
     x-fake-garbage: 1           write bytes that are not HTTP, then close
     x-fake-json-garbage: 1      200 application/json whose body is not JSON
+    x-fake-only: m1[,m2]        apply the hooks above only on a server whose --model is
+                                listed (to fail one of two backends behind a proxy)
 Fault hooks work on any path; when several are sent the first in this order wins:
 hang, reset, garbage, status, json-garbage. Timing: latency, then (streams: after the
 head) ttft, then 1/tokens-per-s between tokens; a non-streamed answer waits all of it

@@ -35,6 +35,9 @@ class Hooks:
     json_garbage: bool = False
 
 
+_NO_HOOKS = Hooks()
+
+
 def _flag(name: str, value: str | None) -> bool:
     if value is None:
         return False
@@ -88,13 +91,20 @@ def _reset(value: str | None) -> bool | None:
         ) from None
 
 
-def parse_hooks(headers: Mapping[str, str]) -> Hooks:
+def parse_hooks(headers: Mapping[str, str], model: str | None = None) -> Hooks:
     """The hooks in `headers` (a case-insensitive mapping, or one with lower-case keys).
+
+    With `x-fake-only: MODEL[,MODEL...]`, only a server whose model is listed applies
+    the hooks; any other ignores them all. Behind a proxy that sends one request to
+    two backends (a fallback), this puts a fault on one of them.
 
     Raises:
         ValueError: a hook's value is invalid (a one-line message naming the header).
     """
     get = headers.get
+    only = get("x-fake-only")
+    if only is not None and model not in {name.strip() for name in only.split(",")}:
+        return _NO_HOOKS
     return Hooks(
         status=_status(get("x-fake-status")),
         latency_s=_seconds("x-fake-latency", get("x-fake-latency")),

@@ -320,7 +320,7 @@ def plan_request(
         inject_error: the server's error draw for this request came up.
     """
     try:
-        hooks = parse_hooks(headers)
+        hooks = parse_hooks(headers, options.model)
     except ValueError as exc:
         return Plan(options.latency_s, ErrorReply(400, str(exc), INVALID_REQUEST, "bad_fake_hook"))
     latency_s = options.latency_s if hooks.latency_s is None else hooks.latency_s

@@ -1,0 +1,149 @@
+"""Real parts for the end-to-end tests: fake-backend processes and proxies on 127.0.0.1.
+
+Backends run as `canary-proxy fake-backend` processes, as a user would run them; a
+proxy runs in the test's event loop through `ProxyServer`, the same code the `run`
+command serves with, so a test can start one per config cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy.app import ProxyServer
+from proxy.config import parse_config
+
+_LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
+
+
+@dataclass
+class BackendProcess:
+    """A running `canary-proxy fake-backend`."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    model: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stats(self) -> dict[str, int]:
+        return await _get_json(f"{self.url}/fake/stats")  # type: ignore[no-any-return]
+
+    async def requests(self) -> list[dict[str, Any]]:
+        return await _get_json(f"{self.url}/fake/requests")  # type: ignore[no-any-return]
+
+    async def clear(self) -> None:
+        async with aiohttp.ClientSession() as session, session.delete(f"{self.url}/fake/requests"):
+            pass
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def start_backend(model: str, *flags: str) -> BackendProcess:
+    """Start a fake backend on a free port and wait until it listens."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "fake-backend", "--port", "0", "--model", model, *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = _LISTENING.search(line)
+    if match is None:
+        process.kill()
+        process.wait(timeout=5)
+        process.stdout.close()
+        raise RuntimeError(f"fake backend did not start: {line!r}")
+    return BackendProcess(process, int(match.group(2)), model)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def proxy_yaml(stable: str, canary: str, route: str = "", top: str = "", backend: str = "") -> str:
+    """A config with backends v1 (stable) and v2 (canary) and one route `chat`.
+
+    `route` lines are added to the route, `top` lines at the top level and `backend`
+    lines to both backends; each is YAML indented as at its place.
+    """
+    backend_lines = "".join(f"    {line}\n" for line in backend.splitlines() if line)
+    route_lines = "".join(f"    {line}\n" for line in route.splitlines() if line)
+    return (
+        "listen: 127.0.0.1:0\n"
+        "admin: {listen: 127.0.0.1:0}\n"
+        f"{top}\n"
+        "backends:\n"
+        f"  v1:\n    url: {stable}\n{backend_lines}"
+        f"  v2:\n    url: {canary}\n{backend_lines}"
+        "routes:\n"
+        "  - name: chat\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+        f"{route_lines}"
+    )
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+@asynccontextmanager
+async def running_proxy(
+    yaml_text: str, environ: dict[str, str] | None = None
+) -> AsyncIterator[RunningProxy]:
+    config = parse_config(yaml_text, environ=environ if environ is not None else dict(os.environ))
+    server = ProxyServer(config)
+    await server.start()
+    try:
+        yield RunningProxy(server)
+    finally:
+        await server.stop()
+
+
+async def _get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return json.loads(await response.read())
+
+
+async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> Any:
+    """Poll an async predicate until it returns something truthy; its value, or None."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,678 @@
+"""The `canary-proxy` command end to end (SPEC §2, §3, §4), run as a user runs it.
+
+Every test starts `python -m proxy ...` as a child process and asserts on its exit
+status, stdout and stderr. Rules the command must keep:
+1. Every command answers `--help` (exit 0).
+2. A bad flag or a bad config: exit 1, one line per mistake on stderr (a config
+   mistake names its key's path), never a traceback.
+3. Secrets named by environment variables are never printed.
+
+Python starts in ~0.4 s, so the one-shot commands of a table run concurrently in a
+module fixture and each row is then asserted as its own test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import string
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import mmh3
+import pytest
+
+from proxy import __version__
+from tests.conftest import Backends
+from tests.harness import closed_port
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "example.yaml"
+COMMAND = (sys.executable, "-m", "proxy")
+PROCESS_TIMEOUT_S = 20.0
+STOP_WITHIN_S = 5.0
+
+ADMIN_TOKEN = "admin-token-must-never-be-printed-7f3a"
+V1_API_KEY = "sk-v1-key-must-never-be-printed-91c2"
+MISSING_ENV = "CANARY_CLI_TEST_NEVER_SET"
+LITERAL_KEY = "sk-literal-key-in-the-file-5d1e"
+SECRET_AS_ENV_NAME = "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx0123456789"
+
+
+@dataclass(frozen=True, slots=True)
+class CliResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def assert_no_traceback(self) -> None:
+        assert "Traceback" not in self.stdout + self.stderr, self
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment with the example's secrets set and MISSING_ENV unset."""
+    env = {k: v for k, v in os.environ.items() if k != MISSING_ENV}
+    env.update(CANARY_ADMIN_TOKEN=ADMIN_TOKEN, V1_API_KEY=V1_API_KEY, PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def run_many(
+    argvs: Sequence[Sequence[str]], env: Mapping[str, str] | None = None
+) -> list[CliResult]:
+    """Run `canary-proxy ARGV...` for each argv concurrently, and wait for them all."""
+    environ = dict(env if env is not None else child_env())
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        for argv in argvs:
+            processes.append(
+                subprocess.Popen(
+                    [*COMMAND, *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=environ,
+                    cwd=ROOT,
+                )
+            )
+        results = []
+        for argv, process in zip(argvs, processes, strict=True):
+            out, err = process.communicate(timeout=PROCESS_TIMEOUT_S)
+            results.append(CliResult(tuple(argv), process.returncode, out, err))
+        return results
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+
+
+def run_one(*argv: str, env: Mapping[str, str] | None = None) -> CliResult:
+    return run_many([argv], env)[0]
+
+
+def minimal_yaml(listen: str = "127.0.0.1:0", stable: str = "", canary: str = "") -> str:
+    return (
+        f"listen: {listen}\n"
+        "admin: {listen: 127.0.0.1:0}\n"
+        "backends:\n"
+        f"  v1: {{url: '{stable or 'http://127.0.0.1:1'}'}}\n"
+        f"  v2: {{url: '{canary or 'http://127.0.0.1:2'}'}}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+    )
+
+
+# --- help and version --------------------------------------------------------------------
+
+HELP_CASES = {
+    "top level": ((), "usage: canary-proxy"),
+    "run": (("run",), "usage: canary-proxy run"),
+    "check": (("check",), "usage: canary-proxy check"),
+    "assign": (("assign",), "usage: canary-proxy assign"),
+    "fake-backend": (("fake-backend",), "usage: canary-proxy fake-backend"),
+}
+
+
+@pytest.fixture(scope="module")
+def help_results() -> dict[str, CliResult]:
+    argvs = [(*words, "--help") for words, _ in HELP_CASES.values()]
+    return dict(zip(HELP_CASES, run_many(argvs), strict=True))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", list(HELP_CASES))
+def test_every_command_answers_help(command: str, help_results: dict[str, CliResult]) -> None:
+    result = help_results[command]
+    assert result.returncode == 0, result
+    assert result.stdout.startswith(HELP_CASES[command][1]), result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.timeout(30)
+def test_top_level_help_lists_every_command(help_results: dict[str, CliResult]) -> None:
+    listed = help_results["top level"].stdout
+    for command in ("run", "check", "assign", "fake-backend"):
+        assert re.search(rf"^\s+{re.escape(command)}\b", listed, re.MULTILINE), listed
+
+
+@pytest.mark.timeout(30)
+def test_version_prints_the_package_version() -> None:
+    result = run_one("--version")
+    assert result.returncode == 0, result
+    assert result.stdout.strip() == f"canary-proxy {__version__}"
+
+
+# --- check: the example ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_check_accepts_the_example_and_never_prints_its_secrets() -> None:
+    result = run_one("check", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert result.stdout.rstrip().endswith(f"{EXAMPLE}: ok")
+    for expected in ("llama-v1", "llama-v2", "chat", "embeddings", "$V1_API_KEY", "5% canary"):
+        assert expected in result.stdout, expected
+    assert ADMIN_TOKEN not in result.stdout + result.stderr
+    assert V1_API_KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_check_rejects_the_example_when_its_secrets_are_unset() -> None:
+    env = {k: v for k, v in child_env().items() if k not in ("CANARY_ADMIN_TOKEN", "V1_API_KEY")}
+    result = run_one("check", "-c", str(EXAMPLE), env=env)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.error_lines == [
+        f"{EXAMPLE}: admin.token_env: environment variable CANARY_ADMIN_TOKEN is not set",
+        f"{EXAMPLE}: backends.llama-v1.api_key_env: environment variable V1_API_KEY is not set",
+    ]
+
+
+# --- check: bad configs ----------------------------------------------------------------
+
+BACKENDS = "backends:\n  v1: {url: 'http://127.0.0.1:1'}\n  v2: {url: 'http://127.0.0.1:2'}\n"
+ROUTES = "routes:\n  - name: chat\n    stable: v1\n    canary: v2\n"
+GOOD = BACKENDS + ROUTES
+
+
+@dataclass(frozen=True, slots=True)
+class BadConfig:
+    """A config file with mistakes; None: the file does not exist."""
+
+    text: str | None
+    problems: tuple[str, ...]  # what each stderr line says after "FILE: ", in order
+    secret: str = ""  # a value from the file that must never be printed
+
+
+BAD_CONFIGS = {
+    "yaml syntax error": BadConfig(
+        "listen: [127.0.0.1:80\n" + GOOD,
+        ("line 2, column 9: invalid YAML: expected ',' or ']'",),
+    ),
+    "unknown top-level key": BadConfig(
+        "colour: red\n" + GOOD, ("colour: unknown key 'colour' (expected one of: listen,",)
+    ),
+    "unknown nested key": BadConfig(
+        GOOD + "    sticky: {salts: x}\n",
+        ("routes[0].sticky.salts: unknown key 'salts' (did you mean 'salt'?)",),
+    ),
+    "steps not increasing": BadConfig(
+        GOOD + "    rollout: {auto: {steps: [1, 10, 5]}}\n",
+        ("routes[0].rollout.auto.steps: must increase, got 5 after 10",),
+    ),
+    "weight out of range": BadConfig(
+        GOOD + "    rollout: {weight: 101}\n",
+        ("routes[0].rollout.weight: must be at most 100, got 101",),
+    ),
+    "weight with three decimals": BadConfig(
+        GOOD + "    rollout: {weight: 5.125}\n",
+        ("routes[0].rollout.weight: must have at most two decimals, got 5.125",),
+    ),
+    "unknown backend in a route": BadConfig(
+        BACKENDS + "routes:\n  - {name: chat, stable: v1, canary: v3}\n",
+        ("routes[0].canary: unknown backend 'v3' (backends: v1, v2)",),
+    ),
+    "duplicate route names": BadConfig(
+        BACKENDS + "routes:\n"
+        "  - {name: chat, stable: v1, canary: v2}\n"
+        "  - {name: chat, stable: v2, canary: v1}\n",
+        ("routes[1].name: duplicate route name 'chat' (also routes[0])",),
+    ),
+    "duplicate yaml key": BadConfig(
+        "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n" + GOOD,
+        ("listen: duplicate key (line 2; first on line 1); YAML would keep only the last",),
+    ),
+    "bad duration": BadConfig(
+        "shutdown_grace: 5 minutes\n" + GOOD,
+        ('shutdown_grace: must be a duration like "2s", "250ms" or a number of seconds',),
+    ),
+    "bad key source": BadConfig(
+        GOOD + "    sticky: {keys: [header:x-user-id, heder:x-org]}\n",
+        ("routes[0].sticky.keys[1]: unknown key source 'heder:x-org'",),
+    ),
+    "missing env var for api_key_env": BadConfig(
+        GOOD.replace(
+            "'http://127.0.0.1:1'}", f"'http://127.0.0.1:1', api_key_env: {MISSING_ENV}}}"
+        ),
+        (f"backends.v1.api_key_env: environment variable {MISSING_ENV} is not set",),
+    ),
+    "literal api_key in a backend": BadConfig(
+        GOOD.replace("'http://127.0.0.1:1'}", f"'http://127.0.0.1:1', api_key: {LITERAL_KEY}}}"),
+        ("backends.v1.api_key: secrets are not allowed in the config file",),
+        secret=LITERAL_KEY,
+    ),
+    "secret-looking api_key_env": BadConfig(
+        GOOD.replace(
+            "'http://127.0.0.1:1'}", f"'http://127.0.0.1:1', api_key_env: {SECRET_AS_ENV_NAME}}}"
+        ),
+        ("backends.v1.api_key_env: looks like a secret, not an environment variable name",),
+        secret=SECRET_AS_ENV_NAME,
+    ),
+    "credentials in a backend url": BadConfig(
+        GOOD.replace("http://127.0.0.1:1", f"http://user:{LITERAL_KEY}@127.0.0.1:1"),
+        ("backends.v1.url: must not carry credentials",),
+        secret=LITERAL_KEY,
+    ),
+    "redis store without url": BadConfig(
+        GOOD + "state: {store: redis}\n", ("state.url: required when state.store is redis",)
+    ),
+    "missing file": BadConfig(None, ("cannot read the config file: No such file or directory",)),
+    "empty file": BadConfig("", ("top level: is empty",)),
+    "two mistakes": BadConfig(
+        "colour: red\n" + GOOD + "    rollout: {weight: 5.125}\n",
+        (
+            "colour: unknown key 'colour'",
+            "routes[0].rollout.weight: must have at most two decimals, got 5.125",
+        ),
+    ),
+}
+# Files that every config-reading command must reject the same way as `check`.
+REJECTED_BY_EVERY_COMMAND = ("yaml syntax error", "two mistakes")
+CONFIG_COMMANDS = {
+    "run": ("run", "-c", "{path}"),
+    "assign": ("assign", "-c", "{path}", "--route", "chat", "alice"),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_config_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    directory = tmp_path_factory.mktemp("bad-configs")
+    paths = {}
+    for index, (name, case) in enumerate(BAD_CONFIGS.items()):
+        path = directory / f"bad-{index}.yaml"
+        if case.text is not None:
+            path.write_bytes(case.text.encode("utf-8", "surrogateescape"))
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def bad_config_results(bad_config_paths: dict[str, Path]) -> dict[tuple[str, str], CliResult]:
+    """(command, case) -> result: `check` for every case, the other commands for a few."""
+    jobs: dict[tuple[str, str], tuple[str, ...]] = {}
+    for name, path in bad_config_paths.items():
+        jobs["check", name] = ("check", "-c", str(path))
+    for name in REJECTED_BY_EVERY_COMMAND:
+        for command, template in CONFIG_COMMANDS.items():
+            path = str(bad_config_paths[name])
+            jobs[command, name] = tuple(word.format(path=path) for word in template)
+    return dict(zip(jobs, run_many(list(jobs.values())), strict=True))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_check_reports_every_problem_with_its_path(
+    case: str,
+    bad_config_paths: dict[str, Path],
+    bad_config_results: dict[tuple[str, str], CliResult],
+) -> None:
+    expected = BAD_CONFIGS[case]
+    result = bad_config_results["check", case]
+    prefix = f"{bad_config_paths[case]}: "
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    result.assert_no_traceback()
+    lines = result.error_lines
+    assert len(lines) == len(expected.problems), lines
+    for line, problem in zip(lines, expected.problems, strict=True):
+        assert line.startswith(prefix + problem), (line, problem)
+    if expected.secret:
+        assert expected.secret not in result.stdout + result.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
+@pytest.mark.parametrize("case", REJECTED_BY_EVERY_COMMAND)
+def test_every_command_rejects_a_bad_config_as_check_does(
+    command: str, case: str, bad_config_results: dict[tuple[str, str], CliResult]
+) -> None:
+    result = bad_config_results[command, case]
+    check = bad_config_results["check", case]
+    assert result.returncode == 1, result
+    result.assert_no_traceback()
+    assert result.error_lines == check.error_lines
+    assert result.stdout == ""
+
+
+# --- bad flags -----------------------------------------------------------------------------
+
+BAD_FLAGS = {
+    "unknown flag": (
+        ("check", "-c", "{example}", "--colour"),
+        "canary-proxy: error: unrecognized arguments: --colour",
+    ),
+    "unknown top-level flag": (
+        ("--colour", "check", "-c", "{example}"),
+        "canary-proxy: error: unrecognized arguments: --colour",
+    ),
+    "missing -c": (
+        ("check",),
+        "canary-proxy check: error: the following arguments are required: -c/--config",
+    ),
+    "missing subcommand": ((), "canary-proxy: error: the following arguments are required"),
+    "unknown subcommand": (("serve",), "canary-proxy: error: argument COMMAND: invalid choice"),
+    "assign without keys": (
+        ("assign", "-c", "{example}", "--route", "chat"),
+        "canary-proxy assign: error: the following arguments are required: KEY",
+    ),
+    "assign unknown route": (
+        ("assign", "-c", "{example}", "--route", "chatt", "alice"),
+        "canary-proxy: error: no route named 'chatt' in {example} (routes: chat, embeddings)",
+    ),
+    "assign weight over 100": (
+        ("assign", "-c", "{example}", "--route", "chat", "--weight", "101", "alice"),
+        "canary-proxy assign: error: argument --weight: must be a percent from 0 to 100",
+    ),
+    "assign weight with three decimals": (
+        ("assign", "-c", "{example}", "--route", "chat", "--weight", "5.123", "alice"),
+        "canary-proxy assign: error: argument --weight: must be a percent from 0 to 100 "
+        "with at most two decimals, got 5.123",
+    ),
+    "assign weight not a number": (
+        ("assign", "-c", "{example}", "--route", "chat", "--weight", "ten", "alice"),
+        "canary-proxy assign: error: argument --weight: not a number: 'ten'",
+    ),
+    "run zero workers": (
+        ("run", "-c", "{example}", "--workers", "0"),
+        "canary-proxy run: error: argument --workers: must be at least 1, got 0",
+    ),
+    "fake-backend error rate 2": (
+        ("fake-backend", "--error-rate", "2"),
+        "canary-proxy: error: --error-rate must be between 0 and 1, got 2.0",
+    ),
+    "fake-backend port 70000": (
+        ("fake-backend", "--port", "70000"),
+        "canary-proxy: error: --port must be between 0 and 65535, got 70000",
+    ),
+    "fake-backend negative latency": (
+        ("fake-backend", "--latency", "-1"),
+        "canary-proxy: error: --latency must be a finite number >= 0, got -1.0",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_flag_results() -> dict[str, CliResult]:
+    argvs = [tuple(word.format(example=EXAMPLE) for word in argv) for argv, _ in BAD_FLAGS.values()]
+    return dict(zip(BAD_FLAGS, run_many(argvs), strict=True))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_a_bad_flag_is_one_line_and_exit_1(
+    case: str, bad_flag_results: dict[str, CliResult]
+) -> None:
+    result = bad_flag_results[case]
+    expected = BAD_FLAGS[case][1].format(example=EXAMPLE)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    result.assert_no_traceback()
+    assert len(result.error_lines) == 1, result.stderr
+    assert result.error_lines[0].startswith(expected), (result.error_lines[0], expected)
+
+
+# --- assign ----------------------------------------------------------------------------------
+
+KEY_ALPHABET = string.ascii_letters + string.digits + "-_.@:/+=é"
+
+
+def random_keys(count: int, seed: int) -> list[str]:
+    """User keys as a proxy would read them; none starts with "-" (it would be a flag)."""
+    rng = random.Random(seed)
+    keys = {
+        rng.choice(string.ascii_letters) + "".join(rng.choices(KEY_ALPHABET, k=rng.randint(0, 40)))
+        for _ in range(count)
+    }
+    return sorted(keys)
+
+
+def expected_assignment(salt: str, key: str, weight: float) -> tuple[int, str, float]:
+    """SPEC §4, computed here with mmh3 directly: bucket, variant, canary from weight."""
+    bucket = mmh3.hash(f"{salt}:{key}", 0, signed=False) % 10000
+    variant = "canary" if bucket < round(weight * 100) else "stable"
+    return bucket, variant, (bucket + 1) / 100
+
+
+ASSIGN_CASES = {
+    # name: (route, --weight flag or None, salt, effective weight)
+    "config weight and salt": ("chat", None, "chat-2026-11", 5.0),
+    "weight flag overrides the config": ("chat", "37.25", "chat-2026-11", 37.25),
+    "default salt is the route name": ("embeddings", None, "embeddings", 0.0),
+}
+TABLE_ROW = re.compile(
+    r"^(?P<key>\S+)\s+(?P<bucket>\d+)\s+(?P<variant>stable|canary)\s+(?P<from>[\d.]+)%$"
+)
+
+
+@pytest.fixture(scope="module")
+def assign_results() -> dict[tuple[str, bool], tuple[list[str], CliResult]]:
+    """(case, json) -> the keys asked about and the result."""
+    jobs: dict[tuple[str, bool], tuple[str, ...]] = {}
+    keys_of: dict[str, list[str]] = {}
+    for seed, (name, (route, weight, _, _)) in enumerate(ASSIGN_CASES.items()):
+        keys_of[name] = random_keys(200, seed)
+        flags = ("--weight", weight) if weight is not None else ()
+        for as_json in (False, True):
+            json_flag = ("--json",) if as_json else ()
+            jobs[name, as_json] = (
+                "assign", "-c", str(EXAMPLE), "--route", route, *flags, *json_flag,
+                *keys_of[name],
+            )  # fmt: skip
+    results = run_many(list(jobs.values()))
+    return {job: (keys_of[job[0]], result) for job, result in zip(jobs, results, strict=True)}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(ASSIGN_CASES))
+def test_assign_table_matches_the_spec_formula(
+    case: str, assign_results: dict[tuple[str, bool], tuple[list[str], CliResult]]
+) -> None:
+    route, _, salt, weight = ASSIGN_CASES[case]
+    keys, result = assign_results[case, False]
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    header, blank, columns, *rows = result.stdout.splitlines()
+    assert header.startswith(f"route {route}: ")
+    assert f"weight {weight:g}%, salt {salt!r}" in header
+    assert blank == ""
+    assert columns.split() == ["key", "bucket", "variant", "canary", "from", "weight"]
+    assert len(rows) == len(keys)
+    for key, row in zip(keys, rows, strict=True):
+        match = TABLE_ROW.match(row)
+        assert match is not None, row
+        bucket, variant, canary_from = expected_assignment(salt, key, weight)
+        assert match["key"] == key
+        assert int(match["bucket"]) == bucket, key
+        assert match["variant"] == variant, key
+        assert float(match["from"]) == canary_from, key
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(ASSIGN_CASES))
+def test_assign_json_matches_the_spec_formula(
+    case: str, assign_results: dict[tuple[str, bool], tuple[list[str], CliResult]]
+) -> None:
+    route, _, salt, weight = ASSIGN_CASES[case]
+    keys, result = assign_results[case, True]
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    document = json.loads(result.stdout)
+    assert document["route"] == route
+    assert document["weight"] == weight
+    assert [row["key"] for row in document["keys"]] == keys
+    for row in document["keys"]:
+        bucket, variant, canary_from = expected_assignment(salt, row["key"], weight)
+        assert row == {
+            "key": row["key"],
+            "bucket": bucket,
+            "variant": variant,
+            "canary_from_weight": canary_from,
+        }
+        # "canary from weight" is exactly the lowest weight that puts the key in the canary.
+        assert expected_assignment(salt, row["key"], canary_from)[1] == "canary"
+        assert expected_assignment(salt, row["key"], canary_from - 0.01)[1] == "stable"
+
+
+# --- long-running commands: run and fake-backend --------------------------------------------
+
+LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class Child:
+    """A long-running `canary-proxy` child whose stderr or stdout announces it listens."""
+
+    process: asyncio.subprocess.Process
+    early_output: str = ""
+
+    async def wait_listening(self, stream: asyncio.StreamReader, timeout_s: float = 10) -> int:
+        lines = []
+        async with asyncio.timeout(timeout_s):
+            while line := (await stream.readline()).decode():
+                lines.append(line)
+                if match := LISTENING.search(line):
+                    self.early_output = "".join(lines)
+                    return int(match[1])
+        self.early_output = "".join(lines)
+        raise AssertionError(f"it never said it listens: {self.early_output!r}")
+
+    async def terminate(self) -> tuple[int, str, str]:
+        """SIGTERM, then the exit status and the rest of stdout and stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(STOP_WITHIN_S):
+            out, err = await self.process.communicate()
+        assert self.process.returncode is not None
+        return self.process.returncode, out.decode(), err.decode()
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.communicate()
+
+
+async def start_child(*argv: str) -> Child:
+    process = await asyncio.create_subprocess_exec(
+        *COMMAND,
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=child_env(),
+        cwd=ROOT,
+    )
+    return Child(process)
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another socket listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+@pytest.mark.timeout(30)
+async def test_run_serves_requests_and_exits_0_on_sigterm(
+    backends: Backends, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        minimal_yaml(stable=backends.stable.url, canary=backends.canary.url)
+        + "    override_header: x-canary\n"
+    )
+    child = await start_child("run", "-c", str(path))
+    try:
+        assert child.process.stderr is not None
+        port = await child.wait_listening(child.process.stderr)
+        assert "1 route)" in child.early_output
+        served = {}
+        async with aiohttp.ClientSession() as session:
+            for force, variant in (("never", "stable"), ("always", "canary")):
+                async with session.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"x-user-id": "alice", "x-canary": force},
+                ) as response:
+                    assert response.status == 200, await response.text()
+                    body = await response.json()
+                    served[variant] = (response.headers["x-canary-variant"], body["model"])
+            # SIGTERM with an idle keep-alive connection still open, as a real client leaves it.
+            returncode, out, err = await child.terminate()
+        assert served == {
+            "stable": ("stable", backends.stable.model),
+            "canary": ("canary", backends.canary.model),
+        }
+        assert returncode == 0, (out, err)
+        assert "Traceback" not in child.early_output + out + err
+        assert "stopping" in err
+    finally:
+        await child.kill()
+
+
+@pytest.mark.timeout(30)
+def test_run_on_a_busy_port_is_one_cannot_listen_line_and_exit_1(
+    busy_port: int, tmp_path: Path
+) -> None:
+    path = tmp_path / "busy.yaml"
+    path.write_text(minimal_yaml(listen=f"127.0.0.1:{busy_port}"))
+    result = run_one("run", "-c", str(path))
+    assert result.returncode == 1, result
+    result.assert_no_traceback()
+    assert len(result.error_lines) == 1, result.stderr
+    assert result.error_lines[0].startswith(
+        f"canary-proxy: error: cannot listen on 127.0.0.1:{busy_port}: "
+    ), result.stderr
+    assert "address already in use" in result.error_lines[0].lower()
+
+
+@pytest.mark.timeout(30)
+async def test_fake_backend_serves_its_model_and_exits_0_on_sigterm() -> None:
+    port = closed_port()
+    child = await start_child("fake-backend", "--port", str(port), "--model", "cli-test-model")
+    try:
+        assert child.process.stdout is not None
+        assert await child.wait_listening(child.process.stdout) == port
+        assert "model=cli-test-model" in child.early_output
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/v1/models") as response,
+        ):
+            assert response.status == 200
+            models = await response.json()
+        assert [model["id"] for model in models["data"]] == ["cli-test-model"]
+        returncode, out, err = await child.terminate()
+        assert returncode == 0, (out, err)
+        assert "Traceback" not in out + err
+    finally:
+        await child.kill()
+
+
+@pytest.mark.timeout(30)
+def test_fake_backend_on_a_busy_port_is_one_line_and_exit_1(busy_port: int) -> None:
+    result = run_one("fake-backend", "--port", str(busy_port))
+    assert result.returncode == 1, result
+    result.assert_no_traceback()
+    assert len(result.error_lines) == 1, result.stderr
+    assert result.error_lines[0].startswith(
+        f"canary-proxy: error: cannot listen on 127.0.0.1:{busy_port}: "
+    )
