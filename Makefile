@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/canary-proxy demo
+	$(BIN)/canary-proxy demo -c config/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from proxy import __version__
@@ -143,6 +144,20 @@ def cmd_fake_backend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from proxy.demo import DemoError, default_config_path, run_demo
+
+    path = Path(args.config) if args.config else default_config_path()
+    try:
+        return uvloop.run(run_demo(path, args.users, args.requests_per_user))
+    except DemoError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        return 1
+
+
 def _weight(text: str) -> float:
     try:
         value = float(text)
@@ -213,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
         "keys", nargs="+", metavar="KEY", help="user keys, as the proxy would read them"
     )
     assign.set_defaults(handler=cmd_assign)
+
+    demo = commands.add_parser(
+        "demo", help="run two fake model servers and the proxy, drive traffic, show the split"
+    )
+    demo.add_argument(
+        "-c", "--config", metavar="FILE", help="the config (default: the packaged demo config)"
+    )
+    demo.add_argument("--users", type=_positive_int, default=300, metavar="N", help="default 300")
+    demo.add_argument(
+        "--requests-per-user", type=_positive_int, default=4, metavar="N", help="default 4"
+    )
+    demo.set_defaults(handler=cmd_demo)
 
     fake = commands.add_parser(
         "fake-backend", help="an OpenAI-compatible fake model server for demos and tests"
