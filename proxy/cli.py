@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +40,11 @@ class _Parser(argparse.ArgumentParser):
 def _fail(message: str) -> NoReturn:
     print(f"canary-proxy: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_ERROR)
+
+
+def _os_reason(exc: OSError) -> str:
+    """The OS's own words for an error, without the address asyncio repeats in its message."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _load(path: str) -> Config:
@@ -74,7 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         uvloop.run(serve(config))
     except OSError as exc:
-        _fail(f"cannot listen on {config.listen}: {exc.strerror or exc}")
+        _fail(f"cannot listen on {config.listen}: {_os_reason(exc)}")
     except KeyboardInterrupt:
         pass
     return 0
@@ -138,7 +144,7 @@ def cmd_fake_backend(args: argparse.Namespace) -> int:
     try:
         uvloop.run(run_forever(options))
     except OSError as exc:
-        _fail(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}")
+        _fail(f"cannot listen on {options.host}:{options.port}: {_os_reason(exc)}")
     except KeyboardInterrupt:
         pass
     return 0

@@ -14,6 +14,7 @@ module fixture and each row is then asserted as its own test.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -63,16 +64,15 @@ class CliResult:
         assert "Traceback" not in self.stdout + self.stderr, self
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """The test's environment with the example's secrets set and MISSING_ENV unset."""
     env = {k: v for k, v in os.environ.items() if k != MISSING_ENV}
     env.update(CANARY_ADMIN_TOKEN=ADMIN_TOKEN, V1_API_KEY=V1_API_KEY, PYTHONUNBUFFERED="1")
-    env.update(extra)
     return env
 
 
 def run_many(
-    argvs: Sequence[Sequence[str]], env: Mapping[str, str] | None = None
+    argvs: Sequence[Sequence[str]], env: Mapping[str, str] | None = None, cwd: Path = ROOT
 ) -> list[CliResult]:
     """Run `canary-proxy ARGV...` for each argv concurrently, and wait for them all."""
     environ = dict(env if env is not None else child_env())
@@ -87,10 +87,10 @@ def run_many(
                     stderr=subprocess.PIPE,
                     text=True,
                     env=environ,
-                    cwd=ROOT,
+                    cwd=cwd,
                 )
             )
-        results = []
+        results: list[CliResult] = []
         for argv, process in zip(argvs, processes, strict=True):
             out, err = process.communicate(timeout=PROCESS_TIMEOUT_S)
             results.append(CliResult(tuple(argv), process.returncode, out, err))
@@ -102,8 +102,8 @@ def run_many(
                 process.communicate()
 
 
-def run_one(*argv: str, env: Mapping[str, str] | None = None) -> CliResult:
-    return run_many([argv], env)[0]
+def run_one(*argv: str, env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> CliResult:
+    return run_many([argv], env, cwd)[0]
 
 
 def minimal_yaml(listen: str = "127.0.0.1:0", stable: str = "", canary: str = "") -> str:
@@ -296,7 +296,7 @@ CONFIG_COMMANDS = {
 @pytest.fixture(scope="module")
 def bad_config_paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     directory = tmp_path_factory.mktemp("bad-configs")
-    paths = {}
+    paths: dict[str, Path] = {}
     for index, (name, case) in enumerate(BAD_CONFIGS.items()):
         path = directory / f"bad-{index}.yaml"
         if case.text is not None:
@@ -313,8 +313,9 @@ def bad_config_results(bad_config_paths: dict[str, Path]) -> dict[tuple[str, str
         jobs["check", name] = ("check", "-c", str(path))
     for name in REJECTED_BY_EVERY_COMMAND:
         for command, template in CONFIG_COMMANDS.items():
-            path = str(bad_config_paths[name])
-            jobs[command, name] = tuple(word.format(path=path) for word in template)
+            jobs[command, name] = tuple(
+                word.format(path=bad_config_paths[name]) for word in template
+            )
     return dict(zip(jobs, run_many(list(jobs.values())), strict=True))
 
 
@@ -445,6 +446,21 @@ def random_keys(count: int, seed: int) -> list[str]:
     return sorted(keys)
 
 
+def edge_keys(salt: str, weight: float) -> list[str]:
+    """Keys in the last canary bucket and the first stable bucket at `weight`."""
+    threshold = round(weight * 100)
+    wanted = {bucket for bucket in (threshold - 1, threshold) if 0 <= bucket < 10000}
+    found: dict[int, str] = {}
+    for index in itertools.count():
+        key = f"edge-{index}"
+        bucket = mmh3.hash(f"{salt}:{key}", 0, signed=False) % 10000
+        if bucket in wanted:
+            found.setdefault(bucket, key)
+            if len(found) == len(wanted):
+                return [found[bucket] for bucket in sorted(found)]
+    raise AssertionError("unreachable")
+
+
 def expected_assignment(salt: str, key: str, weight: float) -> tuple[int, str, float]:
     """SPEC §4, computed here with mmh3 directly: bucket, variant, canary from weight."""
     bucket = mmh3.hash(f"{salt}:{key}", 0, signed=False) % 10000
@@ -468,15 +484,15 @@ def assign_results() -> dict[tuple[str, bool], tuple[list[str], CliResult]]:
     """(case, json) -> the keys asked about and the result."""
     jobs: dict[tuple[str, bool], tuple[str, ...]] = {}
     keys_of: dict[str, list[str]] = {}
-    for seed, (name, (route, weight, _, _)) in enumerate(ASSIGN_CASES.items()):
-        keys_of[name] = random_keys(200, seed)
+    for seed, (name, (route, weight, salt, effective)) in enumerate(ASSIGN_CASES.items()):
+        keys_of[name] = random_keys(200, seed) + edge_keys(salt, effective)
         flags = ("--weight", weight) if weight is not None else ()
         for as_json in (False, True):
             json_flag = ("--json",) if as_json else ()
             jobs[name, as_json] = (
-                "assign", "-c", str(EXAMPLE), "--route", route, *flags, *json_flag,
+                *("assign", "-c", str(EXAMPLE), "--route", route, *flags, *json_flag),
                 *keys_of[name],
-            )  # fmt: skip
+            )
     results = run_many(list(jobs.values()))
     return {job: (keys_of[job[0]], result) for job, result in zip(jobs, results, strict=True)}
 
@@ -545,7 +561,7 @@ class Child:
     early_output: str = ""
 
     async def wait_listening(self, stream: asyncio.StreamReader, timeout_s: float = 10) -> int:
-        lines = []
+        lines: list[str] = []
         async with asyncio.timeout(timeout_s):
             while line := (await stream.readline()).decode():
                 lines.append(line)
@@ -569,7 +585,7 @@ class Child:
             await self.process.communicate()
 
 
-async def start_child(*argv: str) -> Child:
+async def start_child(*argv: str, cwd: Path = ROOT) -> Child:
     process = await asyncio.create_subprocess_exec(
         *COMMAND,
         *argv,
@@ -577,7 +593,7 @@ async def start_child(*argv: str) -> Child:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=child_env(),
-        cwd=ROOT,
+        cwd=cwd,
     )
     return Child(process)
 
@@ -600,12 +616,12 @@ async def test_run_serves_requests_and_exits_0_on_sigterm(
         minimal_yaml(stable=backends.stable.url, canary=backends.canary.url)
         + "    override_header: x-canary\n"
     )
-    child = await start_child("run", "-c", str(path))
+    child = await start_child("run", "-c", str(path), cwd=tmp_path)  # its state files go there
     try:
         assert child.process.stderr is not None
         port = await child.wait_listening(child.process.stderr)
         assert "1 route)" in child.early_output
-        served = {}
+        served: dict[str, tuple[str, str]] = {}
         async with aiohttp.ClientSession() as session:
             for force, variant in (("never", "stable"), ("always", "canary")):
                 async with session.post(
@@ -635,7 +651,7 @@ def test_run_on_a_busy_port_is_one_cannot_listen_line_and_exit_1(
 ) -> None:
     path = tmp_path / "busy.yaml"
     path.write_text(minimal_yaml(listen=f"127.0.0.1:{busy_port}"))
-    result = run_one("run", "-c", str(path))
+    result = run_one("run", "-c", str(path), cwd=tmp_path)
     assert result.returncode == 1, result
     result.assert_no_traceback()
     assert len(result.error_lines) == 1, result.stderr
