@@ -62,7 +62,12 @@ async def relay(
     headers = response_headers(upstream.headers, variant=variant, request_id=request_id)
     if extra_headers:
         headers.update(extra_headers)
-    if upstream.content.at_eof():
+    end = StreamEnd() if is_event_stream(upstream.headers.get("content-type")) else None
+    if end is not None:
+        end.feed(opened.first)
+    # A body that came whole with the first read goes out in one piece, unless it is an
+    # event stream without its end: that one is relayed and cut like any other.
+    if upstream.content.at_eof() and (end is None or end.complete):
         upstream.release()
         return RelayResult(
             web.Response(
@@ -73,7 +78,6 @@ async def relay(
     declared = upstream.headers.get("content-length")
     if declared is not None and declared.isdigit():
         out.content_length = int(declared)
-    end = StreamEnd() if is_event_stream(upstream.headers.get("content-type")) else None
     try:
         await out.prepare(request)
         cut = await _pump(out, upstream, opened.first, end, idle_s)
@@ -101,16 +105,24 @@ async def _pump(
     end: StreamEnd | None,
     idle_s: float,
 ) -> str | None:
-    """Copy the body chunk by chunk; the reason it was cut, or None when it ended."""
+    """Copy the body chunk by chunk (`end` has seen `first`); why it was cut, or None.
+
+    A failed write to the client raises `ConnectionError` to the caller; a failed read
+    from the backend is a cut, returned.
+    """
     content = upstream.content
-    if end is not None:
-        end.feed(first)
     await out.write(first)
     try:
         async with asyncio.timeout(None) as timeout:
             watchdog = IdleWatchdog(timeout, idle_s)
             try:
-                while chunk := await content.readany():
+                while True:
+                    try:
+                        chunk = await content.readany()
+                    except (aiohttp.ClientError, OSError) as exc:
+                        return f"backend stream broke: {exc.__class__.__name__}"
+                    if not chunk:
+                        return None
                     watchdog.writing()
                     if end is not None:
                         end.feed(chunk)
@@ -120,13 +132,6 @@ async def _pump(
                 watchdog.cancel()
     except TimeoutError:
         return f"backend silent for more than {idle_s:g}s"
-    except (
-        aiohttp.ClientPayloadError,
-        aiohttp.ServerDisconnectedError,
-        aiohttp.ClientOSError,
-    ) as exc:
-        return f"backend stream broke: {exc.__class__.__name__}"
-    return None
 
 
 def _abort(request: web.BaseRequest) -> None:

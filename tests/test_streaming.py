@@ -135,7 +135,11 @@ async def test_client_disconnect_before_the_answer_cancels_the_backend(
     "fault",
     [
         {"x-fake-cut-after": "2"},  # the connection drops mid-stream
-        {"x-fake-no-done": "1"},  # a clean HTTP end without finish_reason or [DONE]
+        {"x-fake-cut-after": "2", "x-fake-tokens-per-s": "50"},
+        # A clean HTTP end without finish_reason or [DONE]: all at once, so that the
+        # proxy's first read holds the whole stream, and spread out.
+        {"x-fake-no-done": "1"},
+        {"x-fake-no-done": "1", "x-fake-tokens-per-s": "50"},
     ],
 )
 async def test_a_cut_stream_is_aborted_not_ended_cleanly(
