@@ -1,0 +1,374 @@
+"""The benchmark's figures: one side-by-side table, the acceptance ratios, the notes.
+
+Everything here is pure: results in, Markdown tables out (`document.py` puts them on
+the page). Every figure is the median over rounds. Derived figures:
+- added latency / TTFB = the target's percentile minus the direct row's;
+- "÷ nginx" = the target's CPU per request (or per chunk) over nginx's;
+- RSS per stream = (RSS with every stream open − RSS idle after warm-up) / streams.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from scenarios import Latency, Settings, Streams, Throughput
+from targets import TARGETS
+
+__all__ = [
+    "Results",
+    "TargetResult",
+    "acceptance_table",
+    "core_table",
+    "markdown_table",
+    "median_of",
+    "notes",
+    "results_table",
+    "rounds_table",
+    "ttfb_p50",
+    "ttfb_p99",
+]
+
+_DASH = "—"
+_FOREIGN_LOAD_WARN = 0.10  # a core busier than our own work by this much had visitors
+_LOAD_CORE_BUSY_WARN = 0.90  # past this the load core itself adds queueing to TTFB
+_ACCEPTANCE_BASELINES = ("baseline", "baseline-uvloop")
+
+
+@dataclass
+class TargetResult:
+    """Everything measured for one target, by round (rounds are numbered from 1)."""
+
+    name: str
+    throughput: dict[int, Throughput] = field(default_factory=dict)
+    latency: dict[int, Latency] = field(default_factory=dict)
+    streams: dict[int, Streams] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return TARGETS[self.name]
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.name != "direct"
+
+
+Results = Mapping[str, TargetResult]
+ByRound = dict[int, float]
+Metric = Callable[[TargetResult], ByRound]
+
+
+# --- metrics, by round -------------------------------------------------------------------
+
+
+def requests_per_s(r: TargetResult) -> ByRound:
+    return {n: t.requests_per_s for n, t in r.throughput.items()}
+
+
+def cpu_per_request(r: TargetResult) -> ByRound:
+    return {n: t.cpu_us_per_request for n, t in r.throughput.items()} if r.is_proxy else {}
+
+
+def latency_p50(r: TargetResult) -> ByRound:
+    return {n: x.p50_us for n, x in r.latency.items()}
+
+
+def latency_p99(r: TargetResult) -> ByRound:
+    return {n: x.p99_us for n, x in r.latency.items()}
+
+
+def cpu_per_chunk(r: TargetResult) -> ByRound:
+    return {n: s.cpu_us_per_chunk for n, s in r.streams.items()} if r.is_proxy else {}
+
+
+def chunks_per_s(r: TargetResult) -> ByRound:
+    return {n: s.events_per_s for n, s in r.streams.items()}
+
+
+def ttfb_p50(r: TargetResult) -> ByRound:
+    return {n: s.ttfb_p50_ms for n, s in r.streams.items()}
+
+
+def ttfb_p99(r: TargetResult) -> ByRound:
+    return {n: s.ttfb_p99_ms for n, s in r.streams.items()}
+
+
+def rss_per_stream(r: TargetResult) -> ByRound:
+    return {n: s.rss_kib_per_stream for n, s in r.streams.items()} if r.is_proxy else {}
+
+
+def proxy_core_share_a(r: TargetResult) -> ByRound:
+    return {n: t.cpu_s / t.duration_s for n, t in r.throughput.items()} if r.is_proxy else {}
+
+
+def proxy_core_share_c(r: TargetResult) -> ByRound:
+    if not r.is_proxy:
+        return {}
+    return {n: s.window_cpu_s / max(s.window_s, 1e-9) for n, s in r.streams.items()}
+
+
+def load_core_busy_c(r: TargetResult) -> ByRound:
+    return {n: s.core_busy[1] for n, s in r.streams.items() if len(s.core_busy) > 1}
+
+
+def median_of(result: TargetResult | None, metric: Metric) -> float | None:
+    values = metric(result) if result is not None else {}
+    return statistics.median(values.values()) if values else None
+
+
+def _added(result: TargetResult, direct: TargetResult | None, metric: Metric) -> float | None:
+    if not result.is_proxy:
+        return None
+    value, floor = median_of(result, metric), median_of(direct, metric)
+    return None if value is None or floor is None else value - floor
+
+
+def _over(result: TargetResult, reference: TargetResult | None, metric: Metric) -> float | None:
+    return _ratio(median_of(result, metric), median_of(reference, metric))
+
+
+def _paired_ratios(result: TargetResult, reference: TargetResult, metric: Metric) -> list[float]:
+    """result ÷ reference round by round: each pair was measured minutes apart at most."""
+    mine, theirs = metric(result), metric(reference)
+    return [mine[n] / theirs[n] for n in sorted(mine) if n in theirs and theirs[n] > 0]
+
+
+# --- formatting --------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return _DASH
+    return f"{value:,.{digits}f}"
+
+
+def _signed(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return _DASH
+    return f"{value:+,.{digits}f}"
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or reference is None or reference <= 0:
+        return None
+    return value / reference
+
+
+def _times(ratio: float | None) -> str:
+    return _DASH if ratio is None else f"{ratio:.2f}×"
+
+
+_HEADER = (
+    "target",
+    "req/s",
+    "CPU µs/req",
+    "÷ nginx",
+    "p50 µs",
+    "p99 µs",
+    "added p50 µs",
+    "added p99 µs",
+    "CPU µs/chunk",
+    "÷ nginx",
+    "chunks/s",
+    "added TTFB p50 ms",
+    "added TTFB p99 ms",
+    "RSS KiB/stream",
+)
+
+
+def _row(result: TargetResult, results: Results) -> tuple[str, ...]:
+    direct, nginx = results.get("direct"), results.get("nginx")
+    if not (result.throughput or result.latency or result.streams):
+        return (result.label, "failed", *([_DASH] * (len(_HEADER) - 2)))
+    return (
+        result.label,
+        _number(median_of(result, requests_per_s)),
+        _number(median_of(result, cpu_per_request), 1),
+        _times(_over(result, nginx, cpu_per_request)),
+        _number(median_of(result, latency_p50)),
+        _number(median_of(result, latency_p99)),
+        _signed(_added(result, direct, latency_p50)),
+        _signed(_added(result, direct, latency_p99)),
+        _number(median_of(result, cpu_per_chunk), 2),
+        _times(_over(result, nginx, cpu_per_chunk)),
+        _number(median_of(result, chunks_per_s)),
+        _signed(_added(result, direct, ttfb_p50), 2),
+        _signed(_added(result, direct, ttfb_p99), 2),
+        _number(median_of(result, rss_per_stream), 1),
+    )
+
+
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], *, numbers: bool = True
+) -> str:
+    """A Markdown table padded for plain-text reading; `numbers` right-aligns all but
+    the first column."""
+    widths = [max(len(cells[i]) for cells in (header, *rows)) for i in range(len(header))]
+
+    def right(i: int) -> bool:
+        return numbers and i > 0
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.rjust(width) if right(i) else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = (
+        "|"
+        + "|".join("-" * (width + 1) + (":" if right(i) else "-") for i, width in enumerate(widths))
+        + "|"
+    )
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def results_table(results: Results) -> str:
+    """Every target side by side, in TARGETS order; each figure the median of the rounds."""
+    rows = [_row(results[name], results) for name in TARGETS if name in results]
+    return markdown_table(_HEADER, rows)
+
+
+def rounds_table(results: Results) -> str:
+    """The key figures of every round, to show the noise."""
+
+    def cells(result: TargetResult, metric: Metric, digits: int) -> str:
+        values = metric(result)
+        return " / ".join(f"{values[n]:,.{digits}f}" for n in sorted(values)) or _DASH
+
+    header = ("target", "req/s", "CPU µs/req", "CPU µs/chunk", "RSS KiB/stream", "TTFB p50 ms")
+    rows = [
+        (
+            result.label,
+            cells(result, requests_per_s, 0),
+            cells(result, cpu_per_request, 1),
+            cells(result, cpu_per_chunk, 2),
+            cells(result, rss_per_stream, 1),
+            cells(result, ttfb_p50, 1),
+        )
+        for name in TARGETS
+        if (result := results.get(name)) is not None
+    ]
+    return markdown_table(header, rows)
+
+
+def core_table(results: Results) -> str:
+    """How busy each core was (medians over rounds): is the proxy or the load the limit?"""
+
+    def share(result: TargetResult, metric: Metric) -> str:
+        value = median_of(result, metric)
+        return _DASH if value is None else f"{value:.0%}"
+
+    header = ("target", "(a) proxy's share of core 0", "(c) proxy's share of core 0", "(c) core 1")
+    rows = [
+        (
+            result.label,
+            share(result, proxy_core_share_a),
+            share(result, proxy_core_share_c),
+            share(result, load_core_busy_c),
+        )
+        for name in TARGETS
+        if (result := results.get(name)) is not None
+    ]
+    return markdown_table(header, rows)
+
+
+_ACCEPTANCE_METRICS: tuple[tuple[str, Metric], ...] = (
+    ("CPU/request", cpu_per_request),
+    ("CPU/chunk", cpu_per_chunk),
+    ("RSS/stream", rss_per_stream),
+)
+
+
+def acceptance_table(results: Results) -> str:
+    """canary-proxy over each reference, per metric: the median of the per-round ratios
+    (and their range), with the verdict "no higher" on the median."""
+    canary = results.get("canary-proxy")
+    header = ("canary-proxy ÷", *(name for name, _ in _ACCEPTANCE_METRICS), "no higher?")
+    rows: list[tuple[str, ...]] = []
+    for name in (*_ACCEPTANCE_BASELINES, "nginx"):
+        reference = results.get(name)
+        if reference is None or canary is None:
+            continue
+        medians: list[float | None] = []
+        shown: list[str] = []
+        for _, metric in _ACCEPTANCE_METRICS:
+            ratios = _paired_ratios(canary, reference, metric)
+            median = statistics.median(ratios) if ratios else None
+            medians.append(median)
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            shown.append(_times(median) + spread)
+        measured = [(label, m) for (label, _), m in zip(_ACCEPTANCE_METRICS, medians, strict=True)]
+        worse = [label for label, m in measured if m is not None and m > 1]
+        missing = [label for label, m in measured if m is None]
+        if name == "nginx":
+            verdict = "(reference)"
+        elif len(missing) == len(measured):
+            verdict = "not measured"
+        else:
+            verdict = "yes" if not worse else "no: " + ", ".join(worse)
+            if missing:
+                verdict += f" ({', '.join(missing)} not measured)"
+        rows.append((reference.label, *shown, verdict))
+    return markdown_table(header, rows)
+
+
+def notes(results: Results, settings: Settings) -> list[str]:
+    """Sanity facts of this run: errors, visitors on the cores, streams that did not finish."""
+    found: list[str] = []
+    expected_rate = settings.streams * settings.stream_tokens_per_s
+    for name in TARGETS:
+        result = results.get(name)
+        if result is None:
+            continue
+        label = result.label
+        found.extend(f"{label}: {failure}" for failure in result.failures)
+        for n, throughput in sorted(result.throughput.items()):
+            found.extend(_throughput_notes(f"{label} (a, round {n})", throughput, result.is_proxy))
+        for n, latency in sorted(result.latency.items()):
+            if latency.errors:
+                found.append(f"{label} (b, round {n}): {latency.errors} wrk errors")
+        for n, streams in sorted(result.streams.items()):
+            found.extend(_stream_notes(f"{label} (c, round {n})", streams, expected_rate))
+    return found
+
+
+def _throughput_notes(where: str, throughput: Throughput, is_proxy: bool) -> list[str]:
+    found = []
+    if throughput.errors:
+        found.append(f"{where}: {throughput.errors} wrk errors (non-2xx, resets, timeouts)")
+    own = throughput.cpu_s / throughput.duration_s
+    busy = throughput.core_busy[0] if throughput.core_busy else 0.0
+    if is_proxy and busy - own > _FOREIGN_LOAD_WARN:
+        found.append(
+            f"{where}: core 0 was {busy:.0%} busy but the proxy used {own:.0%} of it: "
+            "other work ran there (the machine is shared)"
+        )
+    return found
+
+
+def _stream_notes(where: str, streams: Streams, expected_rate: float) -> list[str]:
+    found = []
+    if streams.completed < streams.streams:
+        found.append(
+            f"{where}: {streams.completed}/{streams.streams} streams completed "
+            f"({'; '.join(streams.errors)})"
+        )
+    if streams.open_at_window_start < streams.streams:
+        found.append(
+            f"{where}: {streams.open_at_window_start}/{streams.streams} streams were open "
+            "when the steady window began (the rest were still waiting for their first byte)"
+        )
+    if streams.events_per_s < 0.9 * expected_rate:
+        found.append(
+            f"{where}: {streams.events_per_s:,.0f} chunks/s reached the client, below the "
+            f"{expected_rate:,.0f}/s sent"
+        )
+    if len(streams.core_busy) > 1 and streams.core_busy[1] > _LOAD_CORE_BUSY_WARN:
+        found.append(
+            f"{where}: the load core (backend and client) was {streams.core_busy[1]:.0%} "
+            "busy, so its own queueing is in the TTFB figures"
+        )
+    return found

@@ -1,0 +1,246 @@
+"""`make bench`: measure canary-proxy against nginx and a plain aiohttp proxy, side by side.
+
+This file owns the run: which targets and scenarios, in which order, and where the
+report goes. The pieces live beside it:
+    system.py          child processes (all killed on exit), /proc readings, ports
+    targets.py         starting the fake backend and each proxy, pinned to its core
+    scenarios.py       (a) throughput, (b) latency, (c) 500 streams — the measurements
+    stream_client.py   the load generator of (c), a process of its own
+    report.py          the tables: side by side, round by round, acceptance, core use
+    document.py        docs/benchmarks.md: the method and the tables of one run
+    baseline_proxy.py  the ~60-line aiohttp proxy; nginx.conf.template; post.lua (wrk)
+    pyspy_profile.py   not part of the run: where a proxy's CPU goes under (a) or (c)
+
+Order, in each round: scenarios (a) and (b) for every target, each with a fresh fake
+backend (no token delay) and a fresh target; then (c) for every target, again fresh,
+with a backend at 50 tokens/s. Rounds repeat that sequence (3 in a full run, each
+target's order reversed every other round); the report shows medians over rounds.
+The runner itself stays on the load core.
+
+    .venv/bin/python tests/bench/run.py [--quick] [--rounds N] [--only a,b,c] [--targets ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Final
+
+from document import document
+from report import (
+    TargetResult,
+    acceptance_table,
+    core_table,
+    notes,
+    results_table,
+    rounds_table,
+)
+from scenarios import (
+    FULL,
+    QUICK,
+    MeasurementError,
+    Settings,
+    measure_latency,
+    measure_streams,
+    measure_throughput,
+)
+from system import Children, CoreTimes, install_signal_exit, machine_info
+from targets import BENCH_DIR, LOAD_CORE, TARGETS, start_backend, start_target
+
+__all__ = ["main"]
+
+DOC: Final = BENCH_DIR.parent.parent / "docs" / "benchmarks.md"
+SCENARIOS: Final = ("a", "b", "c")
+_QUIET_BUSY: Final = 0.25
+
+
+def _choices(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
+    chosen = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [part for part in chosen if part not in allowed]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"{flag}: unknown {', '.join(unknown) or 'empty list'}; choose from {','.join(allowed)}"
+        )
+    return chosen
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
+    parser.add_argument(
+        "--only",
+        type=lambda text: _choices(text, SCENARIOS, "--only"),
+        default=SCENARIOS,
+        metavar="a,b,c",
+        help="scenarios: a throughput, b latency, c streams (default all)",
+    )
+    parser.add_argument(
+        "--targets",
+        type=lambda text: _choices(text, tuple(TARGETS), "--targets"),
+        default=tuple(TARGETS),
+        metavar="NAMES",
+        help=f"targets, comma-separated (default all: {','.join(TARGETS)})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        metavar="N",
+        help=f"run the whole sequence N times (default {FULL.rounds}, {QUICK.rounds} with --quick)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"write the report here (default: {DOC.relative_to(DOC.parents[1])} after a "
+        "full run of every target and scenario; nothing after --quick, --only or --targets)",
+    )
+    args = parser.parse_args(argv)
+    whole = (
+        not args.quick and set(args.only) == set(SCENARIOS) and set(args.targets) == set(TARGETS)
+    )
+    if args.output is None and whole:
+        args.output = DOC
+    return args
+
+
+def _wait_until_quiet(settings: Settings) -> None:
+    """Wait (a little) for other people's work to leave the cores; the machine is shared."""
+    deadline = time.monotonic() + settings.quiet_wait_s
+    while True:
+        before = CoreTimes.now()
+        time.sleep(1.0)
+        busy = CoreTimes.now().busy_since(before)
+        if max(busy) < _QUIET_BUSY:
+            return
+        if time.monotonic() > deadline:
+            shares = "/".join(f"{share:.0%}" for share in busy)
+            print(f"  (the cores are busy with other work: {shares}; measuring anyway)")
+            return
+
+
+def _measure_requests(
+    name: str,
+    only: Sequence[str],
+    settings: Settings,
+    workdir: Path,
+    result: TargetResult,
+    round_number: int,
+) -> None:
+    """Scenarios (a) and (b) against a fresh target and backend."""
+    with Children() as children:
+        backend = start_backend(children, workdir, tokens_per_s=0)
+        target = start_target(name, children, workdir, backend)
+        _wait_until_quiet(settings)
+        if "a" in only:
+            t = result.throughput[round_number] = measure_throughput(target, settings)
+            cpu = "" if name == "direct" else f", {t.cpu_us_per_request:.1f} CPU µs/request"
+            print(f"  (a) {result.label}: {t.requests_per_s:,.0f} req/s{cpu}", flush=True)
+        if "b" in only:
+            lat = result.latency[round_number] = measure_latency(target, settings)
+            print(f"  (b) {result.label}: p50 {lat.p50_us:.0f} µs, p99 {lat.p99_us:.0f} µs")
+
+
+def _measure_streams(
+    name: str, settings: Settings, workdir: Path, result: TargetResult, round_number: int
+) -> None:
+    """Scenario (c) against a fresh target and a backend at the stream token rate."""
+    with Children() as children:
+        backend = start_backend(children, workdir, tokens_per_s=settings.stream_tokens_per_s)
+        target = start_target(name, children, workdir, backend)
+        _wait_until_quiet(settings)
+        s = result.streams[round_number] = measure_streams(target, settings)
+    line = f"  (c) {result.label}: {s.completed}/{s.streams} streams"
+    line += f", {s.events_per_s:,.0f} chunks/s"
+    line += f", TTFB p50 {s.ttfb_p50_ms:.2f} ms p99 {s.ttfb_p99_ms:.2f} ms"
+    if name != "direct":
+        line += f", {s.cpu_us_per_chunk:.2f} CPU µs/chunk, {s.rss_kib_per_stream:.1f} KiB/stream"
+    print(line, flush=True)
+
+
+def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, TargetResult]:
+    results = {name: TargetResult(name) for name in TARGETS if name in args.targets}
+    groups = []
+    if {"a", "b"} & set(args.only):
+        groups.append("ab")
+    if "c" in args.only:
+        groups.append("c")
+    for round_number in range(1, settings.rounds + 1):
+        order = list(results.values())
+        if round_number % 2 == 0:
+            order.reverse()
+        for group in groups:
+            title = "(a), (b)" if group == "ab" else "(c)"
+            print(f"round {round_number}/{settings.rounds}, {title}:", flush=True)
+            for result in order:
+                try:
+                    if group == "ab":
+                        _measure_requests(
+                            result.name, args.only, settings, workdir, result, round_number
+                        )
+                    else:
+                        _measure_streams(result.name, settings, workdir, result, round_number)
+                except (MeasurementError, RuntimeError, OSError) as exc:
+                    result.failures.append(f"round {round_number} ({group}): {exc}")
+                    print(f"  {result.label} failed: {exc}", file=sys.stderr, flush=True)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    settings = QUICK if args.quick else FULL
+    if args.rounds is not None:
+        settings = dataclasses.replace(settings, rounds=args.rounds)
+    install_signal_exit()
+    os.sched_setaffinity(0, {LOAD_CORE})
+    started = datetime.now().astimezone()
+    clock = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix="canary-bench-") as tmp:
+            results = _run(args, settings, Path(tmp))
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the benchmark started has been stopped")
+        return 130
+    elapsed_s = time.monotonic() - clock
+    print()
+    print(results_table(results))
+    print()
+    if settings.rounds > 1:
+        print(rounds_table(results))
+        print()
+    if "canary-proxy" in results:
+        print(acceptance_table(results))
+        print()
+    print(core_table(results))
+    print()
+    for line in notes(results, settings):
+        print(f"- {line}")
+    print(f"\nthe run took {elapsed_s:.0f} s")
+    if args.output is not None:
+        text = document(
+            results,
+            machine=machine_info(),
+            settings=settings,
+            started=started,
+            elapsed_s=elapsed_s,
+        )
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+        print(f"wrote {args.output}")
+    return 1 if any(result.failures for result in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The things measured: the fake backend, and the proxies put in front of it.
+
+Rules:
+1. A proxy under test runs on core 0 alone; the fake backend (and every load
+   generator) runs on core 1.
+2. Every target is started fresh, on free ports, from files written into the run's
+   temp dir; nothing is written anywhere else.
+3. `Running.pids` is the process tree whose CPU and memory count as the target's
+   (nginx: master and worker); the direct target has none.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from system import Children, free_port, process_tree, wait_for_port
+
+__all__ = [
+    "BENCH_DIR",
+    "LOAD_CORE",
+    "PROXY_CORE",
+    "TARGETS",
+    "Running",
+    "start_backend",
+    "start_target",
+]
+
+BENCH_DIR: Final = Path(__file__).resolve().parent
+PROXY_CORE: Final = 0
+LOAD_CORE: Final = 1
+
+TARGETS: Final = {
+    "direct": "backend direct",
+    "nginx": "nginx",
+    "baseline": "baseline (asyncio)",
+    "baseline-uvloop": "baseline + uvloop",
+    "canary-proxy": "canary-proxy",
+}
+"""Target name (for `--targets`) → the label in the table, in table order."""
+
+# A 50/50 split of scenario (c)'s 500 streams puts about 250 on each variant, close to
+# the default pool of 256 per backend; past it streams would queue for a connection.
+# The baseline's pool is unlimited, nginx has none: give canary-proxy room as well.
+_CANARY_MAX_CONNECTIONS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    """A started target: where to send requests, and which processes to measure."""
+
+    name: str
+    url: str
+    pids: tuple[int, ...]
+
+
+def _canary_proxy_command() -> str:
+    beside_python = Path(sys.executable).with_name("canary-proxy")
+    return str(beside_python) if beside_python.exists() else "canary-proxy"
+
+
+def start_backend(children: Children, workdir: Path, *, tokens_per_s: float) -> Running:
+    """A `canary-proxy fake-backend` on the load core."""
+    port = free_port()
+    argv = [_canary_proxy_command(), "fake-backend", "--port", str(port)]
+    argv += ["--tokens-per-s", f"{tokens_per_s:g}"]
+    process = children.start(argv, core=LOAD_CORE, log=workdir / f"backend-{port}.log")
+    wait_for_port(port, process)
+    return Running("backend", f"http://127.0.0.1:{port}", (process.pid,))
+
+
+def start_target(name: str, children: Children, workdir: Path, backend: Running) -> Running:
+    """Start target `name` (a key of TARGETS) in front of `backend`."""
+    if name == "direct":
+        return Running(name, backend.url, ())
+    port = free_port()
+    log = workdir / f"{name}-{port}.log"
+    if name == "nginx":
+        argv = _nginx_argv(workdir / f"nginx-{port}", port, backend.url)
+    elif name in ("baseline", "baseline-uvloop"):
+        argv = [sys.executable, str(BENCH_DIR / "baseline_proxy.py"), "--port", str(port)]
+        argv += ["--upstream", backend.url]
+        if name == "baseline-uvloop":
+            argv.append("--uvloop")
+    elif name == "canary-proxy":
+        config = _write_canary_config(workdir / f"canary-{port}", port, backend.url)
+        argv = [_canary_proxy_command(), "run", "-c", str(config), "--log-level", "warning"]
+    else:
+        raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    process = children.start(argv, core=PROXY_CORE, log=log, cwd=workdir)
+    try:
+        wait_for_port(port, process)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; its log: {_tail(log)}") from exc
+    pids = process_tree(process.pid)
+    # nginx's master listens before it forks its worker; measure both.
+    deadline = time.monotonic() + 5
+    while name == "nginx" and len(pids) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = process_tree(process.pid)
+    return Running(name, f"http://127.0.0.1:{port}", tuple(pids))
+
+
+def _nginx_argv(directory: Path, port: int, upstream_url: str) -> list[str]:
+    directory.mkdir()
+    # As root, nginx's worker would run as "nobody" and could not use this temp dir.
+    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""
+    text = (BENCH_DIR / "nginx.conf.template").read_text()
+    fields = {
+        "@USER@": user,
+        "@DIR@": str(directory),
+        "@PORT@": str(port),
+        "@UPSTREAM_PORT@": upstream_url.rsplit(":", 1)[1],
+    }
+    for placeholder, value in fields.items():
+        text = text.replace(placeholder, value)
+    conf = directory / "nginx.conf"
+    conf.write_text(text)
+    error_log = str(directory / "error.log")
+    return ["nginx", "-p", str(directory), "-c", str(conf), "-e", error_log]
+
+
+def _write_canary_config(directory: Path, port: int, backend_url: str) -> Path:
+    """One route, stable and canary both the fake backend, 50/50 by x-user-id."""
+    directory.mkdir()
+    config = directory / "canary.yaml"
+    config.write_text(
+        f"""# Written by tests/bench/run.py: one route, both variants on one fake backend.
+listen: 127.0.0.1:{port}
+admin: {{listen: "127.0.0.1:{free_port()}"}}
+backends:
+  stable: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
+  canary: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
+routes:
+  - name: chat
+    match: {{path_prefix: /}}
+    stable: stable
+    canary: canary
+    sticky: {{keys: ["header:x-user-id"]}}
+    rollout: {{weight: 50}}
+state: {{store: sqlite, path: "{directory / "canary-state.db"}"}}
+"""
+    )
+    return config
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
