@@ -21,6 +21,7 @@ from typing import Final
 from aiohttp import web
 
 from proxy.config.model import Config
+from proxy.deadlines import Deadlines
 from proxy.forwarding import Forwarder
 from proxy.routing import RouteTable
 from proxy.upstreams import Upstreams
@@ -39,6 +40,7 @@ class ProxyServer:
         self.config = config
         self.upstreams: Upstreams | None = None
         self.forwarder: Forwarder | None = None
+        self.deadlines: Deadlines | None = None
         self._runner: web.ServerRunner | None = None
         self.port: int | None = None
 
@@ -52,7 +54,9 @@ class ProxyServer:
     async def _start(self) -> int:
         config = self.config
         self.upstreams = Upstreams(config.backends)
-        self.forwarder = Forwarder(RouteTable.build(config), self.upstreams)
+        self.deadlines = Deadlines()
+        self.deadlines.start()
+        self.forwarder = Forwarder(RouteTable.build(config), self.upstreams, self.deadlines)
         server = web.Server(
             self.forwarder,
             handler_cancellation=True,
@@ -73,6 +77,9 @@ class ProxyServer:
         if self.upstreams is not None:
             await self.upstreams.close()
             self.upstreams = None
+        if self.deadlines is not None:
+            await self.deadlines.stop()
+            self.deadlines = None
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -28,10 +28,10 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from proxy.body import RequestBody
-from proxy.config.model import Variant
+from proxy.config.model import Backend, Variant
+from proxy.deadlines import Deadlines
 from proxy.errors import (
     NoRoute,
     Overloaded,
@@ -43,11 +43,13 @@ from proxy.errors import (
     UpstreamUnreachable,
     error_body,
 )
-from proxy.headers import REQUEST_ID, VARIANT, request_headers
+from proxy.headers import REQUEST_ID, VARIANT, request_head
+from proxy.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
 from proxy.keys import NEED_BODY, is_trusted
+from proxy.pool import ConnectFailed, ConnectTimeout
 from proxy.relay import Opened, relay
 from proxy.routing import RoutePlan, RouteTable, assign, match_route
-from proxy.upstreams import Upstream, Upstreams
+from proxy.upstreams import Upstreams
 
 __all__ = ["FALLBACK", "Forwarder", "error_response"]
 
@@ -57,15 +59,16 @@ FALLBACK: Final = "x-canary-fallback"
 # Bodies up to this size are read rather than streamed to the backend.
 _SMALL_BODY_BYTES: Final = 64 * 1024
 
-Payload = bytes | aiohttp.StreamReader | None
+Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on, or none
 
 
 class Forwarder:
     """The request handler of the public port. `table` is swapped whole to change routing."""
 
-    def __init__(self, table: RouteTable, upstreams: Upstreams) -> None:
+    def __init__(self, table: RouteTable, upstreams: Upstreams, deadlines: Deadlines) -> None:
         self.table = table
         self.upstreams = upstreams
+        self.deadlines = deadlines
         self.in_flight = 0
         self._id_prefix = os.urandom(4).hex()
         self._id_counter = itertools.count(1)
@@ -79,15 +82,30 @@ class Forwarder:
             return error_response(Overloaded("too many requests in flight"), request_id)
         self.in_flight += 1
         try:
-            return await self._forward(request, table, request_id)
+            # Opening and relaying are two calls, not one inside the other, so that a
+            # long stream keeps only this frame and the relay's alive.
+            opened = await self._open(request, table, request_id)
+            if isinstance(opened, web.StreamResponse):
+                return opened
+            response = await relay(request, opened, self.deadlines)
+            if opened.cut is not None:
+                log.debug(
+                    "route %s: %s stream from %s cut: %s",
+                    opened.route_name,
+                    opened.variant,
+                    opened.pool.backend.name,
+                    opened.cut,
+                )
+            return response
         except ProxyError as error:
             return error_response(error, request_id)
         finally:
             self.in_flight -= 1
 
-    async def _forward(
+    async def _open(
         self, request: web.BaseRequest, table: RouteTable, request_id: str
-    ) -> web.StreamResponse:
+    ) -> Opened | web.Response:
+        """Route, assign and send: the first bytes of an answer, or an error response."""
         config = table.config
         body = RequestBody(request, config.limits.max_body_bytes)
         plan = match_route(table, request.path, None)
@@ -100,118 +118,129 @@ class Forwarder:
         if assignment is NEED_BODY:
             assignment = assign(plan, request, await body.json(), config.trusted_proxies)
         variant = assignment.variant
-        may_fall_back = variant is Variant.CANARY and plan.route.fallback_to_stable
-        send = _Send(request, request_id, is_trusted(request.remote, config.trusted_proxies))
+        route = plan.route
+        may_fall_back = variant is Variant.CANARY and route.fallback_to_stable
+        peer_trusted = is_trusted(request.remote, config.trusted_proxies)
         try:
-            opened = await send.attempt(
-                self.upstreams[plan.route.backend_of(variant)],
+            return await self._attempt(
+                request,
+                request_id,
+                peer_trusted,
+                plan,
+                variant,
                 await _payload(body, plan, variant, buffer=may_fall_back),
                 fail_on_status=may_fall_back,
             )
         except UpstreamError as error:
             if not may_fall_back:
                 return error_response(error, request_id, variant)
-            log.debug(
-                "route %s: canary failed before its first byte (%s); falling back", plan.name, error
-            )
-            return await self._fall_back(send, body, plan, error)
-        return await self._relay(send, plan, variant, opened)
-
-    async def _fall_back(
-        self, send: _Send, body: RequestBody, plan: RoutePlan, canary_error: UpstreamError
-    ) -> web.StreamResponse:
+            log.debug("route %s: canary failed before its first byte (%s)", route.name, error)
+            canary_error = error
         stable = Variant.STABLE
         try:
-            opened = await send.attempt(
-                self.upstreams[plan.route.stable],
+            opened = await self._attempt(
+                request,
+                request_id,
+                peer_trusted,
+                plan,
+                stable,
                 await _payload(body, plan, stable, buffer=True),
                 fail_on_status=False,
             )
         except UpstreamError as error:
-            return error_response(error, send.request_id, stable)
-        return await self._relay(send, plan, stable, opened, {FALLBACK: canary_error.error_type})
+            return error_response(error, request_id, stable)
+        opened.extra_headers = {FALLBACK: canary_error.error_type}
+        return opened
 
-    async def _relay(
+    async def _attempt(
         self,
-        send: _Send,
+        request: web.BaseRequest,
+        request_id: str,
+        peer_trusted: bool,
         plan: RoutePlan,
         variant: Variant,
-        opened: Opened,
-        extra_headers: dict[str, str] | None = None,
-    ) -> web.StreamResponse:
-        backend = self.upstreams[plan.route.backend_of(variant)].backend
-        result = await relay(
-            send.request,
-            opened,
-            variant=variant.value,
-            request_id=send.request_id,
-            idle_s=backend.timeouts.idle_s,
-            extra_headers=extra_headers,
-        )
-        if result.cut is not None:
-            log.debug(
-                "route %s: %s stream from %s cut: %s", plan.name, variant, backend.name, result.cut
-            )
-        return result.response
-
-
-class _Send:
-    """Sends one client request to backends; one per request, shared by its attempts."""
-
-    __slots__ = ("peer_trusted", "request", "request_id")
-
-    def __init__(self, request: web.BaseRequest, request_id: str, peer_trusted: bool) -> None:
-        self.request = request
-        self.request_id = request_id
-        self.peer_trusted = peer_trusted
-
-    async def attempt(
-        self, upstream: Upstream, payload: Payload, *, fail_on_status: bool
+        payload: Payload,
+        *,
+        fail_on_status: bool,
     ) -> Opened:
-        """Send to `upstream`; the response head and first body bytes, or an UpstreamError."""
-        request = self.request
-        backend = upstream.backend
-        headers = request_headers(
-            request.headers,
+        """Send to `variant`'s backend: its response head and first body bytes.
+
+        Raises:
+            UpstreamError: the attempt failed before the first byte.
+        """
+        pool = self.upstreams[plan.route.backend_of(variant)]
+        backend = pool.backend
+        streamed = isinstance(payload, aiohttp.StreamReader)
+        if isinstance(payload, aiohttp.StreamReader):
+            content_length = request.content_length
+        else:
+            content_length = None if payload is None else len(payload)
+        head = request_head(
+            request.method,
+            (backend.base_path + request.raw_path).encode("utf-8", "surrogateescape"),
+            request.raw_headers,
+            host=pool.host_header,
             peer=request.remote,
-            peer_trusted=self.peer_trusted,
+            peer_trusted=peer_trusted,
             scheme=request.scheme,
             api_key=backend.api_key,
-            request_id=self.request_id,
+            request_id=request_id,
+            content_length=content_length,
         )
-        if isinstance(payload, aiohttp.StreamReader):
-            headers["Content-Length"] = str(request.content_length)
-        url = URL(upstream.url_for(request.raw_path), encoded=True)
+        deadlines = self.deadlines
+        watch = deadlines.watch(backend.timeouts.first_byte_s)
+        connection: Connection | None = None
         try:
-            async with asyncio.timeout(backend.timeouts.first_byte_s):
-                response = await upstream.session.request(
-                    request.method, url, headers=headers, data=payload, allow_redirects=False
-                )
+            for retry in (False, True):
+                connection = await pool.acquire(fresh=retry)
                 try:
-                    if fail_on_status and (response.status >= 500 or response.status == 429):
-                        raise UpstreamStatus(response.status)
-                    first = await response.content.readany()
-                except BaseException:
-                    response.close()
-                    raise
-        except aiohttp.ConnectionTimeoutError as exc:
-            connect_s = backend.timeouts.connect_s
-            raise UpstreamTimeout(
-                f"could not connect to backend {backend.name} within {connect_s:g}s"
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamTimeout(
-                f"backend {backend.name} sent no response within {backend.timeouts.first_byte_s:g}s"
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"cannot connect to backend {backend.name}: {exc.strerror}"
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamProtocolError(
-                f"backend {backend.name} broke the protocol: {exc.__class__.__name__}"
-            ) from exc
-        return Opened(response, first)
+                    await _send(connection, head, payload, request.method == "HEAD")
+                    response = await connection.head()
+                    break
+                except BackendClosed as exc:
+                    # A kept-alive connection the backend closed just as it was reused
+                    # saw nothing of the request: one retry on a new connection is safe.
+                    if retry or streamed or not exc.before_any_byte or connection.exchanges == 0:
+                        raise
+                    pool.discard(connection)
+            assert connection is not None
+            if fail_on_status and (response.status >= 500 or response.status == 429):
+                raise UpstreamStatus(response.status)
+            first = await connection.read()
+        except BaseException as exc:
+            deadlines.unwatch(watch)
+            if connection is not None:
+                pool.discard(connection)
+            if isinstance(exc, asyncio.CancelledError):
+                if watch.expired_here():
+                    first_byte_s = backend.timeouts.first_byte_s
+                    raise UpstreamTimeout(
+                        f"backend {backend.name} sent no response within {first_byte_s:g}s"
+                    ) from None
+                raise
+            if isinstance(exc, ConnectFailed | BackendProtocolError | BackendCut):
+                raise _upstream_error(exc, backend) from exc
+            raise
+        return Opened(pool, connection, response, first, watch, variant, request_id, plan.name)
+
+
+async def _send(connection: Connection, head: bytes, payload: Payload, head_method: bool) -> None:
+    if not isinstance(payload, aiohttp.StreamReader):
+        connection.send(head, payload, head_method=head_method)
+        return
+    connection.start_streaming(head)
+    while chunk := await payload.readany():
+        connection.write_body(chunk)
+        await connection.drain()
+
+
+def _upstream_error(exc: Exception, backend: Backend) -> UpstreamError:
+    """The proxy error for a failed attempt before the first byte."""
+    if isinstance(exc, ConnectTimeout):
+        return UpstreamTimeout(str(exc))
+    if isinstance(exc, ConnectFailed):
+        return UpstreamUnreachable(str(exc))
+    return UpstreamProtocolError(f"backend {backend.name} broke the protocol: {exc}")
 
 
 async def _payload(

@@ -1,109 +1,158 @@
-"""Which headers cross the proxy, both ways (SPEC §5). Pure.
+"""Which headers cross the proxy, both ways (SPEC §5), and the request head it sends. Pure.
 
 Rules:
 1. Hop-by-hop headers never cross: Connection, Keep-Alive, TE, Trailer,
    Transfer-Encoding, Upgrade, every Proxy-* header, and every header the
    Connection header names (RFC 9110 §7.6.1).
 2. The proxy owns the framing and the addressing: Host, Content-Length and Expect
-   are not copied; the client library frames and addresses the backend request.
+   are not copied; the proxy writes its own for the backend.
 3. X-Forwarded-For gets the peer appended; X-Forwarded-Proto and -Host are kept
    from a trusted peer and otherwise set from what this hop saw.
 4. A backend with an API key gets `Authorization: Bearer <key>` in place of the
    client's; without one, the client's Authorization passes through.
 5. `x-request-id` goes to the backend (vLLM and TGI log it) and back to the client;
    `x-canary-variant` tells the client who really answered.
+6. Headers travel as the bytes that were received; names keep their case and
+   repeated headers their order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict
 
 __all__ = [
     "REQUEST_ID",
     "VARIANT",
-    "request_headers",
+    "request_head",
     "response_headers",
 ]
 
 REQUEST_ID: Final = "x-request-id"
 VARIANT: Final = "x-canary-variant"
 
-_HOP_BY_HOP: Final = frozenset(
+_HOP_BY_HOP: Final = (
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+)
+# Never copied to the backend: the proxy writes these itself.
+_NOT_FORWARDED: Final = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        *_HOP_BY_HOP,
+        b"host",
+        b"content-length",
+        b"expect",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        REQUEST_ID.encode(),
     }
 )
-# Never copied to the backend: the proxy sets or frames these itself.
-_NOT_FORWARDED: Final = _HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "expect",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    REQUEST_ID,
-}
 # Never copied back to the client: the proxy frames the response itself.
-_NOT_RETURNED: Final = _HOP_BY_HOP | {"content-length", REQUEST_ID, VARIANT}
+_NOT_RETURNED: Final = frozenset(
+    {*_HOP_BY_HOP, b"content-length", REQUEST_ID.encode(), VARIANT.encode()}
+)
+# Connection options that name no header.
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b""})
 
 
-def _copy(headers: MultiMapping[str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    if "connection" in headers:
-        dropped = dropped | {
-            token.strip().lower()
-            for value in headers.getall("connection")
-            for token in value.split(",")
-        }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lowered = name.lower()
-        if lowered not in dropped and not lowered.startswith("proxy-"):
-            out.add(name, value)
-    return out
-
-
-def request_headers(
-    incoming: MultiMapping[str],
+def request_head(
+    method: str,
+    target: bytes,
+    raw_headers: Iterable[tuple[bytes, bytes]],
     *,
+    host: bytes,
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
     api_key: str | None,
     request_id: str,
-) -> CIMultiDict[str]:
-    """The headers to send to the backend for a client request with `incoming` headers."""
-    out = _copy(incoming, _NOT_FORWARDED)
-    forwarded_for = ", ".join(incoming.getall("x-forwarded-for", ()))
+    content_length: int | None,
+) -> bytes:
+    """The HTTP/1.1 request head to send to the backend for a client request.
+
+    Args:
+        target: the request target for the backend (base path, path and query), raw.
+        raw_headers: the client's headers as received.
+        content_length: the body's length, None for no body.
+    """
+    kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
+    listed: set[bytes] = set()
+    forwarded_for: list[bytes] = []
+    forwarded_proto = forwarded_host = client_host = None
+    for name, value in raw_headers:
+        lowered = name.lower()
+        if lowered not in _NOT_FORWARDED:
+            if not lowered.startswith(b"proxy-"):
+                kept.append((lowered, name, value))
+        elif lowered == b"x-forwarded-for":
+            forwarded_for.append(value)
+        elif lowered == b"host":
+            client_host = value
+        elif lowered == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+        elif lowered == b"x-forwarded-proto":
+            forwarded_proto = value
+        elif lowered == b"x-forwarded-host":
+            forwarded_host = value
+    listed -= _CONNECTION_OPTIONS
+    drop_auth = api_key is not None
+    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), target, host)]
+    for lowered, name, value in kept:
+        if (listed and lowered in listed) or (drop_auth and lowered == b"authorization"):
+            continue
+        lines.append(b"%s: %s\r\n" % (name, value))
     if peer:
-        forwarded_for = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        forwarded_for.append(peer.encode())
     if forwarded_for:
-        out["X-Forwarded-For"] = forwarded_for
-    proto = incoming.get("x-forwarded-proto") if peer_trusted else None
-    out["X-Forwarded-Proto"] = proto or scheme
-    host = (incoming.get("x-forwarded-host") if peer_trusted else None) or incoming.get("host")
-    if host:
-        out["X-Forwarded-Host"] = host
+        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+    proto = (forwarded_proto if peer_trusted else None) or scheme.encode()
+    lines.append(b"X-Forwarded-Proto: %s\r\n" % proto)
+    forwarded = (forwarded_host if peer_trusted else None) or client_host
+    if forwarded:
+        lines.append(b"X-Forwarded-Host: %s\r\n" % forwarded)
     if api_key is not None:
-        out["Authorization"] = f"Bearer {api_key}"
-    out[REQUEST_ID] = request_id
-    return out
+        lines.append(b"Authorization: Bearer %s\r\n" % api_key.encode())
+    lines.append(b"x-request-id: %s\r\n" % request_id.encode())
+    if content_length is not None:
+        lines.append(b"Content-Length: %d\r\n" % content_length)
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def response_headers(
-    upstream: MultiMapping[str],
+    upstream: Iterable[tuple[bytes, bytes]],
     *,
     variant: str,
     request_id: str,
 ) -> CIMultiDict[str]:
     """The headers to send to the client for a backend response with `upstream` headers."""
-    out = _copy(upstream, _NOT_RETURNED)
+    kept: list[tuple[str, str]] = []
+    listed: set[bytes] = set()
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+        elif lowered not in _NOT_RETURNED and not lowered.startswith(b"proxy-"):
+            kept.append((_text(name), _text(value)))
+    listed -= _CONNECTION_OPTIONS
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
+    out: CIMultiDict[str] = CIMultiDict(kept)
     out[VARIANT] = variant
     out[REQUEST_ID] = request_id
     return out
+
+
+def _text(raw: bytes) -> str:
+    """Header bytes as text for aiohttp, which writes UTF-8: valid UTF-8 passes unchanged."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")

@@ -16,122 +16,132 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import logging
-from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
+from proxy.config.model import Variant
+from proxy.deadlines import Deadlines, Watch
 from proxy.headers import response_headers
-from proxy.idle import IdleWatchdog
-from proxy.sse import StreamEnd, is_event_stream
+from proxy.http1 import BackendCut, Connection, Head
+from proxy.pool import BackendPool
+from proxy.sse import stream_is_complete
 
-__all__ = ["Opened", "RelayResult", "relay"]
-
-log = logging.getLogger("proxy.relay")
+__all__ = ["Opened", "relay"]
 
 
-@dataclass(frozen=True, slots=True)
 class Opened:
-    """A backend attempt that produced a response head and its first body bytes."""
+    """A backend attempt that produced a response head and its first body bytes.
 
-    response: aiohttp.ClientResponse
-    first: bytes
+    It carries what the relay needs, and the relay records on it how the stream ended.
+    """
 
+    __slots__ = (
+        "connection",
+        "cut",
+        "extra_headers",
+        "first",
+        "head",
+        "pool",
+        "request_id",
+        "route_name",
+        "variant",
+        "watch",
+    )
 
-@dataclass(frozen=True, slots=True)
-class RelayResult:
-    """How a relay ended, for the caller's bookkeeping."""
-
-    response: web.StreamResponse
-    cut: str | None = None  # why the backend's stream ended early, None if it did not
-    client_gone: bool = False
+    def __init__(
+        self,
+        pool: BackendPool,
+        connection: Connection,
+        head: Head,
+        first: bytes,
+        watch: Watch,
+        variant: Variant,
+        request_id: str,
+        route_name: str,
+    ) -> None:
+        self.pool = pool
+        self.connection = connection
+        self.head = head
+        self.first = first
+        self.watch = watch  # still watched: the relay turns it into the idle limit
+        self.variant = variant
+        self.request_id = request_id
+        self.route_name = route_name
+        self.extra_headers: dict[str, str] | None = None
+        self.cut: str | None = None  # set by the relay: why the backend's stream ended early
 
 
 async def relay(
-    request: web.BaseRequest,
-    opened: Opened,
-    *,
-    variant: str,
-    request_id: str,
-    idle_s: float,
-    extra_headers: dict[str, str] | None = None,
-) -> RelayResult:
-    """Send `opened` to the client. Returns the response for aiohttp to finish."""
-    upstream = opened.response
-    headers = response_headers(upstream.headers, variant=variant, request_id=request_id)
-    if extra_headers:
-        headers.update(extra_headers)
-    end = StreamEnd() if is_event_stream(upstream.headers.get("content-type")) else None
-    if end is not None:
-        end.feed(opened.first)
+    request: web.BaseRequest, opened: Opened, deadlines: Deadlines
+) -> web.StreamResponse:
+    """Send `opened` to the client; the response for aiohttp to finish."""
+    connection = opened.connection
+    pool = opened.pool
+    head = opened.head
+    watch = opened.watch
+    headers = response_headers(
+        head.headers, variant=opened.variant.value, request_id=opened.request_id
+    )
+    if opened.extra_headers:
+        headers.update(opened.extra_headers)
+    sse = head.content_type is not None and head.content_type.startswith(b"text/event-stream")
+    first = opened.first
+    reason = head.reason.decode("latin-1")
     # A body that came whole with the first read goes out in one piece, unless it is an
     # event stream without its end: that one is relayed and cut like any other.
-    if upstream.content.at_eof() and (end is None or end.complete):
-        upstream.release()
-        return RelayResult(
-            web.Response(
-                status=upstream.status, reason=upstream.reason, body=opened.first, headers=headers
-            )
-        )
-    out = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    declared = upstream.headers.get("content-length")
+    if connection.at_eof() and (not sse or stream_is_complete(first)):
+        deadlines.unwatch(watch)
+        pool.release(connection)
+        return web.Response(status=head.status, reason=reason, body=first, headers=headers)
+    out = web.StreamResponse(status=head.status, reason=reason, headers=headers)
+    declared = head.content_length
     if declared is not None and declared.isdigit():
         out.content_length = int(declared)
+    idle_s = pool.backend.timeouts.idle_s
+    watch.idle(idle_s, deadlines.now())
+    # The last three chunks, kept by reference: the end markers of an event stream are
+    # in its last few hundred bytes, so they are looked for once, at the end.
+    earlier, before, last = b"", b"", first
     try:
         await out.prepare(request)
-        cut = await _pump(out, upstream, opened.first, end, idle_s)
+        watch.busy = True
+        await out.write(first)
+        watch.busy = False
+        while True:
+            try:
+                chunk = await connection.read()
+            except BackendCut as exc:
+                opened.cut = str(exc)
+                break
+            if not chunk:
+                if sse and not stream_is_complete(earlier + before + last):
+                    opened.cut = "stream ended without finish_reason or [DONE]"
+                break
+            watch.progress += 1
+            watch.busy = True
+            await out.write(chunk)
+            watch.busy = False
+            earlier, before, last = before, last, chunk
+    except asyncio.CancelledError:
+        if not watch.expired_here():
+            pool.discard(connection)
+            raise
+        opened.cut = f"backend silent for more than {idle_s:g}s"
     except ConnectionError:
         # The client went away while we wrote to it.
-        upstream.close()
-        return RelayResult(out, client_gone=True)
+        pool.discard(connection)
+        return out
     except BaseException:
-        upstream.close()
+        pool.discard(connection)
         raise
-    if cut is None and end is not None and not end.complete:
-        cut = "stream ended without finish_reason or [DONE]"
-    if cut is not None:
-        upstream.close()
+    finally:
+        deadlines.unwatch(watch)
+    if opened.cut is not None:
+        pool.discard(connection)
         _abort(request)
-        return RelayResult(out, cut=cut)
-    upstream.release()
-    return RelayResult(out)
-
-
-async def _pump(
-    out: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
-    first: bytes,
-    end: StreamEnd | None,
-    idle_s: float,
-) -> str | None:
-    """Copy the body chunk by chunk (`end` has seen `first`); why it was cut, or None.
-
-    A failed write to the client raises `ConnectionError` to the caller; a failed read
-    from the backend is a cut, returned.
-    """
-    content = upstream.content
-    await out.write(first)
-    try:
-        async with asyncio.timeout(None) as timeout:
-            watchdog = IdleWatchdog(timeout, idle_s)
-            try:
-                while True:
-                    try:
-                        chunk = await content.readany()
-                    except (aiohttp.ClientError, OSError) as exc:
-                        return f"backend stream broke: {exc.__class__.__name__}"
-                    if not chunk:
-                        return None
-                    watchdog.writing()
-                    if end is not None:
-                        end.feed(chunk)
-                    await out.write(chunk)
-                    watchdog.waiting()
-            finally:
-                watchdog.cancel()
-    except TimeoutError:
-        return f"backend silent for more than {idle_s:g}s"
+    else:
+        pool.release(connection)
+    return out
 
 
 def _abort(request: web.BaseRequest) -> None:

@@ -1,10 +1,11 @@
 """Telling a finished server-sent-events stream from a truncated one, without buffering it.
 
-An OpenAI-style stream ends with a chunk that carries a `finish_reason` and then
-`data: [DONE]`. A stream that stops before either was cut short (the backend died,
-or was killed mid-generation), even if its HTTP framing ended cleanly. The scan
-looks at each chunk as it passes plus a few bytes kept from the previous one, so a
-marker split across two chunks is still seen, and it stops once the end is seen.
+An OpenAI-style stream ends with an event that carries a `finish_reason`, perhaps a
+usage event, and then `data: [DONE]`. A stream that stops before these was cut short
+(the backend died, or was killed mid-generation), even if its HTTP framing ended
+cleanly. The end markers sit in the last few hundred bytes of a stream, so the relay
+keeps references to its last two chunks (no copy, no scan per chunk) and asks once,
+at the end, whether their bytes hold the end.
 """
 
 from __future__ import annotations
@@ -12,37 +13,16 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["StreamEnd", "is_event_stream"]
+__all__ = ["is_event_stream", "stream_is_complete"]
 
 _DONE: Final = b"[DONE]"
 _FINISHED: Final = re.compile(rb'"finish_reason"\s*:\s*"')
-# Longer than any marker, so a marker split across two chunks is inside tail + head.
-_OVERLAP: Final = 32
 
 
 def is_event_stream(content_type: str | None) -> bool:
     return content_type is not None and content_type.startswith("text/event-stream")
 
 
-class StreamEnd:
-    """Fed every chunk of a stream; `complete` once the stream says it has ended."""
-
-    __slots__ = ("_tail", "complete")
-
-    def __init__(self) -> None:
-        self._tail = b""
-        self.complete = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self.complete:
-            return
-        if _DONE in chunk or _FINISHED.search(chunk):
-            self.complete = True
-            return
-        seam = self._tail + chunk[:_OVERLAP]
-        if _DONE in seam or _FINISHED.search(seam):
-            self.complete = True
-            return
-        self._tail = (
-            (self._tail + chunk)[-_OVERLAP:] if len(chunk) < _OVERLAP else chunk[-_OVERLAP:]
-        )
+def stream_is_complete(tail: bytes) -> bool:
+    """Do the last bytes of an event stream show that it ended (`[DONE]` or a finish_reason)?"""
+    return _DONE in tail or _FINISHED.search(tail) is not None

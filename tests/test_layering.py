@@ -28,6 +28,9 @@ EDGE_MODULES = {
     "proxy.forwarding",
     "proxy.relay",
     "proxy.upstreams",
+    "proxy.pool",
+    "proxy.http1",
+    "proxy.deadlines",
     "proxy.fake_backend",
 }
 

@@ -1,48 +1,31 @@
-"""Telling a finished event stream from a cut one."""
+"""Telling a finished event stream from a cut one, by its last bytes."""
 
 from __future__ import annotations
 
 import pytest
 
-from proxy.sse import StreamEnd, is_event_stream
+from proxy.sse import is_event_stream, stream_is_complete
 
 CHUNK = b'data: {"choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
 FINISH = b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}\n\n'
 DONE = b"data: [DONE]\n\n"
 
 
-def feed(*chunks: bytes) -> bool:
-    end = StreamEnd()
-    for chunk in chunks:
-        end.feed(chunk)
-    return end.complete
-
-
-def test_a_stream_of_content_is_not_complete() -> None:
-    assert not feed(CHUNK, CHUNK, CHUNK)
-
-
-@pytest.mark.parametrize("last", [FINISH, DONE, b'data: {"finish_reason": "length"}\n\n'])
-def test_finish_reason_or_done_completes_it(last: bytes) -> None:
-    assert feed(CHUNK, last)
-
-
-def test_null_finish_reason_does_not_complete_it() -> None:
-    assert not feed(b'data: {"finish_reason": null}\n\n')
-
-
-@pytest.mark.parametrize("split", range(1, len(DONE)))
-def test_a_marker_split_across_chunks_is_seen(split: int) -> None:
-    assert feed(CHUNK, DONE[:split], DONE[split:])
-
-
-@pytest.mark.parametrize("split", range(1, len(FINISH)))
-def test_finish_reason_split_across_chunks_is_seen(split: int) -> None:
-    assert feed(CHUNK, FINISH[:split], FINISH[split:])
-
-
-def test_marker_split_across_many_tiny_chunks_is_seen() -> None:
-    assert feed(CHUNK, *(bytes([b]) for b in DONE))
+@pytest.mark.parametrize(
+    ("tail", "complete"),
+    [
+        (CHUNK + CHUNK, False),
+        (CHUNK + FINISH, True),
+        (FINISH + USAGE, True),
+        (CHUNK + DONE, True),
+        (b'data: {"finish_reason": "length"}\n\n', True),  # json.dumps spacing
+        (b'data: {"finish_reason": null}\n\n', False),
+        (b"", False),
+    ],
+)
+def test_stream_is_complete(tail: bytes, complete: bool) -> None:
+    assert stream_is_complete(tail) is complete
 
 
 def test_is_event_stream() -> None:

@@ -1,0 +1,168 @@
+"""Connections to one backend: opened on demand, kept alive, reused, and capped.
+
+Rules:
+1. At most `max_connections` are open at once; a request past the cap waits for one
+   to be released, first come first served (its first-byte timeout keeps running).
+2. The most recently used idle connection is reused first (it is the least likely
+   to have been closed by the backend), and none that has idled `KEEPALIVE_S` or
+   longer: uvicorn, which vLLM and TGI's router run on, closes idle connections after
+   5 s, and a request must not be sent down a connection the backend is closing.
+3. A connection the backend closes while idle leaves the pool at once.
+4. Only a connection whose exchange completed cleanly comes back (`release`);
+   anything else is closed (`discard`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from typing import Final
+from urllib.parse import urlsplit
+
+from proxy.config.model import Backend
+from proxy.http1 import Connection
+
+__all__ = ["KEEPALIVE_S", "BackendPool", "ConnectFailed", "ConnectTimeout"]
+
+KEEPALIVE_S: Final = 4.0
+
+
+class ConnectFailed(Exception):
+    """The backend could not be connected to (refused, unreachable, DNS, TLS)."""
+
+
+class ConnectTimeout(ConnectFailed):
+    """Connecting took longer than the backend's connect timeout."""
+
+
+class BackendPool:
+    """The connection pool of one backend, in one process."""
+
+    def __init__(self, backend: Backend, keepalive_s: float = KEEPALIVE_S) -> None:
+        parts = urlsplit(backend.origin)
+        assert parts.hostname is not None
+        self.backend = backend
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        # The Host header as the config wrote the URL (no default port added).
+        self.host_header = urlsplit(backend.url).netloc.encode()
+        self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self._keepalive_s = keepalive_s
+        self._idle: list[Connection] = []
+        self._open = 0
+        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._closed = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self, *, fresh: bool = False) -> Connection:
+        """A connection ready for one exchange; `fresh` skips the idle ones.
+
+        Raises:
+            ConnectFailed: a new connection could not be made.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if not fresh:
+                connection = self._reuse(loop.time())
+                if connection is not None:
+                    return connection
+            if self._open < self.backend.max_connections:
+                return await self._connect(loop)
+            waiter: asyncio.Future[Connection | None] = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                handed = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self.release(waiter.result())  # type: ignore[arg-type]
+                raise
+            if handed is not None:
+                return handed
+
+    def release(self, connection: Connection) -> None:
+        """Take back a connection after a complete exchange; it is reused or closed."""
+        if self._closed or not connection.reusable:
+            self.discard(connection)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(connection)
+                return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.append(connection)
+
+    def discard(self, connection: Connection) -> None:
+        """Close a connection after an incomplete exchange (it is never reused)."""
+        connection.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.cancel()
+
+    def _reuse(self, now: float) -> Connection | None:
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and now - connection.idle_since < self._keepalive_s:
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Connection:
+        self._open += 1
+        timeout_s = self.backend.timeouts.connect_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, connection = await loop.create_connection(
+                    lambda: Connection(loop, self._forget),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                )
+        except TimeoutError as exc:
+            self._opened_none()
+            raise ConnectTimeout(
+                f"could not connect to backend {self.backend.name} within {timeout_s:g}s"
+            ) from exc
+        except (OSError, ssl.SSLError) as exc:
+            self._opened_none()
+            reason = exc.strerror or exc.__class__.__name__
+            raise ConnectFailed(f"cannot connect to backend {self.backend.name}: {reason}") from exc
+        except BaseException:
+            self._opened_none()
+            raise
+        return connection
+
+    def _opened_none(self) -> None:
+        """A connection attempt failed: free its place, and let a waiter try."""
+        self._open -= 1
+        self._wake_one()
+
+    def _forget(self, connection: Connection) -> None:
+        """A connection closed (called once by it): free its place."""
+        self._open -= 1
+        if connection in self._idle:
+            self._idle.remove(connection)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # try again: there is room for a new connection
+                return
