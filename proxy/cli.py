@@ -241,9 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", metavar="FILE", help="the config (default: the packaged demo config)"
     )
-    demo.add_argument("--users", type=_positive_int, default=300, metavar="N", help="default 300")
+    demo.add_argument("--users", type=_positive_int, default=1000, metavar="N", help="default 1000")
     demo.add_argument(
-        "--requests-per-user", type=_positive_int, default=4, metavar="N", help="default 4"
+        "--requests-per-user", type=_positive_int, default=3, metavar="N", help="default 3"
     )
     demo.set_defaults(handler=cmd_demo)
 

@@ -2,7 +2,7 @@
 
 It starts a fake model server on the port of each backend of the config's first
 route, then the proxy itself (`canary-proxy run`, as a user runs it), then sends
-traffic from a few hundred users, a third of it streamed, through the proxy. At the
+traffic from a thousand users, a third of it streamed, through the proxy. At the
 end it prints, per variant, the share of users and of requests, and checks the two
 promises of sticky assignment: every user stayed on one side, and every user's side
 is the one the formula gives. It talks to 127.0.0.1 only.
