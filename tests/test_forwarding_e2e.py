@@ -43,6 +43,7 @@ async def test_hop_by_hop_headers_do_not_reach_the_backend(backends: Backends) -
             b"Proxy-Authorization: Basic abc\r\n"
             b"X-Hop: must not pass\r\n"
             b"X-End-To-End: passes\r\n"
+            b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
             b"X-Multi: one\r\n"
             b"X-Multi: two\r\n"
             b"Content-Type: application/json\r\n"
@@ -55,6 +56,9 @@ async def test_hop_by_hop_headers_do_not_reach_the_backend(backends: Backends) -
     for hop in ("connection", "keep-alive", "te", "upgrade", "proxy-authorization", "x-hop"):
         assert hop not in names, hop
     assert header_values(recorded, "x-end-to-end") == ["passes"]
+    assert header_values(recorded, "traceparent") == [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    ]
     assert header_values(recorded, "x-multi") == ["one", "two"]
     assert header_values(recorded, "host") == [f"127.0.0.1:{backends.stable.port}"]
     assert header_values(recorded, "x-forwarded-for") == ["127.0.0.1"]
