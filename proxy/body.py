@@ -55,6 +55,11 @@ class RequestBody:
         return self._request.content
 
     @property
+    def raw(self) -> bytes | None:
+        """The body's bytes when they were read, else None."""
+        return self._raw
+
+    @property
     def is_parsed(self) -> bool:
         return self._json is not None
 

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from proxy.body import RequestBody
 from proxy.config.model import Backend, Variant
-from proxy.deadlines import Deadlines
+from proxy.deadlines import Deadlines, Watch
 from proxy.errors import (
     NoRoute,
     Overloaded,
@@ -49,6 +49,8 @@ from proxy.keys import NEED_BODY, is_trusted
 from proxy.pool import ConnectFailed, ConnectTimeout
 from proxy.relay import Opened, relay
 from proxy.routing import RoutePlan, RouteTable, assign, match_route
+from proxy.telemetry import Exchange, Telemetry
+from proxy.tracing import format_traceparent
 from proxy.upstreams import Upstreams
 
 __all__ = ["FALLBACK", "Forwarder", "error_response"]
@@ -56,6 +58,9 @@ __all__ = ["FALLBACK", "Forwarder", "error_response"]
 log = logging.getLogger("proxy.forwarding")
 
 FALLBACK: Final = "x-canary-fallback"
+# The status a request is recorded with when its client left before the answer
+# (nginx's convention).
+_CLIENT_GONE: Final = 499
 # Bodies up to this size are read rather than streamed to the backend.
 _SMALL_BODY_BYTES: Final = 64 * 1024
 
@@ -65,45 +70,78 @@ Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on,
 class Forwarder:
     """The request handler of the public port. `table` is swapped whole to change routing."""
 
-    def __init__(self, table: RouteTable, upstreams: Upstreams, deadlines: Deadlines) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        upstreams: Upstreams,
+        deadlines: Deadlines,
+        telemetry: Telemetry,
+    ) -> None:
         self.table = table
         self.upstreams = upstreams
         self.deadlines = deadlines
+        self.telemetry = telemetry
         self.in_flight = 0
+        self._time = asyncio.get_running_loop().time
         self._id_prefix = os.urandom(4).hex()
         self._id_counter = itertools.count(1)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         table = self.table
-        request_id = (
-            request.headers.get(REQUEST_ID) or f"{self._id_prefix}-{next(self._id_counter):x}"
+        telemetry = self.telemetry
+        headers = request.headers
+        exchange = Exchange(
+            request.method, request.path, self._time(), telemetry.begin(headers.get("traceparent"))
         )
-        if self.in_flight >= table.config.limits.max_concurrency:
-            return error_response(Overloaded("too many requests in flight"), request_id)
-        self.in_flight += 1
+        request_id = headers.get(REQUEST_ID) or f"{self._id_prefix}-{next(self._id_counter):x}"
+        status = _CLIENT_GONE
+        try:
+            if self.in_flight >= table.config.limits.max_concurrency:
+                response: web.StreamResponse = error_response(
+                    Overloaded("too many requests in flight"), request_id
+                )
+            else:
+                self.in_flight += 1
+                try:
+                    response = await self._serve(request, table, request_id, exchange)
+                finally:
+                    self.in_flight -= 1
+            status = response.status
+            return response
+        finally:
+            telemetry.request_done(exchange, status, self._time())
+
+    async def _serve(
+        self, request: web.BaseRequest, table: RouteTable, request_id: str, exchange: Exchange
+    ) -> web.StreamResponse:
         try:
             # Opening and relaying are two calls, not one inside the other, so that a
             # long stream keeps only this frame and the relay's alive.
-            opened = await self._open(request, table, request_id)
-            if isinstance(opened, web.StreamResponse):
-                return opened
-            response = await relay(request, opened, self.deadlines)
-            if opened.cut is not None:
-                log.debug(
-                    "route %s: %s stream from %s cut: %s",
-                    opened.route_name,
-                    opened.variant,
-                    opened.pool.backend.name,
-                    opened.cut,
-                )
-            return response
+            opened = await self._open(request, table, request_id, exchange)
         except ProxyError as error:
-            return error_response(error, request_id)
+            return error_response(error, request_id, exchange.variant)
+        if isinstance(opened, web.StreamResponse):
+            return opened
+        attempt = opened.attempt
+        try:
+            response = await relay(request, opened, self.deadlines)
+        except BaseException:
+            attempt.cancelled = True
+            raise
         finally:
-            self.in_flight -= 1
+            self.telemetry.attempt_done(exchange, attempt, self._time())
+        if opened.cut is not None:
+            log.debug(
+                "route %s: %s stream from %s cut: %s",
+                attempt.route,
+                attempt.variant,
+                attempt.backend,
+                opened.cut,
+            )
+        return response
 
     async def _open(
-        self, request: web.BaseRequest, table: RouteTable, request_id: str
+        self, request: web.BaseRequest, table: RouteTable, request_id: str, exchange: Exchange
     ) -> Opened | web.Response:
         """Route, assign and send: the first bytes of an answer, or an error response."""
         config = table.config
@@ -113,22 +151,29 @@ class Forwarder:
             plan = match_route(table, request.path, await body.json())
         if plan is None:
             raise NoRoute(f"no route for {request.method} {request.path}")
+        route = plan.route
+        exchange.route = route.name
+        exchange.http_route = route.match.path_prefix
         parsed = await body.json() if body.is_parsed else None
         assignment = assign(plan, request, parsed, config.trusted_proxies)
         if assignment is NEED_BODY:
             assignment = assign(plan, request, await body.json(), config.trusted_proxies)
-        variant = assignment.variant
-        route = plan.route
+        variant = exchange.variant = assignment.variant
+        exchange.assignment = assignment
         may_fall_back = variant is Variant.CANARY and route.fallback_to_stable
         peer_trusted = is_trusted(request.remote, config.trusted_proxies)
+        payload = await _payload(body, plan, variant, buffer=may_fall_back)
+        if exchange.trace is not None:
+            exchange.body = body.raw
+            exchange.user_agent = request.headers.get("user-agent")
         try:
             return await self._attempt(
                 request,
                 request_id,
                 peer_trusted,
                 plan,
-                variant,
-                await _payload(body, plan, variant, buffer=may_fall_back),
+                exchange,
+                payload,
                 fail_on_status=may_fall_back,
             )
         except UpstreamError as error:
@@ -136,19 +181,20 @@ class Forwarder:
                 return error_response(error, request_id, variant)
             log.debug("route %s: canary failed before its first byte (%s)", route.name, error)
             canary_error = error
-        stable = Variant.STABLE
+        variant = exchange.variant = Variant.STABLE
+        exchange.fallback = True
         try:
             opened = await self._attempt(
                 request,
                 request_id,
                 peer_trusted,
                 plan,
-                stable,
-                await _payload(body, plan, stable, buffer=True),
+                exchange,
+                await _payload(body, plan, variant, buffer=True),
                 fail_on_status=False,
             )
         except UpstreamError as error:
-            return error_response(error, request_id, stable)
+            return error_response(error, request_id, variant)
         opened.extra_headers = {FALLBACK: canary_error.error_type}
         return opened
 
@@ -158,18 +204,24 @@ class Forwarder:
         request_id: str,
         peer_trusted: bool,
         plan: RoutePlan,
-        variant: Variant,
+        exchange: Exchange,
         payload: Payload,
         *,
         fail_on_status: bool,
     ) -> Opened:
-        """Send to `variant`'s backend: its response head and first body bytes.
+        """Send to the exchange's variant's backend: its response head and first body bytes.
 
         Raises:
-            UpstreamError: the attempt failed before the first byte.
+            UpstreamError: the attempt failed before the first byte (it is recorded).
         """
+        variant = exchange.variant
+        assert variant is not None
         pool = self.upstreams[plan.route.backend_of(variant)]
         backend = pool.backend
+        attempt = self.telemetry.new_attempt(exchange, variant, backend.name, self._time())
+        attempt.fallback = exchange.fallback
+        attempt.host, attempt.port = pool.host, pool.port
+        trace = exchange.trace
         streamed = isinstance(payload, aiohttp.StreamReader)
         if isinstance(payload, aiohttp.StreamReader):
             content_length = request.content_length
@@ -186,6 +238,11 @@ class Forwarder:
             api_key=backend.api_key,
             request_id=request_id,
             content_length=content_length,
+            traceparent=(
+                format_traceparent(trace.trace_id, attempt.span_id, True)
+                if trace is not None and attempt.span_id is not None
+                else None
+            ),
         )
         deadlines = self.deadlines
         watch = deadlines.watch(backend.timeouts.first_byte_s)
@@ -204,24 +261,26 @@ class Forwarder:
                         raise
                     pool.discard(connection)
             assert connection is not None
+            attempt.status = response.status
             if fail_on_status and (response.status >= 500 or response.status == 429):
                 raise UpstreamStatus(response.status)
             first = await connection.read()
+            attempt.first_byte_at = self._time()
         except BaseException as exc:
             deadlines.unwatch(watch)
             if connection is not None:
                 pool.discard(connection)
-            if isinstance(exc, asyncio.CancelledError):
-                if watch.expired_here():
-                    first_byte_s = backend.timeouts.first_byte_s
-                    raise UpstreamTimeout(
-                        f"backend {backend.name} sent no response within {first_byte_s:g}s"
-                    ) from None
+            failure = _attempt_failure(exc, watch, backend)
+            if failure is None:
+                attempt.cancelled = isinstance(exc, asyncio.CancelledError)
+                attempt.error_type = None if attempt.cancelled else "proxy_error"
+            else:
+                attempt.error_type = failure.error_type
+            self.telemetry.attempt_done(exchange, attempt, self._time())
+            if failure is None or failure is exc:
                 raise
-            if isinstance(exc, ConnectFailed | BackendProtocolError | BackendCut):
-                raise _upstream_error(exc, backend) from exc
-            raise
-        return Opened(pool, connection, response, first, watch, variant, request_id, plan.name)
+            raise failure from exc
+        return Opened(pool, connection, response, first, watch, attempt, request_id)
 
 
 async def _send(connection: Connection, head: bytes, payload: Payload, head_method: bool) -> None:
@@ -232,6 +291,23 @@ async def _send(connection: Connection, head: bytes, payload: Payload, head_meth
     while chunk := await payload.readany():
         connection.write_body(chunk)
         await connection.drain()
+
+
+def _attempt_failure(exc: BaseException, watch: Watch, backend: Backend) -> UpstreamError | None:
+    """The upstream error an attempt's exception stands for; None when it stands for none
+    (a cancellation from outside, or a fault of the proxy's own)."""
+    if isinstance(exc, asyncio.CancelledError):
+        if watch.expired_here():
+            first_byte_s = backend.timeouts.first_byte_s
+            return UpstreamTimeout(
+                f"backend {backend.name} sent no response within {first_byte_s:g}s"
+            )
+        return None
+    if isinstance(exc, UpstreamError):
+        return exc
+    if isinstance(exc, ConnectFailed | BackendProtocolError | BackendCut):
+        return _upstream_error(exc, backend)
+    return None
 
 
 def _upstream_error(exc: Exception, backend: Backend) -> UpstreamError:

@@ -74,6 +74,7 @@ def request_head(
     api_key: str | None,
     request_id: str,
     content_length: int | None,
+    traceparent: str | None = None,
 ) -> bytes:
     """The HTTP/1.1 request head to send to the backend for a client request.
 
@@ -81,6 +82,7 @@ def request_head(
         target: the request target for the backend (base path, path and query), raw.
         raw_headers: the client's headers as received.
         content_length: the body's length, None for no body.
+        traceparent: the W3C trace context for the backend, in place of the client's.
     """
     kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
     listed: set[bytes] = set()
@@ -103,6 +105,8 @@ def request_head(
             forwarded_host = value
     listed -= _CONNECTION_OPTIONS
     drop_auth = api_key is not None
+    if traceparent is not None:
+        listed.add(b"traceparent")
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), target, host)]
     for lowered, name, value in kept:
         if (listed and lowered in listed) or (drop_auth and lowered == b"authorization"):
@@ -120,6 +124,8 @@ def request_head(
     if api_key is not None:
         lines.append(b"Authorization: Bearer %s\r\n" % api_key.encode())
     lines.append(b"x-request-id: %s\r\n" % request_id.encode())
+    if traceparent is not None:
+        lines.append(b"traceparent: %s\r\n" % traceparent.encode())
     if content_length is not None:
         lines.append(b"Content-Length: %d\r\n" % content_length)
     lines.append(b"\r\n")

@@ -19,12 +19,12 @@ import asyncio
 
 from aiohttp import web
 
-from proxy.config.model import Variant
+from proxy.answer import stream_is_complete
 from proxy.deadlines import Deadlines, Watch
 from proxy.headers import response_headers
 from proxy.http1 import BackendCut, Connection, Head
 from proxy.pool import BackendPool
-from proxy.sse import stream_is_complete
+from proxy.telemetry import Attempt
 
 __all__ = ["Opened", "relay"]
 
@@ -32,10 +32,12 @@ __all__ = ["Opened", "relay"]
 class Opened:
     """A backend attempt that produced a response head and its first body bytes.
 
-    It carries what the relay needs, and the relay records on it how the stream ended.
+    It carries what the relay needs; the relay records on its `attempt` how the answer
+    ended, and on `cut` why it was cut short, if it was.
     """
 
     __slots__ = (
+        "attempt",
         "connection",
         "cut",
         "extra_headers",
@@ -43,8 +45,6 @@ class Opened:
         "head",
         "pool",
         "request_id",
-        "route_name",
-        "variant",
         "watch",
     )
 
@@ -55,20 +55,18 @@ class Opened:
         head: Head,
         first: bytes,
         watch: Watch,
-        variant: Variant,
+        attempt: Attempt,
         request_id: str,
-        route_name: str,
     ) -> None:
         self.pool = pool
         self.connection = connection
         self.head = head
         self.first = first
         self.watch = watch  # still watched: the relay turns it into the idle limit
-        self.variant = variant
+        self.attempt = attempt
         self.request_id = request_id
-        self.route_name = route_name
         self.extra_headers: dict[str, str] | None = None
-        self.cut: str | None = None  # set by the relay: why the backend's stream ended early
+        self.cut: str | None = None
 
 
 async def relay(
@@ -79,12 +77,14 @@ async def relay(
     pool = opened.pool
     head = opened.head
     watch = opened.watch
+    attempt = opened.attempt
     headers = response_headers(
-        head.headers, variant=opened.variant.value, request_id=opened.request_id
+        head.headers, variant=attempt.variant.value, request_id=opened.request_id
     )
     if opened.extra_headers:
         headers.update(opened.extra_headers)
     sse = head.content_type is not None and head.content_type.startswith(b"text/event-stream")
+    attempt.event_stream = sse
     first = opened.first
     reason = head.reason.decode("latin-1")
     # A body that came whole with the first read goes out in one piece, unless it is an
@@ -92,6 +92,7 @@ async def relay(
     if connection.at_eof() and (not sse or stream_is_complete(first)):
         deadlines.unwatch(watch)
         pool.release(connection)
+        attempt.tail = first
         return web.Response(status=head.status, reason=reason, body=first, headers=headers)
     out = web.StreamResponse(status=head.status, reason=reason, headers=headers)
     declared = head.content_length
@@ -112,10 +113,13 @@ async def relay(
                 chunk = await connection.read()
             except BackendCut as exc:
                 opened.cut = str(exc)
+                attempt.error_type = "stream_cut"
                 break
             if not chunk:
-                if sse and not stream_is_complete(earlier + before + last):
+                attempt.tail = earlier + before + last
+                if sse and not stream_is_complete(attempt.tail):
                     opened.cut = "stream ended without finish_reason or [DONE]"
+                    attempt.error_type = "stream_cut"
                 break
             watch.progress += 1
             watch.busy = True
@@ -127,9 +131,11 @@ async def relay(
             pool.discard(connection)
             raise
         opened.cut = f"backend silent for more than {idle_s:g}s"
+        attempt.error_type = "idle_timeout"
     except ConnectionError:
         # The client went away while we wrote to it.
         pool.discard(connection)
+        attempt.cancelled = True
         return out
     except BaseException:
         pool.discard(connection)

@@ -15,7 +15,13 @@ PURE = [
     "proxy/keys.py",
     "proxy/routing.py",
     "proxy/headers.py",
-    "proxy/sse.py",
+    "proxy/answer.py",
+    "proxy/histogram.py",
+    "proxy/otlp_wire.py",
+    "proxy/tracing.py",
+    "proxy/stats.py",
+    "proxy/metrics.py",
+    "proxy/telemetry.py",
     *sorted(str(p.relative_to(PACKAGE.parent)) for p in (PACKAGE / "config").glob("*.py")),
 ]
 EDGE_MODULES = {
@@ -31,6 +37,8 @@ EDGE_MODULES = {
     "proxy.pool",
     "proxy.http1",
     "proxy.deadlines",
+    "proxy.exporter",
+    "proxy.admin",
     "proxy.fake_backend",
 }
 

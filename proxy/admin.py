@@ -1,0 +1,147 @@
+"""The admin port (SPEC §7): health, readiness, metrics and status, apart from the public port.
+
+Rules:
+1. It listens on `admin.listen` (loopback by default) and nowhere else; the public
+   port never answers these paths (it forwards every path to a backend).
+2. `GET` endpoints are open; the mutating endpoints of later versions need the bearer
+   token when `admin.token_env` is set.
+3. The status page reads the same window stats as the rollout judge.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Final, Protocol
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.routing import RouteTable
+from proxy.telemetry import Telemetry
+
+__all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
+
+STATUS_WINDOW_S: Final = 60.0
+_MAX_WINDOW_S: Final = 3600.0
+_PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class AdminView(Protocol):
+    """What the admin port reads of the running proxy."""
+
+    @property
+    def table(self) -> RouteTable: ...
+
+    @property
+    def telemetry(self) -> Telemetry: ...
+
+    @property
+    def loaded_at(self) -> float: ...
+
+    @property
+    def last_reload_error(self) -> str | None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def now(self) -> float: ...
+
+
+def build_admin_app(view: AdminView) -> web.Application:
+    app = web.Application()
+    routes = web.RouteTableDef()
+
+    @routes.get("/healthz")
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    @routes.get("/readyz")
+    async def readyz(_: web.Request) -> web.Response:
+        ready = view.ready
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    @routes.get("/metrics")
+    async def metrics(_: web.Request) -> web.Response:
+        config = view.table.config
+        if not config.telemetry.prometheus:
+            raise web.HTTPNotFound(text="telemetry.prometheus is off in the config\n")
+        telemetry = view.telemetry
+        text = telemetry.metrics.prometheus_text(telemetry.gauges(view.table.weights))
+        return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS_TEXT})
+
+    @routes.get("/api/status")
+    async def status(request: web.Request) -> web.Response:
+        window_s = _window(request.query.get("window"))
+        return web.json_response(status_document(view, window_s), dumps=_dumps)
+
+    app.add_routes(routes)
+    return app
+
+
+def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[str, object]:
+    """The `/api/status` document."""
+    table = view.table
+    config = table.config
+    telemetry = view.telemetry
+    now = view.now()
+    routes = []
+    for plan in table.plans:
+        route = plan.route
+        routes.append(
+            {
+                "name": route.name,
+                "stable": route.stable,
+                "canary": route.canary,
+                "weight": plan.weight,
+                "variants": {
+                    variant: telemetry.stats.window(
+                        route.name, variant, now - window_s, now
+                    ).summary()
+                    for variant in ("stable", "canary")
+                },
+            }
+        )
+    return {
+        "proxy_version": __version__,
+        "ready": view.ready,
+        "config": {
+            "version": config.version,
+            "source": config.source,
+            "loaded_at": _iso(view.loaded_at),
+            "last_reload_error": view.last_reload_error,
+        },
+        "telemetry": {
+            "otlp_endpoint": config.telemetry.otlp_endpoint,
+            "trace_sample_ratio": config.telemetry.trace_sample_ratio,
+            "spans_exported": telemetry.spans_exported,
+            "spans_dropped": telemetry.spans_dropped,
+            "spans_queued": telemetry.queued_spans,
+            "export_failures": telemetry.export_failures,
+            "last_export_error": telemetry.last_export_error,
+        },
+        "window_s": window_s,
+        "routes": routes,
+    }
+
+
+def _window(text: str | None) -> float:
+    if text is None:
+        return STATUS_WINDOW_S
+    try:
+        value = float(text)
+    except ValueError:
+        raise web.HTTPBadRequest(
+            text=f"window must be a number of seconds, got {text!r}\n"
+        ) from None
+    if not 0 < value <= _MAX_WINDOW_S:
+        raise web.HTTPBadRequest(text=f"window must be in (0, {_MAX_WINDOW_S:g}] seconds\n")
+    return value
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch_s, datetime.UTC).isoformat(timespec="seconds")
+
+
+def _dumps(document: object) -> str:
+    return json.dumps(document, indent=2)

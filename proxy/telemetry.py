@@ -1,0 +1,353 @@
+"""What each request and backend attempt did, turned into stats, metrics and spans.
+
+The forwarding code fills one `Exchange` per request and one `Attempt` per backend
+attempt, and hands them over when they end; nothing here does I/O. Spans go to a
+bounded queue that the exporter (`proxy.exporter`) drains.
+
+Rules:
+1. Every attempt feeds the window stats (what the status page and the rollout judge
+   read) and the metrics, from the same numbers: an attempt's error is what SPEC §5
+   counts as a backend error; a client that went away is `cancelled`, not an error.
+2. Only a sampled request builds span attributes; an unsampled one costs a dict
+   increment or two per attempt.
+3. No attribute carries a user key or prompt text: key sources are named
+   (`header:x-user-id`), never their values; the client's address and the query string
+   (either may be the key) are not recorded.
+4. The span queue is bounded: when the collector is down or slow, spans are dropped
+   and counted, and requests never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections import deque
+from typing import Final
+
+from proxy import __version__
+from proxy.answer import AnswerFacts, read_facts, request_model
+from proxy.config.model import Config, Variant
+from proxy.metrics import Gauges, Metrics
+from proxy.otlp_wire import AttributeValue
+from proxy.routing import Assignment
+from proxy.stats import WindowStats
+from proxy.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
+
+__all__ = ["SCOPE", "Attempt", "Exchange", "Telemetry", "operation_of"]
+
+SCOPE: Final = "canary-proxy"
+_SPAN_QUEUE: Final = 8192
+_BATCH: Final = 512
+
+
+def operation_of(path: str) -> str | None:
+    """The GenAI operation of an OpenAI-style path, None for anything else."""
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/completions"):
+        return "text_completion"
+    if path.endswith("/embeddings"):
+        return "embeddings"
+    return None
+
+
+class Attempt:
+    """One backend attempt, as the forwarding code saw it."""
+
+    __slots__ = (
+        "backend",
+        "cancelled",
+        "error_type",
+        "event_stream",
+        "fallback",
+        "first_byte_at",
+        "host",
+        "port",
+        "route",
+        "span_id",
+        "started",
+        "status",
+        "tail",
+        "variant",
+    )
+
+    def __init__(
+        self, route: str, variant: Variant, backend: str, started: float, span_id: int | None
+    ) -> None:
+        self.route = route
+        self.variant = variant
+        self.backend = backend
+        self.started = started
+        self.span_id = span_id
+        self.first_byte_at: float | None = None
+        self.status: int | None = None
+        self.error_type: str | None = None
+        self.event_stream = False
+        self.tail = b""  # the answer's last bytes, where its usage and end are
+        self.cancelled = False
+        self.fallback = False  # this is the retry on stable after the canary failed
+        self.host = ""
+        self.port = 0
+
+
+class Exchange:
+    """One request on the public port."""
+
+    __slots__ = (
+        "assignment",
+        "body",
+        "fallback",
+        "http_route",
+        "method",
+        "path",
+        "route",
+        "started",
+        "trace",
+        "user_agent",
+        "variant",
+    )
+
+    def __init__(self, method: str, path: str, started: float, trace: TraceContext | None) -> None:
+        self.method = method
+        self.path = path
+        self.started = started
+        self.trace = trace
+        self.route = ""
+        self.http_route = ""
+        self.variant: Variant | None = None
+        self.assignment: Assignment | None = None
+        self.body: bytes | None = None  # the request body, when it was read
+        self.fallback = False
+        self.user_agent: str | None = None
+
+
+class Telemetry:
+    """Stats, metrics and spans of one process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics(time.time_ns())
+        self.stats = WindowStats()
+        self.tracing = config.telemetry.otlp_endpoint is not None
+        self.sample_ratio = config.telemetry.trace_sample_ratio
+        self.resource: list[tuple[str, AttributeValue]] = [
+            ("service.name", config.telemetry.service_name),
+            ("service.version", __version__),
+            ("host.name", socket.gethostname()),
+            ("process.pid", os.getpid()),
+        ]
+        self._spans: deque[bytes] = deque()
+        self.spans_dropped = 0
+        self.spans_exported = 0
+        self.export_failures = 0
+        self.last_export_error: str | None = None
+        self.batch_ready: asyncio.Event | None = None  # set by the exporter, to be woken
+
+    # --- the hot path -------------------------------------------------------------------
+
+    def begin(self, traceparent: str | None) -> TraceContext | None:
+        """The trace of a new request, or None when it is not recorded."""
+        return sample(traceparent, self.sample_ratio) if self.tracing else None
+
+    def new_attempt(
+        self, exchange: Exchange, variant: Variant, backend: str, now: float
+    ) -> Attempt:
+        span_id = new_span_id() if exchange.trace is not None else None
+        return Attempt(exchange.route, variant, backend, now, span_id)
+
+    def attempt_done(self, exchange: Exchange, attempt: Attempt, now: float) -> None:
+        status = attempt.status
+        error_type = attempt.error_type
+        if error_type is None and status is not None and (status >= 500 or status == 429):
+            error_type = attempt.error_type = str(status)
+        outcome = "error" if error_type else "cancelled" if attempt.cancelled else "ok"
+        duration_s = now - attempt.started
+        first_byte_at = attempt.first_byte_at
+        ttft_s = (
+            first_byte_at - attempt.started
+            if attempt.event_stream and first_byte_at is not None
+            else None
+        )
+        facts = read_facts(attempt.tail) if attempt.tail else None
+        variant = attempt.variant.value
+        self.metrics.record_attempt(
+            attempt.route, variant, attempt.backend, outcome, error_type or "", duration_s, ttft_s
+        )
+        if facts is not None and (
+            facts.input_tokens is not None or facts.output_tokens is not None
+        ):
+            self.metrics.record_tokens(
+                attempt.route,
+                variant,
+                operation_of(exchange.path) or "other",
+                facts.input_tokens,
+                facts.output_tokens,
+            )
+        if not attempt.cancelled or error_type is not None:
+            self.stats.record(
+                attempt.route,
+                variant,
+                now,
+                duration_s,
+                ttft_s,
+                error_type,
+                facts.output_tokens if facts is not None else None,
+            )
+        if exchange.trace is not None and attempt.span_id is not None:
+            self._client_span(exchange, attempt, now, ttft_s, facts)
+
+    def request_done(self, exchange: Exchange, status: int, now: float) -> None:
+        self.metrics.record_request(
+            exchange.method, status, exchange.http_route, now - exchange.started
+        )
+        if exchange.trace is not None:
+            self._server_span(exchange, status, now)
+
+    # --- spans ----------------------------------------------------------------------------
+
+    def _client_span(
+        self,
+        exchange: Exchange,
+        attempt: Attempt,
+        now: float,
+        ttft_s: float | None,
+        facts: AnswerFacts | None,
+    ) -> None:
+        trace = exchange.trace
+        assert trace is not None
+        assert attempt.span_id is not None
+        operation = operation_of(exchange.path)
+        model, stream = request_model(exchange.body) if exchange.body else (None, False)
+        pairs = self._canary_pairs(exchange, attempt.variant, attempt.fallback)
+        pairs += [
+            ("canary.backend", attempt.backend),
+            ("http.request.method", exchange.method),
+            ("server.address", attempt.host),
+            ("server.port", attempt.port),
+            ("gen_ai.operation.name", operation or exchange.method),
+            ("gen_ai.request.stream", stream),
+        ]
+        if model is not None:
+            pairs.append(("gen_ai.request.model", model))
+        if attempt.status is not None:
+            pairs.append(("http.response.status_code", attempt.status))
+        if attempt.error_type is not None:
+            pairs.append(("error.type", attempt.error_type))
+        if facts is not None:
+            if facts.model is not None:
+                pairs.append(("gen_ai.response.model", facts.model))
+            if facts.finish_reasons:
+                pairs.append(("gen_ai.response.finish_reasons", list(facts.finish_reasons)))
+            if facts.input_tokens is not None:
+                pairs.append(("gen_ai.usage.input_tokens", facts.input_tokens))
+            if facts.output_tokens is not None:
+                pairs.append(("gen_ai.usage.output_tokens", facts.output_tokens))
+        start_ns = _wall_ns(trace, exchange, attempt.started)
+        events: list[tuple[int, str, list[tuple[str, AttributeValue]]]] = []
+        if ttft_s is not None and attempt.first_byte_at is not None:
+            events.append(
+                (
+                    _wall_ns(trace, exchange, attempt.first_byte_at),
+                    "first_token",
+                    [("gen_ai.response.time_to_first_chunk", ttft_s)],
+                )
+            )
+        name = f"{operation} {model}" if operation and model else operation or exchange.method
+        self._add_span(
+            encode_span(
+                trace.trace_id,
+                attempt.span_id,
+                trace.server_span_id,
+                name,
+                SpanKind.CLIENT,
+                start_ns,
+                _wall_ns(trace, exchange, now),
+                pairs,
+                error=attempt.error_type,
+                events=events,
+            )
+        )
+
+    def _server_span(self, exchange: Exchange, status: int, now: float) -> None:
+        trace = exchange.trace
+        assert trace is not None
+        pairs: list[tuple[str, AttributeValue]] = [
+            ("http.request.method", exchange.method),
+            ("url.path", exchange.path),
+            ("url.scheme", "http"),
+            ("http.response.status_code", status),
+        ]
+        if exchange.http_route:
+            pairs.append(("http.route", exchange.http_route))
+        if exchange.user_agent:
+            pairs.append(("user_agent.original", exchange.user_agent))
+        error = str(status) if status >= 500 else None
+        if error is not None:
+            pairs.append(("error.type", error))
+        if exchange.variant is not None:
+            pairs += self._canary_pairs(exchange, exchange.variant, exchange.fallback)
+        name = (
+            f"{exchange.method} {exchange.http_route}" if exchange.http_route else exchange.method
+        )
+        self._add_span(
+            encode_span(
+                trace.trace_id,
+                trace.server_span_id,
+                trace.parent_span_id,
+                name,
+                SpanKind.SERVER,
+                trace.start_ns,
+                _wall_ns(trace, exchange, now),
+                pairs,
+                error=error,
+            )
+        )
+
+    def _canary_pairs(
+        self, exchange: Exchange, variant: Variant, fallback: bool
+    ) -> list[tuple[str, AttributeValue]]:
+        pairs: list[tuple[str, AttributeValue]] = [
+            ("canary.route", exchange.route),
+            ("canary.variant", variant.value),
+            ("canary.config_version", self.config.version),
+            ("feature_flag.key", exchange.route),
+            ("feature_flag.result.variant", variant.value),
+            ("feature_flag.provider.name", SCOPE),
+        ]
+        assignment = exchange.assignment
+        if assignment is not None:
+            if assignment.bucket is not None:
+                pairs.append(("canary.bucket", assignment.bucket))
+            if assignment.key_source is not None:
+                pairs.append(("canary.key_source", assignment.key_source))
+            pairs.append(("canary.assignment", assignment.reason.value))
+        pairs.append(("canary.fallback", fallback))
+        return pairs
+
+    # --- the span queue -------------------------------------------------------------------
+
+    def _add_span(self, span: bytes) -> None:
+        if len(self._spans) >= _SPAN_QUEUE:
+            self.spans_dropped += 1
+            return
+        self._spans.append(span)
+        if len(self._spans) >= _BATCH and self.batch_ready is not None:
+            self.batch_ready.set()
+
+    def take_spans(self, limit: int = _BATCH) -> list[bytes]:
+        spans = self._spans
+        return [spans.popleft() for _ in range(min(limit, len(spans)))]
+
+    @property
+    def queued_spans(self) -> int:
+        return len(self._spans)
+
+    def gauges(self, weights: dict[str, float]) -> Gauges:
+        return Gauges(weights, self.config.version)
+
+
+def _wall_ns(trace: TraceContext, exchange: Exchange, at: float) -> int:
+    """A loop-clock instant of this request as wall-clock nanoseconds."""
+    return trace.start_ns + int((at - exchange.started) * 1e9)

@@ -1,0 +1,82 @@
+"""What the proxy reads from the last bytes of an answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.answer import read_facts, request_model, stream_is_complete
+
+CHUNK = b'data: {"model":"m1","choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+FINISH = b'data: {"model":"m1","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
+USAGE = b'data: {"model":"m1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}\n\n'
+DONE = b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    ("tail", "complete"),
+    [
+        (CHUNK + CHUNK, False),
+        (CHUNK + FINISH, True),
+        (FINISH + USAGE, True),
+        (CHUNK + DONE, True),
+        (b'data: {"finish_reason": "length"}\n\n', True),  # json.dumps spacing
+        (b'data: {"finish_reason": null}\n\n', False),
+        (b"", False),
+    ],
+)
+def test_stream_is_complete(tail: bytes, complete: bool) -> None:
+    assert stream_is_complete(tail) is complete
+
+
+def test_facts_of_a_stream_tail() -> None:
+    facts = read_facts(CHUNK + FINISH + USAGE + DONE)
+    assert (facts.input_tokens, facts.output_tokens) == (3, 9)
+    assert facts.finish_reasons == ("stop",)
+    assert facts.model == "m1"
+
+
+def test_facts_of_a_json_answer() -> None:
+    body = json.dumps(
+        {
+            "id": "x",
+            "model": "llama-3.1-8b",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"content": 'say "model":"fake"'},
+                    "finish_reason": "length",
+                },
+                {"index": 1, "message": {"content": "b"}, "finish_reason": "stop"},
+            ],
+            "usage": {
+                "prompt_tokens": 12,
+                "completion_tokens": 34,
+                "completion_tokens_details": {"reasoning_tokens": 5},
+                "prompt_tokens_details": {"cached_tokens": 2},
+            },
+        }
+    ).encode()
+    facts = read_facts(body)
+    assert (facts.input_tokens, facts.output_tokens) == (12, 34)
+    assert facts.finish_reasons == ("length", "stop")
+    assert facts.model == "llama-3.1-8b"
+
+
+def test_an_answer_that_says_nothing_has_no_facts() -> None:
+    facts = read_facts(b"<html>oops</html>")
+    assert (facts.input_tokens, facts.output_tokens, facts.finish_reasons, facts.model) == (
+        None,
+        None,
+        (),
+        None,
+    )
+
+
+def test_request_model_and_stream_from_a_raw_body() -> None:
+    body = json.dumps(
+        {"model": "llama-3-8b", "stream": True, "messages": [{"content": '"model":"x"'}]}
+    ).encode()
+    assert request_model(body) == ("llama-3-8b", True)
+    assert request_model(b'{"messages": []}') == (None, False)
