@@ -2,7 +2,8 @@
 
 Rules:
 1. One task per process: spans go out in batches of up to 512 every second (sooner
-   when a batch is full); metrics every `METRICS_INTERVAL_S`, cumulative.
+   when a batch is full); metrics every `METRICS_INTERVAL_S`, cumulative. An endpoint
+   that answers 404 to metrics (Jaeger takes traces only) is sent none after that.
 2. A collector that is down or slow costs requests nothing: the task never holds
    the event loop for a request, every POST has a timeout, and after a failure the
    task backs off (1 s doubling to 30 s) while the bounded span queue drops what does
@@ -37,6 +38,8 @@ _SPANS_INTERVAL_S: Final = 1.0
 _TIMEOUT: Final = aiohttp.ClientTimeout(total=5, sock_connect=1)
 _MAX_BACKOFF_S: Final = 30.0
 _PROTOBUF: Final = {"Content-Type": "application/x-protobuf"}
+# Answers that mean "no such service here": Jaeger's OTLP receiver takes no metrics.
+_NOT_TAKEN: Final = frozenset({404, 405, 501})
 
 
 class OtlpExporter:
@@ -59,6 +62,8 @@ class OtlpExporter:
         self._task: asyncio.Task[None] | None = None
         self._backoff_s = 0.0
         self._failing_since: float | None = None
+        self._metrics_taken = True
+        self._last_reason = ""
 
     def start(self) -> None:
         self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
@@ -105,46 +110,63 @@ class OtlpExporter:
                 return
         await self._send_metrics()
 
+    async def _send_metrics(self) -> None:
+        if not self._metrics_taken:
+            return
+        telemetry = self._telemetry
+        body = telemetry.metrics.otlp_request(
+            self._gauges(), telemetry.resource, SCOPE, __version__, time.time_ns()
+        )
+        status = await self._post(self._metrics_url, body)
+        if status in _NOT_TAKEN:
+            # Jaeger takes traces only: metrics stay on the admin port's /metrics.
+            self._metrics_taken = False
+            log.info(
+                "%s does not take OTLP metrics (it answered %d); metrics are on /metrics only",
+                self._metrics_url,
+                status,
+            )
+        elif status is None or status >= 300:
+            self._failed(self._metrics_url, status, "metrics")
+
     async def _send_spans(self) -> bool:
         telemetry = self._telemetry
         spans = telemetry.take_spans()
         if not spans:
             return True
         body = export_request(telemetry.resource, SCOPE, __version__, spans)
-        if await self._post(self._traces_url, body):
+        status = await self._post(self._traces_url, body)
+        if status is not None and status < 300:
             telemetry.spans_exported += len(spans)
+            if self._failing_since is not None:
+                log.info("span export to %s works again", self._traces_url)
+            self._backoff_s = 0.0
+            self._failing_since = None
             return True
         telemetry.spans_dropped += len(spans)
+        self._failed(self._traces_url, status, "spans")
         return False
 
-    async def _send_metrics(self) -> None:
-        telemetry = self._telemetry
-        body = telemetry.metrics.otlp_request(
-            self._gauges(), telemetry.resource, SCOPE, __version__, time.time_ns()
-        )
-        await self._post(self._metrics_url, body)
-
-    async def _post(self, url: str, body: bytes) -> bool:
+    async def _post(self, url: str, body: bytes) -> int | None:
+        """The HTTP status of the POST, None when it failed before one."""
         assert self._session is not None
         try:
             async with self._session.post(url, data=body, headers=_PROTOBUF) as response:
                 await response.read()
-                if response.status >= 300:
-                    raise OSError(f"{url} answered {response.status}")
+                return response.status
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            self._failed(f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__)
-            return False
-        if self._failing_since is not None:
-            log.info("telemetry export to %s works again", url)
-        self._backoff_s = 0.0
-        self._failing_since = None
-        return True
+            self._last_reason = (
+                f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+            )
+            return None
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, url: str, status: int | None, what: str) -> None:
         telemetry = self._telemetry
+        reason = f"{url} answered {status}" if status is not None else f"{url}: {self._last_reason}"
         telemetry.export_failures += 1
         telemetry.last_export_error = reason
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            log.warning("telemetry export failed (%s); spans are dropped until it works", reason)
-        self._backoff_s = min(_MAX_BACKOFF_S, max(1.0, self._backoff_s * 2))
+        if what == "spans":
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning("span export failed (%s); spans are dropped until it works", reason)
+            self._backoff_s = min(_MAX_BACKOFF_S, max(1.0, self._backoff_s * 2))

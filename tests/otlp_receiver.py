@@ -29,6 +29,8 @@ class Receiver:
         self.metric_requests: list[ExportMetricsServiceRequest] = []
         self.content_types: set[str] = set()
         self.port = 0
+        self.refuse_metrics = False  # answer 404 to metrics, as Jaeger does
+        self.metric_posts = 0
 
     @property
     def endpoint(self) -> str:
@@ -43,6 +45,9 @@ class Receiver:
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.metric_posts += 1
+        if self.refuse_metrics:
+            return web.Response(status=404, text="404 page not found")
         await asyncio.sleep(self.delay_s)
         self.metric_requests.append(ExportMetricsServiceRequest.FromString(body))
         return web.Response(body=b"", content_type="application/x-protobuf")

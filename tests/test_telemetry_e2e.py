@@ -492,3 +492,24 @@ async def test_a_collector_down_or_slow_costs_requests_nothing(
     assert telemetry["last_export_error"]
     if collector == "down":
         assert telemetry["spans_dropped"] > 0
+
+
+async def test_an_endpoint_that_takes_only_traces_is_not_an_export_failure(
+    backends: Backends,
+) -> None:
+    # Jaeger's OTLP receiver answers 404 on /v1/metrics.
+    async with otlp_receiver() as receiver:
+        receiver.refuse_metrics = True
+        config = proxy_yaml(
+            backends.stable.url, backends.canary.url, top=telemetry_yaml(receiver.endpoint)
+        )
+        async with running_proxy(config) as proxy:
+            await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
+            spans = await receiver.wait_for_spans(2)
+            _, body = await admin_get(proxy, "/api/status")
+        # Stopping flushes the metrics: one POST, answered 404.
+    assert len(spans) == 2
+    assert receiver.metric_posts == 1
+    telemetry = json.loads(body)["telemetry"]
+    assert telemetry["export_failures"] == 0
+    assert telemetry["spans_dropped"] == 0
