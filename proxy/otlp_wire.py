@@ -34,19 +34,14 @@ __all__ = [
 
 AttributeValue = str | bool | int | float | Sequence[str]
 
-_SMALL: Final = [bytes([n]) for n in range(128)]
 _DOUBLE: Final = struct.Struct("<d")
 _FIXED64: Final = struct.Struct("<Q")
 _CACHE_LIMIT: Final = 4096
 _attribute_cache: dict[tuple[int, str, str | bool], bytes] = {}
+_key_cache: dict[str, bytes] = {}
 
 
-def varint(value: int) -> bytes:
-    """An unsigned varint; negative numbers as 64-bit two's complement (int64 fields)."""
-    if 0 <= value < 128:
-        return _SMALL[value]
-    if value < 0:
-        value += 1 << 64
+def _encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -55,24 +50,37 @@ def varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _tag(field: int, wire_type: int) -> bytes:
-    return varint((field << 3) | wire_type)
+# Varints below 2^14 (lengths, counts, small numbers) are looked up, not computed.
+_SMALL: Final = [_encode_varint(n) for n in range(1 << 14)]
+# Field tags by field number (all fields used here are below 32), per wire type.
+_VARINT_TAG: Final = [_encode_varint(f << 3) for f in range(32)]
+_FIXED64_TAG: Final = [_encode_varint((f << 3) | 1) for f in range(32)]
+_LENGTH_TAG: Final = [_encode_varint((f << 3) | 2) for f in range(32)]
+
+
+def varint(value: int) -> bytes:
+    """An unsigned varint; negative numbers as 64-bit two's complement (int64 fields)."""
+    if 0 <= value < 16384:
+        return _SMALL[value]
+    if value < 0:
+        value += 1 << 64
+    return _encode_varint(value)
 
 
 def field_varint(field: int, value: int) -> bytes:
-    return _tag(field, 0) + varint(value)
+    return _VARINT_TAG[field] + varint(value)
 
 
 def field_fixed64(field: int, value: int) -> bytes:
-    return _tag(field, 1) + _FIXED64.pack(value)
+    return _FIXED64_TAG[field] + _FIXED64.pack(value)
 
 
 def field_double(field: int, value: float) -> bytes:
-    return _tag(field, 1) + _DOUBLE.pack(value)
+    return _FIXED64_TAG[field] + _DOUBLE.pack(value)
 
 
 def field_bytes(field: int, data: bytes) -> bytes:
-    return _tag(field, 2) + varint(len(data)) + data
+    return _LENGTH_TAG[field] + varint(len(data)) + data
 
 
 def packed_fixed64(field: int, values: Iterable[int]) -> bytes:
@@ -101,6 +109,12 @@ def any_value(value: AttributeValue) -> bytes:
 def attribute(field: int, key: str, value: AttributeValue) -> bytes:
     """A `KeyValue` as field `field` of its parent. Text and flags repeat from request
     to request (route, variant, model), so their encodings are cached; numbers are not."""
+    if type(value) is int and value >= 0:
+        # The common dynamic case (bucket, status, token counts), without the general path.
+        key_part = _key_cache.get(key) or _key_part(key)
+        number = b"\x18" + varint(value)
+        pair = key_part + b"\x12" + _SMALL[len(number)] + number
+        return _LENGTH_TAG[field] + varint(len(pair)) + pair
     if not isinstance(value, str | bool):
         return _attribute(field, key, value)
     cache_key = (field, key, value)
@@ -114,7 +128,14 @@ def attribute(field: int, key: str, value: AttributeValue) -> bytes:
 
 
 def _attribute(field: int, key: str, value: AttributeValue) -> bytes:
-    return field_bytes(field, field_bytes(1, key.encode()) + field_bytes(2, any_value(value)))
+    key_part = _key_cache.get(key) or _key_part(key)
+    return field_bytes(field, key_part + field_bytes(2, any_value(value)))
+
+
+def _key_part(key: str) -> bytes:
+    """The `key` field of a KeyValue; attribute names are few, so they are all kept."""
+    key_part = _key_cache[key] = field_bytes(1, key.encode())
+    return key_part
 
 
 def attributes(field: int, pairs: Iterable[tuple[str, AttributeValue]]) -> bytes:

@@ -30,7 +30,7 @@ from proxy import __version__
 from proxy.answer import AnswerFacts, read_facts, request_model
 from proxy.config.model import Config, Variant
 from proxy.metrics import Gauges, Metrics
-from proxy.otlp_wire import AttributeValue
+from proxy.otlp_wire import AttributeValue, attributes
 from proxy.routing import Assignment
 from proxy.stats import WindowStats
 from proxy.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
@@ -40,6 +40,7 @@ __all__ = ["SCOPE", "Attempt", "Exchange", "Telemetry", "operation_of"]
 SCOPE: Final = "canary-proxy"
 _SPAN_QUEUE: Final = 8192
 _BATCH: Final = 512
+_STATIC_BLOCKS: Final = 1024
 
 
 def operation_of(path: str) -> str | None:
@@ -139,6 +140,8 @@ class Telemetry:
             ("process.pid", os.getpid()),
         ]
         self._spans: deque[bytes] = deque()
+        # Encoded attributes that repeat from request to request, by what they depend on.
+        self._static_blocks: dict[tuple[object, ...], bytes] = {}
         self.spans_dropped = 0
         self.spans_exported = 0
         self.export_failures = 0
@@ -220,15 +223,34 @@ class Telemetry:
         assert attempt.span_id is not None
         operation = operation_of(exchange.path)
         model, stream = request_model(exchange.body) if exchange.body else (None, False)
-        pairs = self._canary_pairs(exchange, attempt.variant, attempt.fallback)
-        pairs += [
-            ("canary.backend", attempt.backend),
-            ("http.request.method", exchange.method),
-            ("server.address", attempt.host),
-            ("server.port", attempt.port),
-            ("gen_ai.operation.name", operation or exchange.method),
-            ("gen_ai.request.stream", stream),
-        ]
+        assignment = exchange.assignment
+        static_key = (
+            "client",
+            exchange.route,
+            attempt.variant,
+            attempt.fallback,
+            attempt.backend,
+            attempt.host,
+            attempt.port,
+            exchange.method,
+            operation,
+            stream,
+            assignment.key_source if assignment is not None else None,
+            assignment.reason if assignment is not None else None,
+        )
+        static = self._static_blocks.get(static_key)
+        if static is None:
+            pairs = self._canary_pairs(exchange, attempt.variant, attempt.fallback)
+            pairs += [
+                ("canary.backend", attempt.backend),
+                ("http.request.method", exchange.method),
+                ("server.address", attempt.host),
+                ("server.port", attempt.port),
+                ("gen_ai.operation.name", operation or exchange.method),
+                ("gen_ai.request.stream", stream),
+            ]
+            static = self._remember(static_key, attributes(9, pairs))
+        pairs = self._bucket(exchange)
         if model is not None:
             pairs.append(("gen_ai.request.model", model))
         if attempt.status is not None:
@@ -244,7 +266,6 @@ class Telemetry:
                 pairs.append(("gen_ai.usage.input_tokens", facts.input_tokens))
             if facts.output_tokens is not None:
                 pairs.append(("gen_ai.usage.output_tokens", facts.output_tokens))
-        start_ns = _wall_ns(trace, exchange, attempt.started)
         events: list[tuple[int, str, list[tuple[str, AttributeValue]]]] = []
         if ttft_s is not None and attempt.first_byte_at is not None:
             events.append(
@@ -262,9 +283,10 @@ class Telemetry:
                 trace.server_span_id,
                 name,
                 SpanKind.CLIENT,
-                start_ns,
+                _wall_ns(trace, exchange, attempt.started),
                 _wall_ns(trace, exchange, now),
                 pairs,
+                encoded_attributes=static,
                 error=attempt.error_type,
                 events=events,
             )
@@ -273,21 +295,35 @@ class Telemetry:
     def _server_span(self, exchange: Exchange, status: int, now: float) -> None:
         trace = exchange.trace
         assert trace is not None
-        pairs: list[tuple[str, AttributeValue]] = [
-            ("http.request.method", exchange.method),
-            ("url.path", exchange.path),
-            ("url.scheme", "http"),
-            ("http.response.status_code", status),
-        ]
-        if exchange.http_route:
-            pairs.append(("http.route", exchange.http_route))
+        assignment = exchange.assignment
+        static_key = (
+            "server",
+            exchange.route,
+            exchange.variant,
+            exchange.fallback,
+            exchange.method,
+            exchange.http_route,
+            assignment.key_source if assignment is not None else None,
+            assignment.reason if assignment is not None else None,
+        )
+        static = self._static_blocks.get(static_key)
+        if static is None:
+            pairs: list[tuple[str, AttributeValue]] = [
+                ("http.request.method", exchange.method),
+                ("url.scheme", "http"),
+            ]
+            if exchange.http_route:
+                pairs.append(("http.route", exchange.http_route))
+            if exchange.variant is not None:
+                pairs += self._canary_pairs(exchange, exchange.variant, exchange.fallback)
+            static = self._remember(static_key, attributes(9, pairs))
+        pairs = self._bucket(exchange)
+        pairs += [("url.path", exchange.path), ("http.response.status_code", status)]
         if exchange.user_agent:
             pairs.append(("user_agent.original", exchange.user_agent))
         error = str(status) if status >= 500 else None
         if error is not None:
             pairs.append(("error.type", error))
-        if exchange.variant is not None:
-            pairs += self._canary_pairs(exchange, exchange.variant, exchange.fallback)
         name = (
             f"{exchange.method} {exchange.http_route}" if exchange.http_route else exchange.method
         )
@@ -301,6 +337,7 @@ class Telemetry:
                 trace.start_ns,
                 _wall_ns(trace, exchange, now),
                 pairs,
+                encoded_attributes=static,
                 error=error,
             )
         )
@@ -308,23 +345,36 @@ class Telemetry:
     def _canary_pairs(
         self, exchange: Exchange, variant: Variant, fallback: bool
     ) -> list[tuple[str, AttributeValue]]:
+        """The canary and feature-flag attributes that repeat from request to request."""
         pairs: list[tuple[str, AttributeValue]] = [
             ("canary.route", exchange.route),
             ("canary.variant", variant.value),
             ("canary.config_version", self.config.version),
+            ("canary.fallback", fallback),
             ("feature_flag.key", exchange.route),
             ("feature_flag.result.variant", variant.value),
             ("feature_flag.provider.name", SCOPE),
         ]
         assignment = exchange.assignment
         if assignment is not None:
-            if assignment.bucket is not None:
-                pairs.append(("canary.bucket", assignment.bucket))
             if assignment.key_source is not None:
                 pairs.append(("canary.key_source", assignment.key_source))
             pairs.append(("canary.assignment", assignment.reason.value))
-        pairs.append(("canary.fallback", fallback))
         return pairs
+
+    @staticmethod
+    def _bucket(exchange: Exchange) -> list[tuple[str, AttributeValue]]:
+        assignment = exchange.assignment
+        if assignment is not None and assignment.bucket is not None:
+            return [("canary.bucket", assignment.bucket)]
+        return []
+
+    def _remember(self, key: tuple[object, ...], block: bytes) -> bytes:
+        """Keep an encoded attribute block; the cache is bounded (some keys hold client text)."""
+        if len(self._static_blocks) >= _STATIC_BLOCKS:
+            self._static_blocks.clear()
+        self._static_blocks[key] = block
+        return block
 
     # --- the span queue -------------------------------------------------------------------
 

@@ -112,10 +112,11 @@ def encode_span(
     end_ns: int,
     pairs: Sequence[tuple[str, AttributeValue]],
     *,
+    encoded_attributes: bytes = b"",
     error: str | None = None,
     events: Sequence[tuple[int, str, Sequence[tuple[str, AttributeValue]]]] = (),
 ) -> bytes:
-    """An OTLP `Span` message body."""
+    """An OTLP `Span` message body; `encoded_attributes` are more attributes, already encoded."""
     parts = [
         field_bytes(1, trace_id.to_bytes(16, "big")),
         field_bytes(2, span_id.to_bytes(8, "big")),
@@ -126,6 +127,7 @@ def encode_span(
     parts.append(field_varint(6, kind))
     parts.append(field_fixed64(7, start_ns))
     parts.append(field_fixed64(8, end_ns))
+    parts.append(encoded_attributes)
     parts.append(attributes(9, pairs))
     for time_ns, event_name, event_pairs in events:
         body = field_fixed64(1, time_ns) + field_bytes(2, event_name.encode())

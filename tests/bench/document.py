@@ -19,6 +19,8 @@ from report import (
     notes,
     results_table,
     rounds_table,
+    telemetry_notes,
+    telemetry_table,
     ttfb_p50,
     ttfb_p99,
 )
@@ -38,13 +40,42 @@ _TARGET_DESCRIPTIONS = {
     "baseline-uvloop": "the same file with `--uvloop`",
     "canary-proxy": "`canary-proxy run`: one route, stable and canary both the fake backend "
     "at weight 50, sticky on `header:x-user-id`, `max_connections: 1024` per backend (the "
-    "default 256 is close to the ~250 streams each variant gets in (c)), no telemetry",
+    "default 256 is close to the ~250 streams each variant gets in (c)), no OTLP export "
+    "(its metrics are recorded all the same): telemetry off",
+    "canary-proxy-otel-0.01": "the same config plus `telemetry: {otlp_endpoint: <sink>, "
+    "trace_sample_ratio: 0.01}`: 1% of requests traced, spans exported every second and "
+    "metrics every 10 s to `otlp_sink.py` (OTLP/HTTP protobuf)",
+    "canary-proxy-otel-1": "the same with `trace_sample_ratio: 1.0`: every request traced",
 }
 
 
 def _targets_table() -> str:
     rows = [(TARGETS[name], text) for name, text in _TARGET_DESCRIPTIONS.items()]
     return markdown_table(("target", "what it is"), rows, numbers=False)
+
+
+def _telemetry_section(results: Results) -> str:
+    """The telemetry cost table and its words; empty when it was not measured."""
+    table = telemetry_table(results)
+    if table is None:
+        return ""
+    return f"""## Telemetry cost
+
+{table}
+
+CPU per request (a) and per streamed chunk (c) with OTLP export on, against telemetry
+off (the canary-proxy row) in the same round: "÷ off" is the median of the per-round
+ratios, with their range. The aims (from the telemetry issue): within 15% of telemetry
+off when 1% of requests are traced, within 50% when every request is. Telemetry off
+still records metrics; "on" adds the sampling decision per request, building and
+encoding a server span and a client span per sampled request, and the exporter's
+POSTs (spans every second in batches of up to 512, metrics every 10 s). The receiver,
+`otlp_sink.py` (aiohttp on uvloop: reads each body, counts the spans, answers 200 with
+an empty protobuf body), runs on core 1 in the role of Jaeger or a Collector on
+another machine: its CPU is not counted as the proxy's. What it received is in the
+notes below.
+
+"""
 
 
 def _times_in_words(rounds: int) -> str:
@@ -79,6 +110,7 @@ def document(
         "No errors; every stream completed; no other work seen on the cores (a host "
         "that is slower for a while shows only in the round-by-round figures)."
     ]
+    run_notes += telemetry_notes(results)
     machine_rows = [(key, value) for key, value in machine.items()]
     return f"""# Benchmarks
 
@@ -89,7 +121,8 @@ took {elapsed_s / 60:.1f} minutes. Rerun it to refresh this page; `--quick` chec
 
 Each target sits between the load generator and one `canary-proxy fake-backend`. The
 proxy under test runs alone on core 0 (`taskset -c 0`); the fake backend and the load
-generator share core 1. Every target is started fresh for each group of scenarios.
+generator share core 1, and so does the OTLP receiver of the telemetry targets.
+Every target is started fresh for each group of scenarios.
 The whole sequence — (a) and (b) for every target, then (c) for every target — ran
 {_times_in_words(settings.rounds)}; every figure below is the median over the rounds,
 and the acceptance ratios are the median of ratios taken within a round (a pair
@@ -140,10 +173,11 @@ Round by round (the noise):
 The acceptance figure: canary-proxy's CPU per request and per chunk, and its memory per
 open stream, are no higher than the ~60-line baseline's, on either event loop.
 
-## Notes from this run
+{_telemetry_section(results)}## Notes from this run
 
-Core use, medians over rounds (core 1 runs the fake backend and the load generator;
-anything else running on the machine counts too):
+Core use, medians over rounds (core 1 runs the fake backend and the load generator,
+and the OTLP receiver for the telemetry targets; anything else running on the machine
+counts too):
 
 {core_table(results)}
 
@@ -167,8 +201,9 @@ anything else running on the machine counts too):
   by the end of the ramp, so in some rounds a queue forms that pushes even the median
   up. Compare TTFB round by round, and trust the CPU figures more.
 - Where a proxy's CPU goes: `tests/bench/pyspy_profile.py --target canary-proxy
-  --scenario a` (or `c`) runs the same load under py-spy (`.venv/bin/pip install
-  py-spy` first) and prints the top functions by own and by total time.
+  --scenario a` (or `c`; or a telemetry target, `--target canary-proxy-otel-1`) runs
+  the same load under py-spy (`.venv/bin/pip install py-spy` first) and prints the top
+  functions by own and by total time, and the time in each file of `proxy/`.
 - The machine is shared and has two cores; other work on either core shows up as
   noise (the notes above flag it when a core was visibly busy with something else),
   hence the rounds. CPU time is counted in clock ticks of 10 ms, well under 1% of

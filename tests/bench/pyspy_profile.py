@@ -4,12 +4,16 @@ It owns the profiling recipe, so the proxy's author can rerun it after a change:
 start the fake backend and one target exactly as `run.py` does (same cores, same
 config), drive scenario (a) with wrk or (c) with `stream_client.py`, sample the target
 with `py-spy record` meanwhile, then print the top functions by own time (the leaf
-frame of each sample) and by total time (anywhere on the stack).
+frame of each sample) and by total time (anywhere on the stack), and the total time
+spent in each file of `proxy/`. Every proxy target of `run.py` can be profiled; a
+telemetry target (`canary-proxy-otel-0.01`, `canary-proxy-otel-1`) gets its OTLP sink
+on the load core as in `run.py`, so the export is part of the profile.
 
 py-spy is not a dependency of the project; install it into the venv first:
 
     .venv/bin/pip install py-spy
     .venv/bin/python tests/bench/pyspy_profile.py --target canary-proxy --scenario a
+    .venv/bin/python tests/bench/pyspy_profile.py --target canary-proxy-otel-1 --scenario a
 
 py-spy pauses the target for each sample (exact stacks; the target runs a little
 slower). With `--nonblocking` it reads the target's memory while it runs, which is
@@ -37,7 +41,7 @@ from typing import Final
 
 from scenarios import FULL, THROUGHPUT_CONNECTIONS
 from system import Children
-from targets import BENCH_DIR, LOAD_CORE, TARGETS, start_backend, start_target
+from targets import BENCH_DIR, LOAD_CORE, TARGETS, TELEMETRY_RATIOS, start_backend, start_target
 
 __all__ = ["main", "summarise"]
 
@@ -68,12 +72,14 @@ def _package(path: str) -> str:
 
 def summarise(raw: str, top: int) -> str:
     """The top functions of a py-spy `--format raw` profile: by own samples, by package,
-    by line inside the project (`proxy/`), and by total samples."""
+    by line inside the project (`proxy/`), by total samples, and the total samples of
+    each file of the project."""
     own: collections.Counter[str] = collections.Counter()
     total: collections.Counter[str] = collections.Counter()
     packages: collections.Counter[str] = collections.Counter()
     project_lines: collections.Counter[str] = collections.Counter()
     project_total: collections.Counter[str] = collections.Counter()
+    project_files: collections.Counter[str] = collections.Counter()
     samples = 0
     for line in raw.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -91,6 +97,8 @@ def summarise(raw: str, top: int) -> str:
             total[name] += count
             if "(proxy/" in name and "(proxy/cli.py)" not in name:
                 project_total[name] += count
+        for path in {p for _, p, _ in frames if p.startswith("proxy/") and p != "proxy/cli.py"}:
+            project_files[path] += count
     if not samples:
         return "no samples (was the target busy? is py-spy allowed to read it?)"
 
@@ -103,6 +111,7 @@ def summarise(raw: str, top: int) -> str:
     lines += block("own time by package:", packages, 10)
     lines += block("own time by line, in proxy/:", project_lines, 10)
     lines += block("total time of the functions in proxy/ (inclusive):", project_total, top)
+    lines += block("total time by file, in proxy/ (inclusive):", project_files, top)
     lines += block(f"top {top} by total time (inclusive; coroutine stacks may be cut):", total, top)
     return "\n".join(lines)
 
@@ -157,7 +166,9 @@ def profile(target_name: str, scenario: str, seconds: int, top: int, *, blocking
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Every Python proxy, the telemetry targets (canary-proxy with OTLP export) included.
     proxies = [name for name in TARGETS if name not in ("direct", "nginx")]
+    assert set(TELEMETRY_RATIOS) <= set(proxies)
     parser.add_argument("--target", choices=proxies, default="canary-proxy")
     parser.add_argument("--scenario", choices=("a", "c"), default="a")
     parser.add_argument("--seconds", type=int, default=12, help="load duration (default 12)")

@@ -4,19 +4,25 @@ Everything here is pure: results in, Markdown tables out (`document.py` puts the
 the page). Every figure is the median over rounds. Derived figures:
 - added latency / TTFB = the target's percentile minus the direct row's;
 - "÷ nginx" = the target's CPU per request (or per chunk) over nginx's;
-- RSS per stream = (RSS with every stream open − RSS idle after warm-up) / streams.
+- RSS per stream = (RSS with every stream open − RSS idle after warm-up) / streams;
+- telemetry cost = a telemetry target's CPU per request (or per chunk) over canary-proxy's
+  (telemetry off) in the same round, the median of those ratios over rounds.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from otlp_sink import SinkCounts
 from scenarios import Latency, Settings, Streams, Throughput
-from targets import TARGETS
+from targets import TARGETS, TELEMETRY_RATIOS
 
 __all__ = [
+    "TELEMETRY_AIMS",
+    "Exported",
     "Results",
     "TargetResult",
     "acceptance_table",
@@ -26,6 +32,8 @@ __all__ = [
     "notes",
     "results_table",
     "rounds_table",
+    "telemetry_notes",
+    "telemetry_table",
     "ttfb_p50",
     "ttfb_p99",
 ]
@@ -34,6 +42,19 @@ _DASH = "—"
 _FOREIGN_LOAD_WARN = 0.10  # a core busier than our own work by this much had visitors
 _LOAD_CORE_BUSY_WARN = 0.90  # past this the load core itself adds queueing to TTFB
 _ACCEPTANCE_BASELINES = ("baseline", "baseline-uvloop")
+_TELEMETRY_OFF = "canary-proxy"
+TELEMETRY_AIMS = {"canary-proxy-otel-0.01": 1.15, "canary-proxy-otel-1": 1.5}
+"""The issue's aims: CPU per request and per chunk at most this many times telemetry off."""
+_SPANS_PER_TRACE = 2  # a server span, and a client span for its one backend attempt
+_SPAN_SLACK = 0.01  # wrk abandons its requests in flight at the end; they make spans too
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """What one telemetry target process was sent, and what its OTLP sink received."""
+
+    requests: int  # every request sent to the target over its life, warm-ups included
+    received: SinkCounts
 
 
 @dataclass
@@ -44,6 +65,7 @@ class TargetResult:
     throughput: dict[int, Throughput] = field(default_factory=dict)
     latency: dict[int, Latency] = field(default_factory=dict)
     streams: dict[int, Streams] = field(default_factory=dict)
+    exported: dict[tuple[int, str], Exported] = field(default_factory=dict)  # (round, "ab"|"c")
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -313,6 +335,105 @@ def acceptance_table(results: Results) -> str:
                 verdict += f" ({', '.join(missing)} not measured)"
         rows.append((reference.label, *shown, verdict))
     return markdown_table(header, rows)
+
+
+_TELEMETRY_METRICS: tuple[tuple[str, str, Metric, int], ...] = (
+    ("CPU µs/req (a)", "CPU/request", cpu_per_request, 1),
+    ("CPU µs/chunk (c)", "CPU/chunk", cpu_per_chunk, 2),
+)
+
+
+def telemetry_table(results: Results) -> str | None:
+    """Telemetry off (canary-proxy) against each telemetry target: CPU per request and
+    per chunk, each "on" figure over "off" round by round (median, range), against the
+    aims. None when canary-proxy or every telemetry target is missing."""
+    off = results.get(_TELEMETRY_OFF)
+    on = [results[name] for name in TELEMETRY_RATIOS if name in results]
+    if off is None or not on:
+        return None
+    header: list[str] = ["telemetry"]
+    for title, _, _, _ in _TELEMETRY_METRICS:
+        header += [title, "÷ off"]
+    header += ["aim", "within aim?"]
+    rows: list[tuple[str, ...]] = []
+    off_cells: list[str] = ["off (" + off.label + ")"]
+    for _, _, metric, digits in _TELEMETRY_METRICS:
+        off_cells += [_number(median_of(off, metric), digits), _DASH]
+    rows.append((*off_cells, _DASH, _DASH))
+    for result in on:
+        aim = TELEMETRY_AIMS[result.name]
+        cells = [result.label]
+        over: list[str] = []
+        measured = 0
+        for _, short, metric, digits in _TELEMETRY_METRICS:
+            ratios = _paired_ratios(result, off, metric)
+            median = statistics.median(ratios) if ratios else None
+            spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+            cells += [_number(median_of(result, metric), digits), _times(median) + spread]
+            if median is not None:
+                measured += 1
+                if median > aim:
+                    over.append(short)
+        if not measured:
+            verdict = "not measured"
+        else:
+            verdict = "yes" if not over else "no: " + ", ".join(over)
+        rows.append((*cells, f"≤ {aim:.2f}×", verdict))
+    return markdown_table(header, rows)
+
+
+def telemetry_notes(results: Results) -> list[str]:
+    """For each telemetry target: spans the sink received per request sent, against the
+    sample ratio (2 spans per sampled request), and what the export weighed."""
+    found: list[str] = []
+    for name, ratio in TELEMETRY_RATIOS.items():
+        result = results.get(name)
+        if result is None or not result.exported:
+            continue
+        groups: dict[str, list[Exported]] = {}
+        for (_, group), exported in sorted(result.exported.items()):
+            groups.setdefault(group, []).append(exported)
+        everything = [e for group in groups.values() for e in group]
+        requests = sum(e.requests for e in everything)
+        spans = sum(e.received.spans for e in everything)
+        expected = _SPANS_PER_TRACE * ratio
+        per_group = "; ".join(
+            f"{'(a), (b)' if group == 'ab' else '(' + group + ')'} "
+            f"{_per_request(sum(e.received.spans for e in es), sum(e.requests for e in es))}"
+            for group, es in groups.items()
+        )
+        trace_posts = sum(e.received.trace_posts for e in everything)
+        trace_mb = sum(e.received.trace_bytes for e in everything) / 1e6
+        metric_posts = sum(e.received.metric_posts for e in everything)
+        sink_cpu = sum(e.received.cpu_s for e in everything)
+        line = (
+            f"{result.label}: the OTLP sink received {spans:,} spans for {requests:,} "
+            f"requests sent ({_per_request(spans, requests)} per request, expected "
+            f"{expected:.2f}: {_SPANS_PER_TRACE} per sampled request × {ratio:g}; "
+            f"{per_group}), in {trace_posts:,} trace posts ({trace_mb:,.1f} MB) and "
+            f"{metric_posts:,} metrics posts; the sink used {sink_cpu:.1f} s of core 1 "
+            "(not counted as the proxy's)"
+        )
+        undecodable = sum(e.received.undecodable for e in everything)
+        if undecodable:
+            line += f"; {undecodable} trace bodies could not be decoded"
+        if not _plausible(spans, requests, ratio):
+            line += " — more or fewer than sampling explains: spans were dropped or lost"
+        found.append(line)
+    return found
+
+
+def _per_request(spans: int, requests: int) -> str:
+    return f"{spans / requests:.4f}" if requests else _DASH
+
+
+def _plausible(spans: int, requests: int, ratio: float) -> bool:
+    """Sampled traces are Binomial(requests, ratio): within four standard deviations,
+    give or take the requests wrk abandons at its end."""
+    traces = spans / _SPANS_PER_TRACE
+    mean = requests * ratio
+    allowed = 4 * math.sqrt(requests * ratio * (1 - ratio)) + _SPAN_SLACK * mean + 2
+    return abs(traces - mean) <= allowed
 
 
 def notes(results: Results, settings: Settings) -> list[str]:

@@ -6,16 +6,20 @@ report goes. The pieces live beside it:
     targets.py         starting the fake backend and each proxy, pinned to its core
     scenarios.py       (a) throughput, (b) latency, (c) 500 streams — the measurements
     stream_client.py   the load generator of (c), a process of its own
-    report.py          the tables: side by side, round by round, acceptance, core use
+    report.py          the tables: side by side, round by round, acceptance, telemetry
+                       cost, core use
     document.py        docs/benchmarks.md: the method and the tables of one run
     baseline_proxy.py  the ~60-line aiohttp proxy; nginx.conf.template; post.lua (wrk)
+    otlp_sink.py       the OTLP/HTTP receiver the telemetry targets export to (core 1)
     pyspy_profile.py   not part of the run: where a proxy's CPU goes under (a) or (c)
 
 Order, in each round: scenarios (a) and (b) for every target, each with a fresh fake
 backend (no token delay) and a fresh target; then (c) for every target, again fresh,
 with a backend at 50 tokens/s. Rounds repeat that sequence (3 in a full run, each
 target's order reversed every other round); the report shows medians over rounds.
-The runner itself stays on the load core.
+The runner itself stays on the load core. A telemetry target's OTLP sink is started
+with it and stopped after its scenarios (once its last batch of spans is in), and
+its counts go into the notes.
 
     .venv/bin/python tests/bench/run.py [--quick] [--rounds N] [--only a,b,c] [--targets ...]
 """
@@ -35,12 +39,15 @@ from typing import Final
 
 from document import document
 from report import (
+    Exported,
     TargetResult,
     acceptance_table,
     core_table,
     notes,
     results_table,
     rounds_table,
+    telemetry_notes,
+    telemetry_table,
 )
 from scenarios import (
     FULL,
@@ -52,13 +59,22 @@ from scenarios import (
     measure_throughput,
 )
 from system import Children, CoreTimes, install_signal_exit, machine_info
-from targets import BENCH_DIR, LOAD_CORE, TARGETS, start_backend, start_target
+from targets import (
+    BENCH_DIR,
+    LOAD_CORE,
+    TARGETS,
+    Running,
+    start_backend,
+    start_target,
+    stop_sink,
+)
 
 __all__ = ["main"]
 
 DOC: Final = BENCH_DIR.parent.parent / "docs" / "benchmarks.md"
 SCENARIOS: Final = ("a", "b", "c")
 _QUIET_BUSY: Final = 0.25
+_SINK_DRAIN_S: Final = 2.0  # the proxy exports its spans every second
 
 
 def _choices(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
@@ -131,6 +147,20 @@ def _wait_until_quiet(settings: Settings) -> None:
             return
 
 
+def _collect_spans(
+    children: Children, target: Running, requests: int, result: TargetResult, key: tuple[int, str]
+) -> None:
+    """Let the target's last batch of spans reach its sink, then stop the sink and keep
+    its counts."""
+    if target.sink is None:
+        return
+    time.sleep(_SINK_DRAIN_S)
+    received = stop_sink(children, target.sink)
+    result.exported[key] = Exported(requests, received)
+    per_request = received.spans / requests if requests else 0.0
+    print(f"      spans: {received.spans:,} for {requests:,} requests ({per_request:.4f} each)")
+
+
 def _measure_requests(
     name: str,
     only: Sequence[str],
@@ -151,6 +181,12 @@ def _measure_requests(
         if "b" in only:
             lat = result.latency[round_number] = measure_latency(target, settings)
             print(f"  (b) {result.label}: p50 {lat.p50_us:.0f} µs, p99 {lat.p99_us:.0f} µs")
+        sent = sum(
+            done.warmup_requests + done.requests
+            for done in (result.throughput.get(round_number), result.latency.get(round_number))
+            if done is not None
+        )
+        _collect_spans(children, target, sent, result, (round_number, "ab"))
 
 
 def _measure_streams(
@@ -162,12 +198,15 @@ def _measure_streams(
         target = start_target(name, children, workdir, backend)
         _wait_until_quiet(settings)
         s = result.streams[round_number] = measure_streams(target, settings)
-    line = f"  (c) {result.label}: {s.completed}/{s.streams} streams"
-    line += f", {s.events_per_s:,.0f} chunks/s"
-    line += f", TTFB p50 {s.ttfb_p50_ms:.2f} ms p99 {s.ttfb_p99_ms:.2f} ms"
-    if name != "direct":
-        line += f", {s.cpu_us_per_chunk:.2f} CPU µs/chunk, {s.rss_kib_per_stream:.1f} KiB/stream"
-    print(line, flush=True)
+        line = f"  (c) {result.label}: {s.completed}/{s.streams} streams"
+        line += f", {s.events_per_s:,.0f} chunks/s"
+        line += f", TTFB p50 {s.ttfb_p50_ms:.2f} ms p99 {s.ttfb_p99_ms:.2f} ms"
+        if name != "direct":
+            line += f", {s.cpu_us_per_chunk:.2f} CPU µs/chunk"
+            line += f", {s.rss_kib_per_stream:.1f} KiB/stream"
+        print(line, flush=True)
+        sent = s.warmup_streams + s.streams
+        _collect_spans(children, target, sent, result, (round_number, "c"))
 
 
 def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, TargetResult]:
@@ -220,12 +259,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.rounds > 1:
         print(rounds_table(results))
         print()
-    if "canary-proxy" in results:
+    if "canary-proxy" in results and {"baseline", "baseline-uvloop", "nginx"} & set(results):
         print(acceptance_table(results))
+        print()
+    telemetry = telemetry_table(results)
+    if telemetry is not None:
+        print(telemetry)
         print()
     print(core_table(results))
     print()
-    for line in notes(results, settings):
+    for line in notes(results, settings) + telemetry_notes(results):
         print(f"- {line}")
     print(f"\nthe run took {elapsed_s:.0f} s")
     if args.output is not None:

@@ -87,6 +87,7 @@ QUICK: Final = Settings(
 @dataclass(frozen=True, slots=True)
 class Throughput:
     requests: int
+    warmup_requests: int  # sent before, not measured; they count for the spans sent
     duration_s: float
     errors: int
     cpu_s: float  # the target's, over wrk's run
@@ -104,6 +105,7 @@ class Throughput:
 @dataclass(frozen=True, slots=True)
 class Latency:
     requests: int
+    warmup_requests: int
     errors: int
     p50_us: float
     p99_us: float
@@ -112,6 +114,7 @@ class Latency:
 @dataclass(frozen=True, slots=True)
 class Streams:
     streams: int
+    warmup_streams: int
     completed: int
     errors: tuple[str, ...]
     ttfb_p50_ms: float
@@ -175,12 +178,13 @@ def _wrk_errors(result: dict[str, Any]) -> int:
 
 def measure_throughput(target: Running, settings: Settings) -> Throughput:
     """Scenario (a): 64 keep-alive connections for `throughput_s` after a warm-up."""
-    _wrk(target.url, THROUGHPUT_CONNECTIONS, settings.warmup_s)
+    warmup = _wrk(target.url, THROUGHPUT_CONNECTIONS, settings.warmup_s)
     cores_before, cpu_before = CoreTimes.now(), cpu_seconds(target.pids)
     result = _wrk(target.url, THROUGHPUT_CONNECTIONS, settings.throughput_s)
     cpu_s = cpu_seconds(target.pids) - cpu_before
     return Throughput(
         requests=int(result["requests"]),
+        warmup_requests=int(warmup["requests"]),
         duration_s=int(result["duration_us"]) / 1e6,
         errors=_wrk_errors(result),
         cpu_s=cpu_s,
@@ -190,10 +194,11 @@ def measure_throughput(target: Running, settings: Settings) -> Throughput:
 
 def measure_latency(target: Running, settings: Settings) -> Latency:
     """Scenario (b): one connection, one request at a time."""
-    _wrk(target.url, 1, _LATENCY_WARMUP_S)
+    warmup = _wrk(target.url, 1, _LATENCY_WARMUP_S)
     result = _wrk(target.url, 1, settings.latency_s)
     return Latency(
         requests=int(result["requests"]),
+        warmup_requests=int(warmup["requests"]),
         errors=_wrk_errors(result),
         p50_us=float(result["p50_us"]),
         p99_us=float(result["p99_us"]),
@@ -212,6 +217,7 @@ def measure_streams(target: Running, settings: Settings) -> Streams:
     result = _run_on_load_core(argv, 3 * stream_s + 2 * _SLACK_S, "stream_client.py")
     return Streams(
         streams=int(result["streams"]),
+        warmup_streams=int(result["warmup_streams"]),
         completed=int(result["completed"]),
         errors=tuple(result["errors"]),
         ttfb_p50_ms=float(result["ttfb_p50_ms"]),

@@ -178,6 +178,7 @@ class StreamReport:
     """What `run.py` reads back (all times in milliseconds unless named otherwise)."""
 
     streams: int
+    warmup_streams: int = 0
     completed: int = 0
     failed: int = 0
     errors: list[str] = field(default_factory=list)
@@ -202,7 +203,7 @@ async def measure(args: argparse.Namespace) -> StreamReport:
     stream_s = args.tokens / args.tokens_per_s
     timeout_s = 3 * stream_s + 10
     pids = process_tree(args.pid) if args.pid else []
-    report = StreamReport(streams=args.streams)
+    report = StreamReport(streams=args.streams, warmup_streams=args.warmup_streams)
     loop = asyncio.get_running_loop()
 
     warm_body = _chat_body(_WARMUP_TOKENS)

@@ -7,18 +7,24 @@ Rules:
    temp dir; nothing is written anywhere else.
 3. `Running.pids` is the process tree whose CPU and memory count as the target's
    (nginx: master and worker); the direct target has none.
+4. A telemetry target (`TELEMETRY_RATIOS`) gets its own OTLP sink (`otlp_sink.py`),
+   started before it on the load core, like a collector on another machine: its CPU
+   is not the target's. `stop_sink` stops it and returns what it received.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from otlp_sink import SinkCounts
 from system import Children, free_port, process_tree, wait_for_port
 
 __all__ = [
@@ -26,9 +32,13 @@ __all__ = [
     "LOAD_CORE",
     "PROXY_CORE",
     "TARGETS",
+    "TELEMETRY_RATIOS",
     "Running",
+    "Sink",
     "start_backend",
+    "start_sink",
     "start_target",
+    "stop_sink",
 ]
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
@@ -41,13 +51,27 @@ TARGETS: Final = {
     "baseline": "baseline (asyncio)",
     "baseline-uvloop": "baseline + uvloop",
     "canary-proxy": "canary-proxy",
+    "canary-proxy-otel-0.01": "canary-proxy, traces 1%",
+    "canary-proxy-otel-1": "canary-proxy, traces 100%",
 }
 """Target name (for `--targets`) → the label in the table, in table order."""
+
+TELEMETRY_RATIOS: Final = {"canary-proxy-otel-0.01": 0.01, "canary-proxy-otel-1": 1.0}
+"""The telemetry targets: canary-proxy's config plus OTLP export at this trace sample ratio."""
 
 # A 50/50 split of scenario (c)'s 500 streams puts about 250 on each variant, close to
 # the default pool of 256 per backend; past it streams would queue for a connection.
 # The baseline's pool is unlimited, nginx has none: give canary-proxy room as well.
 _CANARY_MAX_CONNECTIONS: Final = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Sink:
+    """A running `otlp_sink.py`: its endpoint, and the file it writes its counts to."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    counts_path: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +81,7 @@ class Running:
     name: str
     url: str
     pids: tuple[int, ...]
+    sink: Sink | None = None  # the OTLP receiver of a telemetry target (not measured)
 
 
 def _canary_proxy_command() -> str:
@@ -74,12 +99,34 @@ def start_backend(children: Children, workdir: Path, *, tokens_per_s: float) -> 
     return Running("backend", f"http://127.0.0.1:{port}", (process.pid,))
 
 
+def start_sink(children: Children, workdir: Path) -> Sink:
+    """An `otlp_sink.py` on the load core."""
+    port = free_port()
+    counts_path = workdir / f"otlp-sink-{port}.json"
+    argv = [sys.executable, str(BENCH_DIR / "otlp_sink.py"), "--port", str(port)]
+    argv += ["--counts", str(counts_path)]
+    process = children.start(argv, core=LOAD_CORE, log=workdir / f"otlp-sink-{port}.log")
+    wait_for_port(port, process)
+    return Sink(f"http://127.0.0.1:{port}", process, counts_path)
+
+
+def stop_sink(children: Children, sink: Sink) -> SinkCounts:
+    """Stop the sink (SIGTERM) and read what it received over its life."""
+    children.stop(sink.process)
+    try:
+        return SinkCounts.from_json(json.loads(sink.counts_path.read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(f"the OTLP sink left no counts ({exc})") from exc
+
+
 def start_target(name: str, children: Children, workdir: Path, backend: Running) -> Running:
-    """Start target `name` (a key of TARGETS) in front of `backend`."""
+    """Start target `name` (a key of TARGETS) in front of `backend`; a telemetry target's
+    OTLP sink first."""
     if name == "direct":
         return Running(name, backend.url, ())
     port = free_port()
     log = workdir / f"{name}-{port}.log"
+    sink: Sink | None = None
     if name == "nginx":
         argv = _nginx_argv(workdir / f"nginx-{port}", port, backend.url)
     elif name in ("baseline", "baseline-uvloop"):
@@ -87,8 +134,12 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         argv += ["--upstream", backend.url]
         if name == "baseline-uvloop":
             argv.append("--uvloop")
-    elif name == "canary-proxy":
-        config = _write_canary_config(workdir / f"canary-{port}", port, backend.url)
+    elif name == "canary-proxy" or name in TELEMETRY_RATIOS:
+        telemetry = ""
+        if name in TELEMETRY_RATIOS:
+            sink = start_sink(children, workdir)
+            telemetry = _telemetry_section(sink.url, TELEMETRY_RATIOS[name])
+        config = _write_canary_config(workdir / f"canary-{port}", port, backend.url, telemetry)
         argv = [_canary_proxy_command(), "run", "-c", str(config), "--log-level", "warning"]
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -103,7 +154,7 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
     while name == "nginx" and len(pids) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
         pids = process_tree(process.pid)
-    return Running(name, f"http://127.0.0.1:{port}", tuple(pids))
+    return Running(name, f"http://127.0.0.1:{port}", tuple(pids), sink)
 
 
 def _nginx_argv(directory: Path, port: int, upstream_url: str) -> list[str]:
@@ -125,8 +176,13 @@ def _nginx_argv(directory: Path, port: int, upstream_url: str) -> list[str]:
     return ["nginx", "-p", str(directory), "-c", str(conf), "-e", error_log]
 
 
-def _write_canary_config(directory: Path, port: int, backend_url: str) -> Path:
-    """One route, stable and canary both the fake backend, 50/50 by x-user-id."""
+def _telemetry_section(endpoint: str, ratio: float) -> str:
+    return f'telemetry: {{otlp_endpoint: "{endpoint}", trace_sample_ratio: {ratio:g}}}\n'
+
+
+def _write_canary_config(directory: Path, port: int, backend_url: str, telemetry: str = "") -> Path:
+    """One route, stable and canary both the fake backend, 50/50 by x-user-id; then
+    `telemetry`, a config section (empty: no OTLP export; metrics are recorded anyway)."""
     directory.mkdir()
     config = directory / "canary.yaml"
     config.write_text(
@@ -144,7 +200,7 @@ routes:
     sticky: {{keys: ["header:x-user-id"]}}
     rollout: {{weight: 50}}
 state: {{store: sqlite, path: "{directory / "canary-state.db"}"}}
-"""
+{telemetry}"""
     )
     return config
 
