@@ -3,20 +3,22 @@
 Rules:
 1. It listens on `admin.listen` (loopback by default) and nowhere else; the public
    port never answers these paths (it forwards every path to a backend).
-2. `GET` endpoints are open; the mutating endpoints of later versions need the bearer
-   token when `admin.token_env` is set.
+2. `GET` endpoints are open; `POST` endpoints need `Authorization: Bearer <token>`
+   when `admin.token_env` is set (compared in constant time).
 3. The status page reads the same window stats as the rollout judge.
 """
 
 from __future__ import annotations
 
 import datetime
+import hmac
 import json
 from typing import Final, Protocol
 
 from aiohttp import web
 
 from proxy import __version__
+from proxy.reload import ReloadOutcome, ReloadResult
 from proxy.routing import RouteTable
 from proxy.telemetry import Telemetry
 
@@ -41,6 +43,14 @@ class AdminView(Protocol):
 
     @property
     def last_reload_error(self) -> str | None: ...
+
+    @property
+    def last_reload_at(self) -> float | None: ...
+
+    @property
+    def admin_token(self) -> str | None: ...
+
+    async def reload(self, reason: str) -> ReloadResult: ...
 
     @property
     def ready(self) -> bool: ...
@@ -74,6 +84,18 @@ def build_admin_app(view: AdminView) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         window_s = _window(request.query.get("window"))
         return web.json_response(status_document(view, window_s), dumps=_dumps)
+
+    @routes.post("/api/reload")
+    async def reload(request: web.Request) -> web.Response:
+        _authorize(request, view.admin_token)
+        result = await view.reload("POST /api/reload")
+        document = {
+            "outcome": result.outcome.value,
+            "version": result.version,
+            "problems": list(result.problems),
+        }
+        status = 400 if result.outcome is ReloadOutcome.FAILED else 200
+        return web.json_response(document, status=status, dumps=_dumps)
 
     app.add_routes(routes)
     return app
@@ -109,6 +131,7 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
             "version": config.version,
             "source": config.source,
             "loaded_at": _iso(view.loaded_at),
+            "last_reload_at": _iso(view.last_reload_at) if view.last_reload_at else None,
             "last_reload_error": view.last_reload_error,
         },
         "telemetry": {
@@ -123,6 +146,21 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
         "window_s": window_s,
         "routes": routes,
     }
+
+
+def _authorize(request: web.Request, token: str | None) -> None:
+    """A mutating call needs `Authorization: Bearer <token>` when the admin has a token."""
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise web.HTTPUnauthorized(
+            text='{"error": "this call needs Authorization: Bearer <admin token>"}\n',
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="canary-proxy admin"'},
+        )
 
 
 def _window(text: str | None) -> float:

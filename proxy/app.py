@@ -11,6 +11,12 @@ Rules:
    undoes what was started.
 5. Stopping closes the listener first, lets in-flight requests finish within the
    grace period, then closes the backends and flushes telemetry.
+6. A reload (file change, SIGHUP, `POST /api/reload`) parses and validates the new
+   config whole, then swaps it in with one assignment (`Forwarder.snapshot`):
+   requests in flight finish on the snapshot they started with, streams run to their
+   end on their connections, unchanged backends keep their pools. An invalid config
+   changes nothing; its error goes to the log, `/api/status` and
+   `canary.config.reloads{result="failure"}` until a valid one replaces it.
 """
 
 from __future__ import annotations
@@ -19,16 +25,19 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Sequence
 from typing import Final
 
 from aiohttp import web
 
 from proxy.admin import build_admin_app
+from proxy.config import ConfigError, content_version, load_config
 from proxy.config.model import Config, ListenAddress
 from proxy.deadlines import Deadlines
 from proxy.exporter import OtlpExporter
-from proxy.forwarding import Forwarder
+from proxy.forwarding import Forwarder, Snapshot
 from proxy.metrics import Gauges
+from proxy.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
 from proxy.routing import RouteTable
 from proxy.telemetry import Telemetry
 from proxy.upstreams import Upstreams
@@ -41,21 +50,27 @@ _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 class ProxyServer:
-    """A running proxy for one config. `start()` binds and returns the public port."""
+    """A running proxy for one config. `start()` binds and returns the public port.
 
-    def __init__(self, config: Config) -> None:
+    With `watch=True` and a config read from a file, the file is watched for changes.
+    """
+
+    def __init__(self, config: Config, *, watch: bool = False) -> None:
         self.config = config
         self.telemetry = Telemetry(config)
         self.loaded_at = time.time()
         self.last_reload_error: str | None = None
+        self.last_reload_at: float | None = None
         self.port: int | None = None
         self.admin_port: int | None = None
+        self._watch = watch
+        self._watcher: ConfigWatcher | None = None
         self._forwarder: Forwarder | None = None
-        self._upstreams: Upstreams | None = None
         self._deadlines: Deadlines | None = None
         self._exporter: OtlpExporter | None = None
         self._runners: list[web.BaseRunner] = []
         self._draining = False
+        self._reloading = asyncio.Lock()
 
     # --- what the admin port reads (proxy.admin.AdminView) --------------------------------
 
@@ -71,6 +86,10 @@ class ProxyServer:
     def now(self) -> float:
         return asyncio.get_running_loop().time()
 
+    @property
+    def admin_token(self) -> str | None:
+        return self.config.admin.token
+
     def gauges(self) -> Gauges:
         return self.telemetry.gauges(self.table.weights)
 
@@ -85,17 +104,11 @@ class ProxyServer:
 
     async def _start(self) -> int:
         config = self.config
-        self._upstreams = Upstreams(config.backends)
         self._deadlines = Deadlines()
         self._deadlines.start()
-        self._forwarder = Forwarder(
-            RouteTable.build(config), self._upstreams, self._deadlines, self.telemetry
-        )
-        if config.telemetry.otlp_endpoint is not None:
-            self._exporter = OtlpExporter(
-                config.telemetry.otlp_endpoint, self.telemetry, self.gauges
-            )
-            self._exporter.start()
+        snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
+        self._forwarder = Forwarder(snapshot, self._deadlines, self.telemetry)
+        self._start_exporter(config)
         admin = web.AppRunner(build_admin_app(self), access_log=None)
         self.admin_port = await self._listen(admin, config.admin.listen)
         public = web.ServerRunner(
@@ -108,7 +121,16 @@ class ProxyServer:
             shutdown_timeout=config.shutdown_grace_s,
         )
         self.port = await self._listen(public, config.listen)
+        if self._watch:
+            self._watcher = ConfigWatcher(config.source, config.version, self._file_changed)
+            self._watcher.start()
         return self.port
+
+    def _start_exporter(self, config: Config) -> None:
+        endpoint = config.telemetry.otlp_endpoint
+        if endpoint is not None:
+            self._exporter = OtlpExporter(endpoint, self.telemetry, self.gauges)
+            self._exporter.start()
 
     async def _listen(self, runner: web.BaseRunner, address: ListenAddress) -> int:
         await runner.setup()
@@ -119,18 +141,100 @@ class ProxyServer:
 
     async def stop(self) -> None:
         self._draining = True
+        if self._watcher is not None:
+            await self._watcher.stop()
+            self._watcher = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
-        if self._upstreams is not None:
-            await self._upstreams.close()
-            self._upstreams = None
+        if self._forwarder is not None:
+            await self._forwarder.snapshot.upstreams.close()
         if self._deadlines is not None:
             await self._deadlines.stop()
             self._deadlines = None
         if self._exporter is not None:
             await self._exporter.stop()
             self._exporter = None
+
+    # --- reload -------------------------------------------------------------------------
+
+    async def reload(self, reason: str) -> ReloadResult:
+        """Read the config file again and apply it whole, or change nothing."""
+        async with self._reloading:
+            current = self.config
+            path = current.source
+            try:
+                new = load_config(path)
+            except ConfigError as error:
+                self._remember_file(path)
+                return self._reload_failed(reason, error.problems)
+            if self._watcher is not None:
+                self._watcher.seen(new.version)
+            if new.version == current.version:
+                self.last_reload_error = None
+                return ReloadResult(ReloadOutcome.UNCHANGED, current.version)
+            problems = changes_needing_restart(current, new)
+            if problems:
+                return self._reload_failed(reason, problems)
+            await self._apply(new)
+            log.info(
+                "config reloaded (%s): version %s -> %s; weights %s",
+                reason,
+                current.version,
+                new.version,
+                ", ".join(f"{name} {weight:g}%" for name, weight in self.table.weights.items()),
+            )
+            return ReloadResult(ReloadOutcome.APPLIED, new.version)
+
+    async def _apply(self, new: Config) -> None:
+        forwarder = self._forwarder
+        assert forwarder is not None
+        old = forwarder.snapshot
+        upstreams, retired = old.upstreams.rebuilt(new.backends)
+        table = RouteTable.build(new, self._weights_after_reload(old.table, new))
+        endpoint_changed = new.telemetry.otlp_endpoint != self.config.telemetry.otlp_endpoint
+        self.telemetry.reconfigure(new)
+        forwarder.snapshot = Snapshot(table, upstreams)  # the swap: requests from now on
+        self.config = new
+        self.loaded_at = self.last_reload_at = time.time()
+        self.last_reload_error = None
+        self.telemetry.metrics.record_reload("success")
+        for pool in retired:
+            await pool.close()  # busy connections close when their exchange ends
+        if endpoint_changed:
+            if self._exporter is not None:
+                await self._exporter.stop()
+                self._exporter = None
+            self._start_exporter(new)
+
+    def _weights_after_reload(self, old: RouteTable, new: Config) -> dict[str, float]:
+        """The weights to serve under `new`: its own (the rollout controller refines this)."""
+        return {route.name: route.rollout.weight for route in new.routes}
+
+    def _reload_failed(self, reason: str, problems: Sequence[str]) -> ReloadResult:
+        self.last_reload_error = "; ".join(problems)
+        self.last_reload_at = time.time()
+        self.telemetry.metrics.record_reload("failure")
+        log.error(
+            "config reload (%s) failed; the config in force (version %s) keeps serving:\n  %s",
+            reason,
+            self.config.version,
+            "\n  ".join(problems),
+        )
+        return ReloadResult(ReloadOutcome.FAILED, self.config.version, tuple(problems))
+
+    def _remember_file(self, path: str) -> None:
+        """Tell the watcher the file's current content was seen (and rejected)."""
+        if self._watcher is None:
+            return
+        try:
+            with open(path, "rb") as file:
+                self._watcher.seen(content_version(file.read()))
+        except OSError:
+            pass
+
+    async def _file_changed(self) -> None:
+        await self.reload("file changed")
 
 
 def _bound_port(runner: web.BaseRunner) -> int:
@@ -140,9 +244,9 @@ def _bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the proxy is not listening on a TCP port")
 
 
-async def serve(config: Config) -> None:
-    """Run the proxy until SIGINT or SIGTERM."""
-    server = ProxyServer(config)
+async def serve(config: Config, *, watch: bool = True) -> None:
+    """Run the proxy until SIGINT or SIGTERM; reload on SIGHUP (and file changes if `watch`)."""
+    server = ProxyServer(config, watch=watch)
     port = await server.start()
     log.info(
         "canary-proxy listening on http://%s:%d, admin on http://%s:%d (config %s from %s, "
@@ -160,10 +264,18 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[ReloadResult]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(server.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         await stop.wait()
         log.info("stopping: finishing requests in flight (up to %gs)", config.shutdown_grace_s)
     finally:
-        for sig in _STOP_SIGNALS:
+        for sig in (*_STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         await server.stop()

@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _fail("--workers other than 1 is not available yet")
     _configure_logging(args.log_level)
     try:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, watch=not args.no_watch))
     except OSError as exc:
         _fail(f"cannot listen on {config.listen}: {_os_reason(exc)}")
     except KeyboardInterrupt:
@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
     run.add_argument(
         "--workers", type=_positive_int, default=1, metavar="N", help="processes sharing the port"
+    )
+    run.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="do not reload when the config file changes (SIGHUP and POST /api/reload still do)",
     )
     run.add_argument(
         "--log-level",

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -53,7 +54,7 @@ from proxy.telemetry import Exchange, Telemetry
 from proxy.tracing import format_traceparent
 from proxy.upstreams import Upstreams
 
-__all__ = ["FALLBACK", "Forwarder", "error_response"]
+__all__ = ["FALLBACK", "Forwarder", "Snapshot", "error_response"]
 
 log = logging.getLogger("proxy.forwarding")
 
@@ -67,18 +68,20 @@ _SMALL_BODY_BYTES: Final = 64 * 1024
 Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on, or none
 
 
-class Forwarder:
-    """The request handler of the public port. `table` is swapped whole to change routing."""
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a request reads once and finishes on, whatever is swapped in meanwhile:
+    the routes with the weights in force, and the backends' connection pools."""
 
-    def __init__(
-        self,
-        table: RouteTable,
-        upstreams: Upstreams,
-        deadlines: Deadlines,
-        telemetry: Telemetry,
-    ) -> None:
-        self.table = table
-        self.upstreams = upstreams
+    table: RouteTable
+    upstreams: Upstreams
+
+
+class Forwarder:
+    """The request handler of the public port. `snapshot` is swapped whole to change routing."""
+
+    def __init__(self, snapshot: Snapshot, deadlines: Deadlines, telemetry: Telemetry) -> None:
+        self.snapshot = snapshot
         self.deadlines = deadlines
         self.telemetry = telemetry
         self.in_flight = 0
@@ -86,24 +89,29 @@ class Forwarder:
         self._id_prefix = os.urandom(4).hex()
         self._id_counter = itertools.count(1)
 
+    @property
+    def table(self) -> RouteTable:
+        return self.snapshot.table
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        table = self.table
+        snapshot = self.snapshot
         telemetry = self.telemetry
         headers = request.headers
         exchange = Exchange(
             request.method, request.path, self._time(), telemetry.begin(headers.get("traceparent"))
         )
+        exchange.config_version = snapshot.table.config.version
         request_id = headers.get(REQUEST_ID) or f"{self._id_prefix}-{next(self._id_counter):x}"
         status = _CLIENT_GONE
         try:
-            if self.in_flight >= table.config.limits.max_concurrency:
+            if self.in_flight >= snapshot.table.config.limits.max_concurrency:
                 response: web.StreamResponse = error_response(
                     Overloaded("too many requests in flight"), request_id
                 )
             else:
                 self.in_flight += 1
                 try:
-                    response = await self._serve(request, table, request_id, exchange)
+                    response = await self._serve(request, snapshot, request_id, exchange)
                 finally:
                     self.in_flight -= 1
             status = response.status
@@ -112,12 +120,12 @@ class Forwarder:
             telemetry.request_done(exchange, status, self._time())
 
     async def _serve(
-        self, request: web.BaseRequest, table: RouteTable, request_id: str, exchange: Exchange
+        self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange
     ) -> web.StreamResponse:
         try:
             # Opening and relaying are two calls, not one inside the other, so that a
             # long stream keeps only this frame and the relay's alive.
-            opened = await self._open(request, table, request_id, exchange)
+            opened = await self._open(request, snapshot, request_id, exchange)
         except ProxyError as error:
             return error_response(error, request_id, exchange.variant)
         if isinstance(opened, web.StreamResponse):
@@ -141,9 +149,10 @@ class Forwarder:
         return response
 
     async def _open(
-        self, request: web.BaseRequest, table: RouteTable, request_id: str, exchange: Exchange
+        self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange
     ) -> Opened | web.Response:
         """Route, assign and send: the first bytes of an answer, or an error response."""
+        table = snapshot.table
         config = table.config
         body = RequestBody(request, config.limits.max_body_bytes)
         plan = match_route(table, request.path, None)
@@ -171,6 +180,7 @@ class Forwarder:
                 request,
                 request_id,
                 peer_trusted,
+                snapshot.upstreams,
                 plan,
                 exchange,
                 payload,
@@ -188,6 +198,7 @@ class Forwarder:
                 request,
                 request_id,
                 peer_trusted,
+                snapshot.upstreams,
                 plan,
                 exchange,
                 await _payload(body, plan, variant, buffer=True),
@@ -203,6 +214,7 @@ class Forwarder:
         request: web.BaseRequest,
         request_id: str,
         peer_trusted: bool,
+        upstreams: Upstreams,
         plan: RoutePlan,
         exchange: Exchange,
         payload: Payload,
@@ -216,7 +228,7 @@ class Forwarder:
         """
         variant = exchange.variant
         assert variant is not None
-        pool = self.upstreams[plan.route.backend_of(variant)]
+        pool = upstreams[plan.route.backend_of(variant)]
         backend = pool.backend
         attempt = self.telemetry.new_attempt(exchange, variant, backend.name, self._time())
         attempt.fallback = exchange.fallback

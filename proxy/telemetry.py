@@ -99,6 +99,7 @@ class Exchange:
     __slots__ = (
         "assignment",
         "body",
+        "config_version",
         "fallback",
         "http_route",
         "method",
@@ -121,6 +122,7 @@ class Exchange:
         self.assignment: Assignment | None = None
         self.body: bytes | None = None  # the request body, when it was read
         self.fallback = False
+        self.config_version = ""  # of the config the request started on
         self.user_agent: str | None = None
 
 
@@ -147,6 +149,13 @@ class Telemetry:
         self.export_failures = 0
         self.last_export_error: str | None = None
         self.batch_ready: asyncio.Event | None = None  # set by the exporter, to be woken
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config: its sampling and service name, for what comes next."""
+        self.config = config
+        self.tracing = config.telemetry.otlp_endpoint is not None
+        self.sample_ratio = config.telemetry.trace_sample_ratio
+        self.resource[0] = ("service.name", config.telemetry.service_name)
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -226,6 +235,7 @@ class Telemetry:
         assignment = exchange.assignment
         static_key = (
             "client",
+            exchange.config_version,
             exchange.route,
             attempt.variant,
             attempt.fallback,
@@ -298,6 +308,7 @@ class Telemetry:
         assignment = exchange.assignment
         static_key = (
             "server",
+            exchange.config_version,
             exchange.route,
             exchange.variant,
             exchange.fallback,
@@ -349,7 +360,7 @@ class Telemetry:
         pairs: list[tuple[str, AttributeValue]] = [
             ("canary.route", exchange.route),
             ("canary.variant", variant.value),
-            ("canary.config_version", self.config.version),
+            ("canary.config_version", exchange.config_version),
             ("canary.fallback", fallback),
             ("feature_flag.key", exchange.route),
             ("feature_flag.result.variant", variant.value),

@@ -4,6 +4,8 @@ Rules:
 1. One pool per backend per process (never a connection per request).
 2. Nothing is changed on the way through: no cookie jar, no decompression, no
    redirects followed, no header the client did not send (see `proxy.headers`).
+3. On a reload, a backend whose settings did not change keeps its pool; a retired
+   pool is closed, and its connections still busy close when their exchange ends.
 """
 
 from __future__ import annotations
@@ -20,10 +22,28 @@ __all__ = ["Upstreams"]
 class Upstreams:
     """The open pools by backend name."""
 
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
-        self._by_name: Mapping[str, BackendPool] = MappingProxyType(
-            {name: BackendPool(backend) for name, backend in backends.items()}
-        )
+    def __init__(self, pools: Mapping[str, BackendPool]) -> None:
+        self._by_name: Mapping[str, BackendPool] = MappingProxyType(dict(pools))
+
+    @classmethod
+    def open(cls, backends: Mapping[str, Backend]) -> Upstreams:
+        return cls({name: BackendPool(backend) for name, backend in backends.items()})
+
+    def rebuilt(self, backends: Mapping[str, Backend]) -> tuple[Upstreams, list[BackendPool]]:
+        """Pools for a new config: a backend whose settings did not change keeps its pool
+        (and its kept-alive connections). Also returns the pools no longer used, for the
+        caller to close once the new ones serve."""
+        pools = {}
+        for name, backend in backends.items():
+            current = self._by_name.get(name)
+            pools[name] = (
+                current
+                if current is not None and current.backend == backend
+                else (BackendPool(backend))
+            )
+        kept = {id(pool) for pool in pools.values()}
+        retired = [pool for pool in self._by_name.values() if id(pool) not in kept]
+        return Upstreams(pools), retired
 
     def __getitem__(self, name: str) -> BackendPool:
         return self._by_name[name]

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from proxy.app import ProxyServer
-from proxy.config import parse_config
+from proxy.config import load_config, parse_config
 
 _LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
 
@@ -120,6 +120,17 @@ class RunningProxy:
 
 
 @asynccontextmanager
+async def running_proxy_file(path: str, *, watch: bool = True) -> AsyncIterator[RunningProxy]:
+    """A proxy serving the config file at `path`, watching it for changes."""
+    server = ProxyServer(load_config(path), watch=watch)
+    await server.start()
+    try:
+        yield RunningProxy(server)
+    finally:
+        await server.stop()
+
+
+@asynccontextmanager
 async def running_proxy(
     yaml_text: str, environ: dict[str, str] | None = None
 ) -> AsyncIterator[RunningProxy]:
@@ -135,6 +146,18 @@ async def running_proxy(
 async def _get_json(url: str) -> Any:
     async with aiohttp.ClientSession() as session, session.get(url) as response:
         return json.loads(await response.read())
+
+
+async def until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll a condition until it holds or `timeout_s` passes; whether it holds."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        await asyncio.sleep(0.05)
+    return condition()
 
 
 async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> Any:

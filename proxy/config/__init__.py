@@ -49,7 +49,7 @@ from proxy.config.model import (
     TimeWindow,
     Variant,
 )
-from proxy.config.parse import load_config, parse_config, parse_key_source
+from proxy.config.parse import content_version, load_config, parse_config, parse_key_source
 from proxy.config.summary import summarize
 from proxy.errors import ConfigError
 
@@ -83,6 +83,7 @@ __all__ = [
     "TimeWindow",
     "Timeouts",
     "Variant",
+    "content_version",
     "load_config",
     "parse_config",
     "parse_key_source",

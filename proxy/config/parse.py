@@ -40,7 +40,7 @@ from proxy.config.routes import read_routes
 from proxy.config.yaml_tree import load_yaml
 from proxy.errors import ConfigError
 
-__all__ = ["load_config", "parse_config", "parse_key_source"]
+__all__ = ["content_version", "load_config", "parse_config", "parse_key_source"]
 
 TOP_KEYS = (
     "listen",
@@ -61,6 +61,11 @@ VERSION_HEX_DIGITS = 12
 _DEFAULT_CONFIG = Config(backends=MappingProxyType({}), routes=())
 _DEFAULT_BACKEND = Backend(name="", url="", origin="", base_path="")
 _ANY_HOST = ("0.0.0.0", "::", "*")
+
+
+def content_version(data: bytes) -> str:
+    """The version of a config: the first 12 hex digits of the SHA-256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()[:VERSION_HEX_DIGITS]
 
 
 def load_config(
@@ -99,7 +104,7 @@ def parse_config(
         ConfigError: with every problem found, each `path: message`.
     """
     data = text.encode() if isinstance(text, str) else text
-    version = hashlib.sha256(data).hexdigest()[:VERSION_HEX_DIGITS]
+    version = content_version(data)
     tree, problems = load_yaml(data)
     root = Reader(tree, problems=problems)
     config = _read_config(root, os.environ if environ is None else environ)
