@@ -18,8 +18,10 @@ from typing import Final, Protocol
 from aiohttp import web
 
 from proxy import __version__
+from proxy.controller import Controller, StoreUnavailable, UnknownRoute
 from proxy.reload import ReloadOutcome, ReloadResult
-from proxy.routing import RouteTable
+from proxy.rollout import OperatorAction, RouteState, TransitionRefused
+from proxy.routing import RouteTable, bucket_of, canary_from_weight, choose_variant
 from proxy.telemetry import Telemetry
 
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
@@ -51,6 +53,9 @@ class AdminView(Protocol):
     def admin_token(self) -> str | None: ...
 
     async def reload(self, reason: str) -> ReloadResult: ...
+
+    @property
+    def controller(self) -> Controller: ...
 
     @property
     def ready(self) -> bool: ...
@@ -97,8 +102,72 @@ def build_admin_app(view: AdminView) -> web.Application:
         status = 400 if result.outcome is ReloadOutcome.FAILED else 200
         return web.json_response(document, status=status, dumps=_dumps)
 
+    @routes.post("/api/routes/{name}/{action}")
+    async def operate(request: web.Request) -> web.Response:
+        _authorize(request, view.admin_token)
+        name, action_text = request.match_info["name"], request.match_info["action"]
+        try:
+            action = OperatorAction(action_text)
+        except ValueError:
+            actions = ", ".join(a.value for a in OperatorAction)
+            return _error(404, f"no action {action_text!r} (actions: {actions})")
+        try:
+            state = await view.controller.operate(name, action)
+        except UnknownRoute:
+            return _error(404, f"no route named {name!r}")
+        except TransitionRefused as exc:
+            return _error(409, str(exc))
+        except StoreUnavailable as exc:
+            return _error(503, f"the state store is unavailable: {exc}")
+        return web.json_response(_route_state(state), dumps=_dumps)
+
+    @routes.get("/api/assign")
+    async def assign_key(request: web.Request) -> web.Response:
+        name, key = request.query.get("route"), request.query.get("key")
+        if name is None or key is None:
+            return _error(400, "give route= and key=")
+        plan = view.table.by_name.get(name)
+        if plan is None:
+            return _error(404, f"no route named {name!r}")
+        bucket = bucket_of(plan.route.sticky.salt, key)
+        return web.json_response(
+            {
+                "route": name,
+                "weight": plan.weight,
+                "bucket": bucket,
+                "variant": choose_variant(bucket, plan.threshold).value,
+                "canary_from_weight": canary_from_weight(bucket),
+            },
+            dumps=_dumps,
+        )
+
     app.add_routes(routes)
     return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status, dumps=_dumps)
+
+
+def _route_state(state: RouteState, decisions: int = 5) -> dict[str, object]:
+    """A route's rollout state for the API: its last decisions, newest first."""
+    return {
+        "status": state.status.value,
+        "weight": state.weight,
+        "step": state.step,
+        "passes": state.passes,
+        "failures": state.failures,
+        "step_started_at": _iso(state.step_started_at) if state.step_started_at else None,
+        "last_verdict": (
+            {**state.verdict, "at": _iso(float(state.verdict["at"]))}  # type: ignore[arg-type]
+            if state.verdict is not None
+            else None
+        ),
+        "decisions": [
+            {**decision.to_mapping(), "at": _iso(decision.at)}
+            for decision in reversed(state.decisions[-decisions:])
+        ],
+    }
 
 
 def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[str, object]:
@@ -108,14 +177,23 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
     telemetry = view.telemetry
     now = view.now()
     routes = []
+    controller = view.controller
     for plan in table.plans:
         route = plan.route
+        state = controller.states.get(route.name)
+        auto = route.rollout.auto
         routes.append(
             {
                 "name": route.name,
                 "stable": route.stable,
                 "canary": route.canary,
                 "weight": plan.weight,
+                "rollout": {
+                    **(_route_state(state) if state is not None else {}),
+                    "steps": list(auto.steps) if auto is not None else None,
+                    "interval_s": auto.interval_s if auto is not None else None,
+                    "next_judgement_in_s": controller.next_judgement_in(route.name),
+                },
                 "variants": {
                     variant: telemetry.stats.window(
                         route.name, variant, now - window_s, now
@@ -142,6 +220,11 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
             "spans_queued": telemetry.queued_spans,
             "export_failures": telemetry.export_failures,
             "last_export_error": telemetry.last_export_error,
+        },
+        "controller": {
+            "leader": controller.leader,
+            "state_store": config.state.store.value,
+            "store_error": controller.store_error,
         },
         "window_s": window_s,
         "routes": routes,

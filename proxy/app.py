@@ -25,7 +25,7 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from aiohttp import web
@@ -33,6 +33,7 @@ from aiohttp import web
 from proxy.admin import build_admin_app
 from proxy.config import ConfigError, content_version, load_config
 from proxy.config.model import Config, ListenAddress
+from proxy.controller import Controller
 from proxy.deadlines import Deadlines
 from proxy.exporter import OtlpExporter
 from proxy.forwarding import Forwarder, Snapshot
@@ -71,6 +72,7 @@ class ProxyServer:
         self._runners: list[web.BaseRunner] = []
         self._draining = False
         self._reloading = asyncio.Lock()
+        self.controller = Controller(self)
 
     # --- what the admin port reads (proxy.admin.AdminView) --------------------------------
 
@@ -84,11 +86,23 @@ class ProxyServer:
         return self._forwarder is not None and not self._draining
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        """Wall-clock seconds, the clock of the window stats and of the rollout state."""
+        return time.time()
 
     @property
     def admin_token(self) -> str | None:
         return self.config.admin.token
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Serve these weights from the next request on (the controller's decisions)."""
+        forwarder = self._forwarder
+        if forwarder is None:
+            return
+        snapshot = forwarder.snapshot
+        current = snapshot.table.weights
+        if all(current.get(name) == weight for name, weight in weights.items()):
+            return
+        forwarder.snapshot = Snapshot(snapshot.table.with_weights(weights), snapshot.upstreams)
 
     def gauges(self) -> Gauges:
         return self.telemetry.gauges(self.table.weights)
@@ -108,6 +122,7 @@ class ProxyServer:
         self._deadlines.start()
         snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
         self._forwarder = Forwarder(snapshot, self._deadlines, self.telemetry)
+        await self.controller.start()
         self._start_exporter(config)
         admin = web.AppRunner(build_admin_app(self), access_log=None)
         self.admin_port = await self._listen(admin, config.admin.listen)
@@ -144,6 +159,7 @@ class ProxyServer:
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
+        await self.controller.stop()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -191,7 +207,7 @@ class ProxyServer:
         assert forwarder is not None
         old = forwarder.snapshot
         upstreams, retired = old.upstreams.rebuilt(new.backends)
-        table = RouteTable.build(new, self._weights_after_reload(old.table, new))
+        table = RouteTable.build(new, await self.controller.config_changed(new))
         endpoint_changed = new.telemetry.otlp_endpoint != self.config.telemetry.otlp_endpoint
         self.telemetry.reconfigure(new)
         forwarder.snapshot = Snapshot(table, upstreams)  # the swap: requests from now on
@@ -206,10 +222,6 @@ class ProxyServer:
                 await self._exporter.stop()
                 self._exporter = None
             self._start_exporter(new)
-
-    def _weights_after_reload(self, old: RouteTable, new: Config) -> dict[str, float]:
-        """The weights to serve under `new`: its own (the rollout controller refines this)."""
-        return {route.name: route.rollout.weight for route in new.routes}
 
     def _reload_failed(self, reason: str, problems: Sequence[str]) -> ReloadResult:
         self.last_reload_error = "; ".join(problems)

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import sys
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from proxy import __version__
 from proxy.config import ConfigError, load_config, summarize
@@ -132,6 +133,52 @@ def _assignment_table(route: Route, weight: float, rows: list[dict[str, object]]
     return "\n".join(lines)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.admin.rstrip("/") + "/api/status"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            document = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        _fail(f"cannot read {url}: {reason}")
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(_status_table(document))
+    return 0
+
+
+def _status_table(document: dict[str, Any]) -> str:
+    config = document["config"]
+    lines = [f"config {config['version']} (loaded {config['loaded_at']})"]
+    if config.get("last_reload_error"):
+        lines.append(f"last reload failed: {config['last_reload_error']}")
+    rows = [("route", "stable", "canary", "weight", "status", "step", "last verdict and why")]
+    for route in document["routes"]:
+        rollout = route.get("rollout", {})
+        steps = rollout.get("steps")
+        step = f"{rollout.get('step', -1) + 1}/{len(steps)}" if steps else "-"
+        verdict = rollout.get("last_verdict")
+        why = f"{verdict['verdict']}: {verdict['reason']}" if verdict else "-"
+        rows.append(
+            (
+                route["name"],
+                route["stable"],
+                route["canary"],
+                f"{route['weight']:g}%",
+                rollout.get("status", "-"),
+                step,
+                why,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    lines.append("")
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row[:6], widths, strict=True)]
+        lines.append("  ".join([*cells, row[6]]).rstrip())
+    return "\n".join(lines)
+
+
 def cmd_fake_backend(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -221,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a config and print a summary")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
     check.set_defaults(handler=cmd_check)
+
+    status = commands.add_parser("status", help="the rollout table of a running proxy")
+    status.add_argument(
+        "--admin",
+        default="http://127.0.0.1:9090",
+        metavar="URL",
+        help="the proxy's admin address (default http://127.0.0.1:9090)",
+    )
+    status.add_argument("--json", action="store_true", help="print the status document as JSON")
+    status.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
+    status.set_defaults(handler=cmd_status)
 
     assign = commands.add_parser(
         "assign",

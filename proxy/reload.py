@@ -59,6 +59,8 @@ def changes_needing_restart(current: Config, new: Config) -> list[str]:
     problems = []
     if new.listen != current.listen:
         problems.append(f"listen: changing {current.listen} to {new.listen} needs a restart")
+    if new.state != current.state:
+        problems.append("state: changing where the rollout state lives needs a restart")
     if new.admin.listen != current.admin.listen:
         problems.append(
             f"admin.listen: changing {current.admin.listen} to {new.admin.listen} needs a restart"

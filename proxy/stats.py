@@ -13,6 +13,8 @@ Rules:
 2. A client that went away before the answer ended says nothing about the backend:
    such attempts are not recorded here (the metrics count them as cancelled).
 3. Slices older than the retention are dropped as new ones start.
+4. Times are wall-clock epoch seconds, so slice numbers mean the same instant in every
+   process and survive a restart.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from proxy.answer import AnswerFacts, read_facts, request_model
 from proxy.config.model import Config, Variant
 from proxy.metrics import Gauges, Metrics
 from proxy.otlp_wire import AttributeValue, attributes
+from proxy.rollout import Decision
 from proxy.routing import Assignment
 from proxy.stats import WindowStats
 from proxy.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
@@ -201,7 +202,7 @@ class Telemetry:
             self.stats.record(
                 attempt.route,
                 variant,
-                now,
+                time.time(),  # wall clock: slices line up across processes and restarts
                 duration_s,
                 ttft_s,
                 error_type,
@@ -216,6 +217,40 @@ class Telemetry:
         )
         if exchange.trace is not None:
             self._server_span(exchange, status, now)
+
+    # --- the rollout controller ---------------------------------------------------------
+
+    def record_judgement(self, route: str, verdict: str) -> None:
+        self.metrics.record_decision(route, verdict)
+
+    def record_decision(self, route: str, decision: Decision) -> None:
+        """A span of its own for a rollout decision, with the reason as an event."""
+        if not self.tracing:
+            return
+        now_ns = time.time_ns()
+        at_ns = int(decision.at * 1e9)
+        trace = TraceContext(new_span_id() << 64 | new_span_id(), None)
+        self._add_span(
+            encode_span(
+                trace.trace_id,
+                trace.server_span_id,
+                None,
+                f"canary.rollout {route}",
+                SpanKind.INTERNAL,
+                min(at_ns, now_ns),
+                now_ns,
+                [
+                    ("canary.route", route),
+                    ("canary.config_version", self.config.version),
+                    ("canary.rollout.cause", decision.cause),
+                    ("canary.rollout.action", decision.action),
+                    ("canary.rollout.status", decision.status.value),
+                    ("canary.weight.before", decision.weight_before),
+                    ("canary.weight.after", decision.weight_after),
+                ],
+                events=[(at_ns, "decision", [("canary.rollout.reason", decision.reason)])],
+            )
+        )
 
     # --- spans ----------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ _getrandbits = random.getrandbits  # as the OpenTelemetry SDK's RandomIdGenerato
 
 
 class SpanKind(IntEnum):
+    INTERNAL = 1
     SERVER = 2
     CLIENT = 3
 

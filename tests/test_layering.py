@@ -22,6 +22,10 @@ PURE = [
     "proxy/stats.py",
     "proxy/metrics.py",
     "proxy/telemetry.py",
+    "proxy/sequential.py",
+    "proxy/analysis.py",
+    "proxy/rollout.py",
+    "proxy/schedule.py",
     *sorted(str(p.relative_to(PACKAGE.parent)) for p in (PACKAGE / "config").glob("*.py")),
 ]
 EDGE_MODULES = {
@@ -39,6 +43,8 @@ EDGE_MODULES = {
     "proxy.deadlines",
     "proxy.exporter",
     "proxy.admin",
+    "proxy.controller",
+    "proxy.store",
     "proxy.fake_backend",
 }
 

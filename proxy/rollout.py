@@ -1,0 +1,552 @@
+"""The rollout state machine (SPEC §6): a route's state, and how events change it. Pure.
+
+States: `progressing` (ramping on evidence), `paused` (by an operator, or held after
+failures with `on_failure: hold`), `promoted` (reached 100), `rolled_back` (weight 0
+after failure), `manual` (no `auto`: the config's weight is served).
+
+Transitions are a table: (state, event) → handler. Events are a judgement (pass,
+fail, inconclusive), an operator's action (pause, resume, promote, rollback), and the
+config (reconciled at start and on every reload).
+
+Rules:
+1. `pass_intervals` passing judgements in a row move the weight to the next step;
+   past the last step the canary is promoted to 100. An inconclusive judgement
+   neither counts nor breaks the row. Below the first step there is no canary traffic
+   to judge, so the first step is taken without a judgement.
+2. `failure_limit` failing judgements in a row trigger `on_failure`: `rollback`
+   (weight 0, `rolled_back`) or `hold` (the weight stays, `paused`).
+3. Outside an `advance` schedule window steps do not go up; failures still count.
+4. A new canary (its backend, URL or model rewrite changed) starts at `steps[0]`.
+5. An edited `rollout.weight` is served at once, and an automatic rollout goes on
+   from there to the next step above it.
+6. `rolled_back` stays until the canary changes, the weight is edited, or an
+   operator resumes (from `steps[0]`).
+7. Every change is a `Decision` saying when, what, why, and with which numbers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Final
+
+from proxy.analysis import Judgement, Verdict
+from proxy.config.model import AutoRollout, Backend, OnFailure, Route, Variant
+
+__all__ = [
+    "Decision",
+    "OperatorAction",
+    "RouteState",
+    "Status",
+    "Transition",
+    "TransitionRefused",
+    "canary_identity",
+    "on_judgement",
+    "on_operator",
+    "reconcile",
+    "served_weight",
+]
+
+MAX_DECISIONS: Final = 20
+
+
+class Status(StrEnum):
+    PROGRESSING = "progressing"
+    PAUSED = "paused"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    MANUAL = "manual"
+
+
+class OperatorAction(StrEnum):
+    PAUSE = "pause"
+    RESUME = "resume"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
+class TransitionRefused(Exception):
+    """An operator's action that does not apply to the route's state (HTTP 409)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One change of a route's rollout, explained."""
+
+    at: float  # epoch seconds
+    cause: str  # pass | fail | inconclusive | operator | config
+    action: str  # advance | promote | rollback | hold | pause | resume | adopt | restart | ...
+    weight_before: float
+    weight_after: float
+    status: Status
+    reason: str
+    judgement: Mapping[str, object] | None = None
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "at": self.at,
+            "cause": self.cause,
+            "action": self.action,
+            "weight_before": self.weight_before,
+            "weight_after": self.weight_after,
+            "status": self.status.value,
+            "reason": self.reason,
+            "judgement": dict(self.judgement) if self.judgement is not None else None,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> Decision:
+        judgement = data.get("judgement")
+        return cls(
+            at=float(data["at"]),  # type: ignore[arg-type]
+            cause=str(data["cause"]),
+            action=str(data["action"]),
+            weight_before=float(data["weight_before"]),  # type: ignore[arg-type]
+            weight_after=float(data["weight_after"]),  # type: ignore[arg-type]
+            status=Status(str(data["status"])),
+            reason=str(data["reason"]),
+            judgement=judgement if isinstance(judgement, Mapping) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    """What the rollout of one route is, as stored and shared."""
+
+    route: str
+    status: Status
+    weight: float
+    step: int  # index into steps of the step reached; -1 below the first
+    passes: int = 0  # passing judgements in a row at this step
+    failures: int = 0  # failing judgements in a row
+    step_started_at: float = 0.0  # epoch seconds: the judge's window starts here
+    canary: str = ""  # canary_identity() of the canary this state is about
+    config_weight: float = 0.0  # the config's rollout.weight last adopted
+    decisions: tuple[Decision, ...] = field(default=())
+    verdict: Mapping[str, object] | None = None  # the last judgement, with its numbers
+    version: int = 0  # bumped by the store on every write (compare-and-set)
+
+    @property
+    def last_decision(self) -> Decision | None:
+        return self.decisions[-1] if self.decisions else None
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "route": self.route,
+            "status": self.status.value,
+            "weight": self.weight,
+            "step": self.step,
+            "passes": self.passes,
+            "failures": self.failures,
+            "step_started_at": self.step_started_at,
+            "canary": self.canary,
+            "config_weight": self.config_weight,
+            "decisions": [d.to_mapping() for d in self.decisions],
+            "verdict": dict(self.verdict) if self.verdict is not None else None,
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> RouteState:
+        decisions = data.get("decisions", [])
+        assert isinstance(decisions, list)
+        verdict = data.get("verdict")
+        return cls(
+            route=str(data["route"]),
+            status=Status(str(data["status"])),
+            weight=float(data["weight"]),  # type: ignore[arg-type]
+            step=int(data["step"]),  # type: ignore[call-overload]
+            passes=int(data["passes"]),  # type: ignore[call-overload]
+            failures=int(data["failures"]),  # type: ignore[call-overload]
+            step_started_at=float(data["step_started_at"]),  # type: ignore[arg-type]
+            canary=str(data["canary"]),
+            config_weight=float(data["config_weight"]),  # type: ignore[arg-type]
+            decisions=tuple(Decision.from_mapping(d) for d in decisions),
+            verdict=verdict if isinstance(verdict, Mapping) else None,
+            version=int(data.get("version", 0)),  # type: ignore[call-overload]
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    state: RouteState
+    decision: Decision | None  # None when nothing changed worth recording
+
+
+def canary_identity(route: Route, backends: Mapping[str, Backend]) -> str:
+    """What makes a canary the same canary: its backend's name and URL and its model."""
+    backend = backends[route.canary]
+    text = f"{backend.name}|{backend.url}|{route.model_rewrite.get(Variant.CANARY, '')}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def served_weight(state: RouteState, may_serve: bool) -> float:
+    """The weight requests get: the state's, or 0 outside a `serve` window."""
+    return state.weight if may_serve else 0.0
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+def reconcile(state: RouteState | None, route: Route, identity: str, now: float) -> Transition:
+    """The state of `route` under its (new) config, from the state it had, if any."""
+    auto = route.rollout.auto
+    config_weight = route.rollout.weight
+    if auto is None:
+        return _manual(state, route.name, config_weight, identity, now)
+    if state is None:
+        if config_weight > 0:
+            return _adopt(
+                state,
+                route.name,
+                auto,
+                config_weight,
+                config_weight,
+                identity,
+                now,
+                "the config's weight",
+            )
+        return _restart(
+            state,
+            route.name,
+            auto,
+            config_weight,
+            identity,
+            now,
+            "a new canary starts at the first step",
+        )
+    if state.canary != identity:
+        return _restart(
+            state,
+            route.name,
+            auto,
+            config_weight,
+            identity,
+            now,
+            "a new canary starts at the first step",
+        )
+    if state.config_weight != config_weight:
+        return _adopt(
+            state,
+            route.name,
+            auto,
+            config_weight,
+            config_weight,
+            identity,
+            now,
+            f"the config's weight was edited to {config_weight:g}%",
+        )
+    if state.status is Status.MANUAL:
+        return _adopt(
+            state,
+            route.name,
+            auto,
+            state.weight,
+            config_weight,
+            identity,
+            now,
+            "an automatic rollout was configured",
+        )
+    # The same canary and weight: keep the state, with the steps re-read.
+    return Transition(replace(state, step=_step_of(auto, state.weight)), None)
+
+
+def _manual(
+    state: RouteState | None, route: str, config_weight: float, identity: str, now: float
+) -> Transition:
+    weight = config_weight
+    if state is not None and state.status is Status.MANUAL and state.config_weight == config_weight:
+        weight = state.weight  # an operator's promote or rollback holds until the next edit
+    new = RouteState(
+        route,
+        Status.MANUAL,
+        weight,
+        -1,
+        step_started_at=now,
+        canary=identity,
+        config_weight=config_weight,
+        decisions=state.decisions if state is not None else (),
+        version=state.version if state is not None else 0,
+    )
+    if state is None or (state.status, state.weight, state.canary) == (
+        Status.MANUAL,
+        weight,
+        identity,
+    ):
+        return Transition(new, None)  # nothing changed worth a decision
+    return _record(
+        new,
+        state,
+        now,
+        "config",
+        "manual",
+        f"weight {weight:g}% from the config (no automatic rollout)",
+    )
+
+
+def _restart(
+    state: RouteState | None,
+    route: str,
+    auto: AutoRollout,
+    config_weight: float,
+    identity: str,
+    now: float,
+    why: str,
+) -> Transition:
+    weight = auto.steps[0]
+    new = RouteState(
+        route,
+        Status.PROGRESSING,
+        weight,
+        0,
+        step_started_at=now,
+        canary=identity,
+        config_weight=config_weight,
+        decisions=state.decisions if state is not None else (),
+        version=state.version if state is not None else 0,
+    )
+    return _record(new, state, now, "config", "restart", f"weight {weight:g}%: {why}")
+
+
+def _adopt(
+    state: RouteState | None,
+    route: str,
+    auto: AutoRollout,
+    weight: float,
+    config_weight: float,
+    identity: str,
+    now: float,
+    why: str,
+) -> Transition:
+    new = RouteState(
+        route,
+        Status.PROGRESSING,
+        weight,
+        _step_of(auto, weight),
+        step_started_at=now,
+        canary=identity,
+        config_weight=config_weight,
+        decisions=state.decisions if state is not None else (),
+        version=state.version if state is not None else 0,
+    )
+    return _record(new, state, now, "config", "adopt", f"weight {weight:g}%: {why}")
+
+
+def _step_of(auto: AutoRollout, weight: float) -> int:
+    """The index of the highest step at or below `weight`, -1 below the first."""
+    return bisect.bisect_right(auto.steps, weight) - 1
+
+
+# --- judgements --------------------------------------------------------------------------
+
+
+def on_judgement(
+    state: RouteState, auto: AutoRollout, judgement: Judgement | None, now: float, may_advance: bool
+) -> Transition:
+    """What a judgement (None below the first step: nothing to judge) does to the state."""
+    if state.status is not Status.PROGRESSING:
+        return Transition(state, None)
+    if state.step < 0 or judgement is None:
+        if not may_advance:
+            return Transition(state, None)
+        return _advance(state, auto, now, "pass", None, "no canary traffic below the first step")
+    judged = replace(state, verdict={**judgement.to_mapping(), "at": now})
+    handler = _JUDGEMENT_TABLE[judgement.verdict]
+    return handler(judged, auto, judgement, now, may_advance)
+
+
+def _on_pass(
+    state: RouteState, auto: AutoRollout, judgement: Judgement, now: float, may_advance: bool
+) -> Transition:
+    passes = state.passes + 1
+    counted = replace(state, passes=passes, failures=0)
+    if passes < auto.pass_intervals:
+        return Transition(counted, None)
+    if not may_advance:
+        return Transition(counted, None)
+    return _advance(counted, auto, now, "pass", judgement, judgement.reason)
+
+
+def _on_fail(
+    state: RouteState, auto: AutoRollout, judgement: Judgement, now: float, may_advance: bool
+) -> Transition:
+    failures = state.failures + 1
+    counted = replace(state, failures=failures, passes=0)
+    if failures < auto.failure_limit:
+        return Transition(counted, None)
+    judgements = f"{failures} failing judgement{'s' if failures > 1 else ''}"
+    if auto.on_failure is OnFailure.ROLLBACK:
+        new = replace(counted, status=Status.ROLLED_BACK, weight=0.0, step=-1, failures=0)
+        return _record(
+            new,
+            state,
+            now,
+            "fail",
+            "rollback",
+            f"rolled back after {judgements}: {judgement.reason}",
+            judgement,
+        )
+    new = replace(counted, status=Status.PAUSED, failures=0)
+    return _record(
+        new,
+        state,
+        now,
+        "fail",
+        "hold",
+        f"held at {state.weight:g}% after {judgements}: {judgement.reason}",
+        judgement,
+    )
+
+
+def _on_inconclusive(
+    state: RouteState, auto: AutoRollout, judgement: Judgement, now: float, may_advance: bool
+) -> Transition:
+    return Transition(state, None)
+
+
+_JUDGEMENT_TABLE: Final[
+    dict[Verdict, Callable[[RouteState, AutoRollout, Judgement, float, bool], Transition]]
+] = {
+    Verdict.PASS: _on_pass,
+    Verdict.FAIL: _on_fail,
+    Verdict.INCONCLUSIVE: _on_inconclusive,
+}
+
+
+def _advance(
+    state: RouteState,
+    auto: AutoRollout,
+    now: float,
+    cause: str,
+    judgement: Judgement | None,
+    why: str,
+) -> Transition:
+    step = state.step + 1
+    if step >= len(auto.steps) or auto.steps[step] >= 100:
+        new = replace(
+            state,
+            status=Status.PROMOTED,
+            weight=100.0,
+            step=len(auto.steps) - 1,
+            passes=0,
+            failures=0,
+            step_started_at=now,
+        )
+        return _record(new, state, now, cause, "promote", f"promoted to 100%: {why}", judgement)
+    weight = auto.steps[step]
+    new = replace(state, weight=weight, step=step, passes=0, failures=0, step_started_at=now)
+    return _record(
+        new,
+        state,
+        now,
+        cause,
+        "advance",
+        f"weight {state.weight:g}% → {weight:g}%: {why}",
+        judgement,
+    )
+
+
+# --- operators ---------------------------------------------------------------------------
+
+
+def on_operator(
+    state: RouteState, auto: AutoRollout | None, action: OperatorAction, now: float
+) -> Transition:
+    """What an operator's action does; `TransitionRefused` when it does not apply."""
+    handler = _OPERATOR_TABLE.get((state.status, action))
+    if handler is None:
+        raise TransitionRefused(
+            f"cannot {action.value} route {state.route!r}: it is {state.status.value}"
+        )
+    return handler(state, auto, now)
+
+
+def _pause(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    new = replace(state, status=Status.PAUSED)
+    return _record(
+        new, state, now, "operator", "pause", f"paused by an operator at {state.weight:g}%"
+    )
+
+
+def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    assert auto is not None
+    if state.status is Status.ROLLED_BACK:
+        weight = auto.steps[0]
+        new = replace(
+            state,
+            status=Status.PROGRESSING,
+            weight=weight,
+            step=0,
+            passes=0,
+            failures=0,
+            step_started_at=now,
+        )
+        return _record(
+            new,
+            state,
+            now,
+            "operator",
+            "resume",
+            f"resumed by an operator from the first step, {weight:g}%",
+        )
+    new = replace(state, status=Status.PROGRESSING, passes=0, failures=0, step_started_at=now)
+    return _record(
+        new, state, now, "operator", "resume", f"resumed by an operator at {state.weight:g}%"
+    )
+
+
+def _promote(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    status = Status.MANUAL if state.status is Status.MANUAL else Status.PROMOTED
+    step = len(auto.steps) - 1 if auto is not None else -1
+    new = replace(
+        state, status=status, weight=100.0, step=step, passes=0, failures=0, step_started_at=now
+    )
+    return _record(new, state, now, "operator", "promote", "promoted to 100% by an operator")
+
+
+def _rollback(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    status = Status.MANUAL if state.status is Status.MANUAL else Status.ROLLED_BACK
+    new = replace(
+        state, status=status, weight=0.0, step=-1, passes=0, failures=0, step_started_at=now
+    )
+    return _record(new, state, now, "operator", "rollback", "rolled back to 0% by an operator")
+
+
+_AUTO_STATES: Final = (Status.PROGRESSING, Status.PAUSED, Status.PROMOTED, Status.ROLLED_BACK)
+_OPERATOR_TABLE: Final[
+    dict[
+        tuple[Status, OperatorAction], Callable[[RouteState, AutoRollout | None, float], Transition]
+    ]
+] = {
+    (Status.PROGRESSING, OperatorAction.PAUSE): _pause,
+    (Status.PAUSED, OperatorAction.RESUME): _resume,
+    (Status.ROLLED_BACK, OperatorAction.RESUME): _resume,
+    **{(status, OperatorAction.PROMOTE): _promote for status in (*_AUTO_STATES, Status.MANUAL)},
+    **{(status, OperatorAction.ROLLBACK): _rollback for status in (*_AUTO_STATES, Status.MANUAL)},
+}
+
+
+def _record(
+    new: RouteState,
+    old: RouteState | None,
+    now: float,
+    cause: str,
+    action: str,
+    reason: str,
+    judgement: Judgement | None = None,
+) -> Transition:
+    decision = Decision(
+        at=now,
+        cause=cause,
+        action=action,
+        weight_before=old.weight if old is not None else new.weight,
+        weight_after=new.weight,
+        status=new.status,
+        reason=reason,
+        judgement=judgement.to_mapping() if judgement is not None else None,
+    )
+    decisions = (*new.decisions, decision)[-MAX_DECISIONS:]
+    return Transition(replace(new, decisions=decisions), decision)

@@ -1,0 +1,171 @@
+"""The statistics the rollout judge uses: confidence bounds and always-valid tests. Pure.
+
+Two kinds of question are asked of a canary's numbers:
+
+- *Is it clearly worse than a limit?* (fail) A rollout looks at its data every
+  interval, for as long as it runs, and a fixed-sample test repeated that way would
+  cry wolf far more often than its nominal level. So the failing side uses the
+  mixture sequential probability ratio test (mSPRT; Robbins 1970, as used for A/B
+  tests by Johari et al. 2017, "Always valid inference"): its statistic Λ may be
+  checked after every request and still exceeds 1/α, under the null hypothesis, with
+  probability at most α over the whole sequence. The normal approximation and a
+  plug-in variance make this hold approximately, which the simulator measures.
+- *Is it clearly within the limit?* (pass) A wrong pass only moves a canary one step
+  up, where it meets more traffic and is judged again, so this side uses the
+  one-sided upper confidence bound of a fixed-sample interval at the route's
+  confidence: Wilson's score interval for a proportion, Newcombe's hybrid score
+  interval for a difference of two proportions (both behave well with few events).
+
+Latency quantiles are turned into proportions: "p95 ≤ T" is "at most 5% of requests
+take longer than T", so the same proportion tests apply to the count of requests
+above T, read from a log-bucketed histogram conservatively in each direction.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Final
+
+from proxy.histogram import LogHistogram
+
+__all__ = [
+    "above",
+    "difference_bounds",
+    "log_mixture_ratio",
+    "log_mixture_ratio_difference",
+    "quantile_bounds",
+    "wilson_bounds",
+    "z_score",
+]
+
+_NORMAL: Final = NormalDist()
+_PER_DOUBLING: Final = 8  # proxy.histogram's buckets per doubling
+
+
+def z_score(confidence: float) -> float:
+    """The one-sided normal quantile for `confidence` (0.95 → 1.645)."""
+    return _NORMAL.inv_cdf(confidence)
+
+
+def wilson_bounds(events: int, trials: int, confidence: float) -> tuple[float, float]:
+    """One-sided Wilson score bounds for a proportion (each side at `confidence`)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    z = z_score(confidence)
+    p = events / trials
+    z2 = z * z
+    centre = (p + z2 / (2 * trials)) / (1 + z2 / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials)) / (1 + z2 / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def difference_bounds(
+    events_a: int, trials_a: int, events_b: int, trials_b: int, confidence: float
+) -> tuple[float, float]:
+    """One-sided bounds for p_a − p_b by Newcombe's hybrid score method (his method 10)."""
+    if trials_a <= 0 or trials_b <= 0:
+        return -1.0, 1.0
+    p_a, p_b = events_a / trials_a, events_b / trials_b
+    low_a, high_a = wilson_bounds(events_a, trials_a, confidence)
+    low_b, high_b = wilson_bounds(events_b, trials_b, confidence)
+    difference = p_a - p_b
+    lower = difference - math.sqrt((p_a - low_a) ** 2 + (high_b - p_b) ** 2)
+    upper = difference + math.sqrt((high_a - p_a) ** 2 + (p_b - low_b) ** 2)
+    return max(-1.0, lower), min(1.0, upper)
+
+
+def log_mixture_ratio(events: int, trials: int, null: float, tau: float) -> float:
+    """log Λ of the one-sided mSPRT of H0: p ≤ `null` against p > `null`.
+
+    Observations are Bernoulli, taken as normal with the variance at the null
+    boundary; the mixing distribution over the effect is N(0, tau²). 0 when the
+    estimate is not above the null (the one-sided test never rejects there).
+    """
+    if trials <= 0:
+        return 0.0
+    estimate = events / trials
+    if estimate <= null:
+        return 0.0
+    variance = max(null * (1 - null), 1e-9) / trials  # of the estimate, under H0
+    return _log_lambda(estimate - null, variance, tau * tau)
+
+
+def log_mixture_ratio_difference(
+    events_a: int,
+    trials_a: int,
+    events_b: int,
+    trials_b: int,
+    null: float,
+    tau: float,
+) -> float:
+    """log Λ of the one-sided mSPRT of H0: p_a − p_b ≤ `null` against the excess.
+
+    The variance of the difference is estimated with the proportions smoothed by half
+    an event (so a run of zero errors does not make it vanish).
+    """
+    if trials_a <= 0 or trials_b <= 0:
+        return 0.0
+    difference = events_a / trials_a - events_b / trials_b
+    if difference <= null:
+        return 0.0
+    smooth_a = (events_a + 0.5) / (trials_a + 1)
+    smooth_b = (events_b + 0.5) / (trials_b + 1)
+    variance = smooth_a * (1 - smooth_a) / trials_a + smooth_b * (1 - smooth_b) / trials_b
+    return _log_lambda(difference - null, variance, tau * tau)
+
+
+def _log_lambda(excess: float, variance: float, tau2: float) -> float:
+    """log of sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²)))."""
+    return 0.5 * math.log(variance / (variance + tau2)) + (
+        tau2 * excess * excess / (2 * variance * (variance + tau2))
+    )
+
+
+def above(histogram: LogHistogram, threshold_s: float, *, surely: bool) -> int:
+    """How many recorded values exceed `threshold_s`.
+
+    With `surely`, only values whose whole bucket lies above the threshold count (a
+    lower count: the failing side). Without, every bucket that reaches above it
+    counts (a higher count: the passing side).
+    """
+    if threshold_s <= 0:
+        return histogram.count
+    position = math.log2(threshold_s) * _PER_DOUBLING
+    count = 0
+    for index, n in histogram.buckets.items():
+        # Bucket `index` holds (2^(index/8), 2^((index+1)/8)].
+        if (index >= position) if surely else (index + 1 > position):
+            count += n
+    return count
+
+
+def quantile_bounds(
+    histogram: LogHistogram, q: float, confidence: float
+) -> tuple[float | None, float | None]:
+    """Distribution-free one-sided bounds for the q-quantile, from order statistics.
+
+    The rank bounds come from the normal approximation to the binomial count below
+    the quantile; each is read at the conservative edge of its bucket. None where the
+    sample is too small to bound that side.
+    """
+    n = histogram.count
+    if n == 0:
+        return None, None
+    z = z_score(confidence)
+    spread = z * math.sqrt(n * q * (1 - q))
+    low_rank = math.floor(n * q - spread)
+    high_rank = math.ceil(n * q + spread) + 1
+    return (
+        _value_at_rank(histogram, low_rank, upper_edge=False) if low_rank >= 1 else None,
+        _value_at_rank(histogram, high_rank, upper_edge=True) if high_rank <= n else None,
+    )
+
+
+def _value_at_rank(histogram: LogHistogram, rank: int, *, upper_edge: bool) -> float:
+    seen = 0
+    for index in sorted(histogram.buckets):
+        seen += histogram.buckets[index]
+        if seen >= rank:
+            return float(2.0 ** ((index + (1 if upper_edge else 0)) / _PER_DOUBLING))
+    return float(2.0 ** ((max(histogram.buckets) + 1) / _PER_DOUBLING))
