@@ -98,6 +98,10 @@ class Controller:
             stored = await self._load()
             await self._reconcile(config, stored)
         self._host.set_weights(self.served_weights())
+        now = time.time()
+        for route in config.routes:
+            if route.rollout.auto is not None:
+                self._next_judgement[route.name] = now + route.rollout.auto.interval_s
         self._task = asyncio.get_running_loop().create_task(self._run(), name="rollout controller")
 
     async def stop(self) -> None:

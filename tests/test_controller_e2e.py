@@ -115,6 +115,15 @@ async def admin_json(proxy: RunningProxy, method: str, path: str, token: str | N
         return json.loads(body) if response.status == 200 else (response.status, body)
 
 
+async def until_judged(proxy: RunningProxy, timeout_s: float = 5) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if rollout(await status(proxy)).get("last_verdict"):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 def rollout(document: dict[str, Any]) -> dict[str, Any]:
     (route,) = document["routes"]
     return route["rollout"] | {"weight": route["weight"]}
@@ -362,7 +371,7 @@ async def test_the_status_command_prints_the_rollout_table(
     path = tmp_path / "proxy.yaml"
     write_config(path, stable.url, canary.url, min_requests=100_000)
     async with running_proxy_file(str(path)) as proxy:
-        await asyncio.sleep(1.5)  # one judgement
+        judged = await until_judged(proxy)
         result = await asyncio.to_thread(
             subprocess.run,
             [
@@ -377,6 +386,7 @@ async def test_the_status_command_prints_the_rollout_table(
             text=True,
             timeout=30,
         )
+    assert judged
     assert result.returncode == 0, result.stderr
     header, row = [
         line for line in result.stdout.splitlines() if line.startswith(("route", "chat"))
