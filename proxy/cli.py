@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import urllib.request
@@ -179,6 +180,66 @@ def _status_table(document: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from proxy.simulate import Policy, Scenario, render, simulate, summarize
+
+    config = _load(args.config)
+    route = config.route(args.route)
+    if route is None:
+        names = ", ".join(r.name for r in config.routes)
+        _fail(f"no route named {args.route!r} in {args.config} (routes: {names})")
+    if route.rollout.auto is None:
+        _fail(f"route {args.route!r} has no rollout.auto to simulate")
+    scenario = Scenario(
+        rps=args.rps,
+        stable_error_rate=args.stable_error_rate,
+        canary_error_rate=args.canary_error_rate,
+        canary_latency_ratio=args.canary_latency_ratio,
+        canary_ttft_ratio=args.canary_ttft_ratio,
+        stream_share=args.stream_share,
+        duration_s=args.hours * 3600,
+    )
+    summaries = [
+        summarize(policy, simulate(route, scenario, args.runs, args.seed, policy))
+        for policy in Policy
+    ]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "route": route.name,
+                    "scenario": vars(args) | {"handler": None},
+                    "results": [s.to_mapping() for s in summaries],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+        return 0
+    print(render(route, scenario, args.runs, args.seed, summaries))
+    return 0
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
 def cmd_fake_backend(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -309,6 +370,53 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests-per-user", type=_positive_int, default=3, metavar="N", help="default 3"
     )
     demo.set_defaults(handler=cmd_demo)
+
+    sim = commands.add_parser(
+        "simulate", help="replay synthetic traffic through the real judge, many rollouts"
+    )
+    sim.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+    sim.add_argument("--route", required=True, metavar="NAME", help="the route to simulate")
+    sim.add_argument(
+        "--rps", type=_positive, default=10.0, metavar="R", help="requests per second (default 10)"
+    )
+    sim.add_argument(
+        "--stable-error-rate", type=_share, default=0.01, metavar="P", help="default 0.01"
+    )
+    sim.add_argument(
+        "--canary-error-rate", type=_share, default=0.01, metavar="Q", help="default 0.01"
+    )
+    sim.add_argument(
+        "--canary-latency-ratio",
+        type=_positive,
+        default=1.0,
+        metavar="X",
+        help="canary latency over stable's (default 1)",
+    )
+    sim.add_argument(
+        "--canary-ttft-ratio",
+        type=_positive,
+        default=1.0,
+        metavar="X",
+        help="canary time to first token over stable's (default 1)",
+    )
+    sim.add_argument(
+        "--stream-share",
+        type=_share,
+        default=0.5,
+        metavar="S",
+        help="share of requests that stream (default 0.5)",
+    )
+    sim.add_argument(
+        "--hours",
+        type=_positive,
+        default=4.0,
+        metavar="H",
+        help="simulated time per run (default 4)",
+    )
+    sim.add_argument("--runs", type=_positive_int, default=1000, metavar="N", help="default 1000")
+    sim.add_argument("--seed", type=int, default=1, metavar="S", help="default 1")
+    sim.add_argument("--json", action="store_true", help="print JSON")
+    sim.set_defaults(handler=cmd_simulate)
 
     fake = commands.add_parser(
         "fake-backend", help="an OpenAI-compatible fake model server for demos and tests"
