@@ -258,8 +258,15 @@ def _manual(
     state: RouteState | None, route: str, config_weight: float, identity: str, now: float
 ) -> Transition:
     weight = config_weight
-    if state is not None and state.status is Status.MANUAL and state.config_weight == config_weight:
-        weight = state.weight  # an operator's promote or rollback holds until the next edit
+    if (
+        state is not None
+        and state.status is Status.MANUAL
+        and state.config_weight == config_weight
+        and state.canary == identity
+    ):
+        # An operator's promote or rollback holds until the next edit; a new canary
+        # starts from the config's weight, never from what the old one was given.
+        weight = state.weight
     new = RouteState(
         route,
         Status.MANUAL,

@@ -152,10 +152,13 @@ class SqliteStore:
     async def read_stats(
         self, route: str, variant: str, first_slice: int, last_slice: int
     ) -> VariantStats:
+        # Expired slices are deleted only on the next publish: skip them here, so a
+        # source that stopped publishing drops out when its slices expire (rule 3).
         rows = await self._run(
             lambda db: db.execute(
-                "SELECT data FROM stats WHERE route = ? AND variant = ? AND slice BETWEEN ? AND ?",
-                (route, variant, first_slice, last_slice),
+                "SELECT data FROM stats WHERE route = ? AND variant = ? "
+                "AND slice BETWEEN ? AND ? AND expires_at >= ?",
+                (route, variant, first_slice, last_slice, time.time()),
             ).fetchall()
         )
         total = VariantStats()

@@ -1,0 +1,279 @@
+"""proxy.store.sqlite on real files: compare-and-set state, the lease, shared stats."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from proxy.analysis import CheckResult, Judgement, Verdict
+from proxy.config.model import StateConfig, StateStoreKind
+from proxy.histogram import LogHistogram
+from proxy.rollout import Decision, RouteState, Status
+from proxy.stats import VariantStats
+from proxy.store import StatsSlice, open_store
+from proxy.store.sqlite import SqliteStore
+
+NOW = 1_800_000_000.0
+TTL_S = 60.0
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state" / "canary-state.db")
+
+
+@asynccontextmanager
+async def opened(path: str) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(path)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def route_state(route: str = "chat", weight: float = 5.0, step: int = 1) -> RouteState:
+    judgement = Judgement(
+        Verdict.PASS,
+        (CheckResult("error_rate", Verdict.PASS, 0.001, 0.002, 0.012, 800, 900, "within"),),
+        800,
+        900,
+        "within",
+    )
+    decision = Decision(
+        NOW,
+        "pass",
+        "advance",
+        1.0,
+        weight,
+        Status.PROGRESSING,
+        f"weight 1% → {weight:g}%: within",
+        judgement.to_mapping(),
+    )
+    return RouteState(
+        route,
+        Status.PROGRESSING,
+        weight,
+        step,
+        passes=1,
+        failures=0,
+        step_started_at=NOW,
+        canary="abc123",
+        config_weight=0.0,
+        decisions=(decision,),
+        verdict={**judgement.to_mapping(), "at": NOW},
+    )
+
+
+def variant_stats(requests: int, errors: int, latency_s: float) -> VariantStats:
+    stats = VariantStats()
+    for i in range(requests):
+        stats.record(latency_s, latency_s / 4, "timeout" if i < errors else None, 10)
+    return stats
+
+
+def stored_rows(path: str) -> int:
+    connection = sqlite3.connect(path)
+    try:
+        (count,) = connection.execute("SELECT COUNT(*) FROM stats").fetchone()
+    finally:
+        connection.close()
+    assert isinstance(count, int)
+    return count
+
+
+# --- state: compare-and-set -------------------------------------------------------------
+
+
+async def test_first_write_stores_version_one(db_path: str) -> None:
+    async with opened(db_path) as store:
+        assert await store.load_states() == {}
+        written = await store.compare_and_set(route_state(), 0)
+        assert written is not None
+        assert written.version == 1
+        assert written == replace(route_state(), version=1)
+        assert await store.load_states() == {"chat": written}
+
+
+async def test_compare_and_set_bumps_the_version_and_refuses_stale_ones(db_path: str) -> None:
+    async with opened(db_path) as store:
+        first = await store.compare_and_set(route_state(), 0)
+        assert first is not None
+        second = await store.compare_and_set(replace(first, weight=10.0, step=2), first.version)
+        assert second is not None
+        assert (second.version, second.weight) == (2, 10.0)
+        # Both a write over the old version and a second "first" write lose.
+        assert await store.compare_and_set(replace(first, weight=25.0), 1) is None
+        assert await store.compare_and_set(replace(first, weight=25.0), 0) is None
+        assert await store.compare_and_set(replace(first, weight=25.0), 3) is None
+        assert (await store.load_states())["chat"] == second
+
+
+async def test_routes_are_versioned_separately(db_path: str) -> None:
+    async with opened(db_path) as store:
+        chat = await store.compare_and_set(route_state("chat"), 0)
+        embed = await store.compare_and_set(route_state("embed", weight=1.0, step=0), 0)
+        assert chat is not None
+        assert embed is not None
+        assert (chat.version, embed.version) == (1, 1)
+        assert set(await store.load_states()) == {"chat", "embed"}
+
+
+async def test_states_survive_a_restart(db_path: str) -> None:
+    async with opened(db_path) as store:
+        first = await store.compare_and_set(route_state(), 0)
+        assert first is not None
+        rolled_back = replace(first, status=Status.ROLLED_BACK, weight=0.0, step=-1)
+        written = await store.compare_and_set(rolled_back, first.version)
+        other = await store.compare_and_set(route_state("embed"), 0)
+    async with opened(db_path) as reopened:
+        loaded = await reopened.load_states()
+    assert loaded == {"chat": written, "embed": other}
+    assert loaded["chat"].decisions == route_state().decisions
+    assert loaded["chat"].verdict == route_state().verdict
+
+
+async def test_only_one_of_two_processes_wins_a_compare_and_set(db_path: str) -> None:
+    async with opened(db_path) as one, opened(db_path) as two:
+        base = await one.compare_and_set(route_state(), 0)
+        assert base is not None
+        seen_by_two = (await two.load_states())["chat"]
+        results = await asyncio.gather(
+            one.compare_and_set(replace(base, weight=10.0), base.version),
+            two.compare_and_set(replace(seen_by_two, weight=0.0), seen_by_two.version),
+        )
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        assert winners[0].version == 2
+        assert (await one.load_states())["chat"] == winners[0]
+        assert (await two.load_states())["chat"] == winners[0]
+
+
+async def test_only_one_of_two_processes_wins_the_first_write(db_path: str) -> None:
+    async with opened(db_path) as one, opened(db_path) as two:
+        results = await asyncio.gather(
+            one.compare_and_set(route_state(weight=5.0), 0),
+            two.compare_and_set(route_state(weight=1.0, step=0), 0),
+        )
+        winners = [r for r in results if r is not None]
+        assert len(winners) == 1
+        assert (await two.load_states())["chat"] == winners[0]
+
+
+# --- the lease --------------------------------------------------------------------------
+
+
+async def test_lease_is_held_by_one_holder_until_it_expires(db_path: str) -> None:
+    async with opened(db_path) as one, opened(db_path) as two:
+        assert await one.acquire_lease("a", 0.6)
+        assert not await two.acquire_lease("b", 0.6)
+        await asyncio.sleep(0.3)
+        assert await one.acquire_lease("a", 0.6)  # renewed: good for another 0.6 s
+        await asyncio.sleep(0.4)
+        assert not await two.acquire_lease("b", 0.6)  # past the first term, inside the renewal
+        await asyncio.sleep(0.4)
+        assert await two.acquire_lease("b", 10.0)  # expired: the other takes it
+        assert not await one.acquire_lease("a", 10.0)
+
+
+async def test_released_lease_can_be_taken_at_once(db_path: str) -> None:
+    async with opened(db_path) as one, opened(db_path) as two:
+        assert await one.acquire_lease("a", 60.0)
+        await two.release_lease("b")  # not the holder: nothing happens
+        assert not await two.acquire_lease("b", 60.0)
+        await one.release_lease("a")
+        assert await two.acquire_lease("b", 60.0)
+        assert not await one.acquire_lease("a", 60.0)
+
+
+# --- stats ------------------------------------------------------------------------------
+
+
+async def test_stats_from_two_sources_are_merged(db_path: str) -> None:
+    a_canary, b_canary = variant_stats(100, 3, 0.5), variant_stats(50, 2, 2.0)
+    a_stable = variant_stats(400, 1, 0.4)
+    async with opened(db_path) as one, opened(db_path) as two:
+        await one.publish_stats(
+            "worker-1", [("chat", "canary", 10, a_canary), ("chat", "stable", 10, a_stable)], TTL_S
+        )
+        await two.publish_stats("worker-2", [("chat", "canary", 10, b_canary)], TTL_S)
+        canary = await one.read_stats("chat", "canary", 10, 10)
+        stable = await two.read_stats("chat", "stable", 0, 100)
+    assert (canary.requests, canary.errors) == (150, 5)
+    assert canary.errors_by_type == {"timeout": 5}
+    assert canary.output_tokens == 1500
+    assert (
+        canary.latency.buckets == LogHistogram.merged([a_canary.latency, b_canary.latency]).buckets
+    )
+    assert canary.latency.count == 150
+    assert canary.latency.sum == pytest.approx(100 * 0.5 + 50 * 2.0)
+    assert canary.ttft.count == 150
+    assert (stable.requests, stable.errors, stable.latency.count) == (400, 1, 400)
+
+
+async def test_republishing_a_slice_replaces_it(db_path: str) -> None:
+    async with opened(db_path) as store:
+        await store.publish_stats(
+            "worker-1", [("chat", "canary", 7, variant_stats(10, 1, 1.0))], TTL_S
+        )
+        await store.publish_stats(
+            "worker-1", [("chat", "canary", 7, variant_stats(25, 4, 1.0))], TTL_S
+        )
+        merged = await store.read_stats("chat", "canary", 7, 7)
+    assert (merged.requests, merged.errors, merged.latency.count) == (25, 4, 25)
+
+
+async def test_only_slices_in_range_and_of_the_variant_are_read(db_path: str) -> None:
+    slices: list[StatsSlice] = [
+        ("chat", "canary", index, variant_stats(10 * (index - 9), 0, 0.1))
+        for index in range(10, 15)
+    ]
+    slices.append(("chat", "stable", 12, variant_stats(1000, 0, 0.1)))
+    slices.append(("embed", "canary", 12, variant_stats(1000, 0, 0.1)))
+    async with opened(db_path) as store:
+        await store.publish_stats("worker-1", slices, TTL_S)
+        # Slices 11, 12 and 13 hold 20 + 30 + 40 requests.
+        window = await store.read_stats("chat", "canary", 11, 13)
+        assert window.requests == 90
+        assert (await store.read_stats("chat", "canary", 15, 20)).requests == 0
+        assert (await store.read_stats("chat", "canary", 14, 14)).requests == 50
+
+
+async def test_expired_slices_are_not_read_and_are_deleted(db_path: str) -> None:
+    async with opened(db_path) as store:
+        await store.publish_stats(
+            "worker-1", [("chat", "canary", 1, variant_stats(10, 0, 0.1))], 0.1
+        )
+        await store.publish_stats(
+            "worker-2", [("chat", "canary", 1, variant_stats(5, 0, 0.1))], TTL_S
+        )
+        assert (await store.read_stats("chat", "canary", 1, 1)).requests == 15
+        await asyncio.sleep(0.2)
+        # Expired on its own: not read, even before anything else is written.
+        assert (await store.read_stats("chat", "canary", 1, 1)).requests == 5
+        assert stored_rows(db_path) == 2
+        # The next write clears it out of the file.
+        await store.publish_stats(
+            "worker-2", [("chat", "canary", 2, variant_stats(1, 0, 0.1))], TTL_S
+        )
+        assert stored_rows(db_path) == 2
+        assert (await store.read_stats("chat", "canary", 1, 2)).requests == 6
+
+
+async def test_open_store_picks_sqlite_from_the_config(db_path: str) -> None:
+    store = open_store(StateConfig(StateStoreKind.SQLITE, db_path))
+    try:
+        assert isinstance(store, SqliteStore)
+        assert await asyncio.to_thread(Path(db_path).exists)
+    finally:
+        await store.close()
+
+
+def test_open_store_refuses_a_store_that_is_not_available_yet() -> None:
+    with pytest.raises(NotImplementedError, match="redis"):
+        open_store(StateConfig(StateStoreKind.REDIS, url="redis://127.0.0.1:6379/0"))
