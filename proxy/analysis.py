@@ -1,23 +1,28 @@
 """The judge: the canary's numbers against stable's and the route's checks. Pure.
 
-`judge()` compares the canary with stable over the same window and returns, per
-check, pass / fail / inconclusive with the canary's value, stable's, the limit and
-both sample sizes, and an overall verdict.
+`judge()` compares the canary with stable over the same windows and returns, per
+check, pass / fail / inconclusive with the canary's value, stable's, the limit, both
+sample sizes and the window they come from, and an overall verdict. Its `Evidence`
+holds two windows: since the rollout began, and since its current step began.
 
 Rules:
 1. Too little data is inconclusive, never a pass and never a failure: below
    `min_requests` canary requests, and wherever a test cannot yet tell.
-2. A check fails only on a breach that is significant: an always-valid sequential
-   test (mSPRT, `proxy.sequential`) rejects "the canary is within the limit" at
-   α = (1 − confidence) / (steps × limits). Spread over the steps of the rollout and
-   the limits judged, the chance that a canary as good as its limits is ever failed,
-   by any check at any look of the whole rollout, stays within 1 − confidence.
-3. A check passes when the canary is within each of its limits with the route's
-   confidence (one-sided upper bound at or under the limit).
+2. A check fails only on a breach that is significant over the whole rollout so far:
+   an always-valid sequential test (mSPRT, `proxy.sequential`) rejects "the canary
+   is within the limit" at α = (1 − confidence) / limits. Being always valid, it may
+   be looked at every interval of the rollout; split over the limits, the chance
+   that a canary as good as its limits is ever failed, by any check at any look,
+   stays within 1 − confidence. Data gathered at every step counts, so a regression
+   is caught sooner the longer it runs, and at the lowest weight that shows it.
+3. A check passes when, over the current step, the canary is within each of its
+   limits with the route's confidence (one-sided upper bound at or under the limit):
+   every step must earn its own pass, at its own weight.
 4. Latency and time to first token are judged at the 95th percentile through the
    share of requests above the limit ("p95 ≤ T" is "at most 5% above T"); against
-   stable, T is `max_ratio` × stable's p95, taken at the bound of its confidence
-   interval that favours the canary when failing and the other one when passing.
+   stable, T is `max_ratio` × stable's p95, taken at the end of its interval at the
+   route's confidence that favours the canary when failing (the high end) and the
+   other one when passing.
 5. A time-to-first-token check on a route that streams nothing passes once the
    canary has its requests: there is nothing to judge.
 6. The overall verdict fails if any check fails, passes if every check passes, and
@@ -27,7 +32,8 @@ Rules:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
@@ -43,17 +49,84 @@ from proxy.sequential import (
 )
 from proxy.stats import VariantStats
 
-__all__ = ["CheckResult", "Judgement", "Verdict", "judge"]
+__all__ = ["CheckResult", "Evidence", "Judgement", "Verdict", "judge"]
 
 QUANTILE: Final = 0.95
 _EXCEEDANCE: Final = 1 - QUANTILE  # the share above the p95
-_MIN_TAU: Final = 0.005
+_MIN_SCALE: Final = 0.005
 
 
 class Verdict(StrEnum):
     PASS = "pass"
     FAIL = "fail"
     INCONCLUSIVE = "inconclusive"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What the judge has seen of a rollout, per variant: since it began, and since its
+    current step began. Slices of the window stats up to `next_slice` are in.
+
+    Evidence is a value: its stats are never changed once it holds them (`added`
+    builds new ones; `new_step` shares the rollout window, which stays unchanged).
+    """
+
+    rollout_canary: VariantStats = field(default_factory=VariantStats)
+    rollout_stable: VariantStats = field(default_factory=VariantStats)
+    step_canary: VariantStats = field(default_factory=VariantStats)
+    step_stable: VariantStats = field(default_factory=VariantStats)
+    next_slice: int = 0
+
+    @classmethod
+    def fresh(cls, next_slice: int) -> Evidence:
+        return cls(next_slice=next_slice)
+
+    def added(self, canary: VariantStats, stable: VariantStats, next_slice: int) -> Evidence:
+        """These windows with more data in (new objects: evidence is never changed)."""
+        return Evidence(
+            _sum(self.rollout_canary, canary),
+            _sum(self.rollout_stable, stable),
+            _sum(self.step_canary, canary),
+            _sum(self.step_stable, stable),
+            next_slice,
+        )
+
+    def new_step(self) -> Evidence:
+        """The same rollout, with the step's window started again."""
+        return Evidence(self.rollout_canary, self.rollout_stable, next_slice=self.next_slice)
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "rollout_canary": self.rollout_canary.to_mapping(),
+            "rollout_stable": self.rollout_stable.to_mapping(),
+            "step_canary": self.step_canary.to_mapping(),
+            "step_stable": self.step_stable.to_mapping(),
+            "next_slice": self.next_slice,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> Evidence:
+        def stats(name: str) -> VariantStats:
+            value = data[name]
+            assert isinstance(value, Mapping)
+            return VariantStats.from_mapping(value)
+
+        next_slice = data["next_slice"]
+        assert isinstance(next_slice, int)
+        return cls(
+            stats("rollout_canary"),
+            stats("rollout_stable"),
+            stats("step_canary"),
+            stats("step_stable"),
+            next_slice,
+        )
+
+
+def _sum(a: VariantStats, b: VariantStats) -> VariantStats:
+    total = VariantStats()
+    total.merge(a)
+    total.merge(b)
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +141,12 @@ class CheckResult:
     canary_n: int
     stable_n: int
     reason: str
+    window: str = "step"  # the window the figures come from: step | rollout
 
     def to_mapping(self) -> dict[str, object]:
         return {
             "check": self.check,
+            "window": self.window,
             "verdict": self.verdict.value,
             "canary": self.canary_value,
             "stable": self.stable_value,
@@ -86,7 +161,7 @@ class CheckResult:
 class Judgement:
     verdict: Verdict
     checks: tuple[CheckResult, ...]
-    canary_n: int
+    canary_n: int  # canary requests over the rollout so far
     stable_n: int
     reason: str
 
@@ -100,44 +175,38 @@ class Judgement:
         }
 
 
-def judge(canary: VariantStats, stable: VariantStats, auto: AutoRollout) -> Judgement:
-    """The verdict on the canary over a window, against stable over the same window."""
-    if canary.requests < auto.min_requests:
+def judge(evidence: Evidence, auto: AutoRollout) -> Judgement:
+    """The verdict on a canary, from what has been seen of its rollout."""
+    canary_n, stable_n = evidence.rollout_canary.requests, evidence.rollout_stable.requests
+    if canary_n < auto.min_requests:
         return Judgement(
             Verdict.INCONCLUSIVE,
             (),
-            canary.requests,
-            stable.requests,
-            f"too little data: {canary.requests} of {auto.min_requests} canary requests",
+            canary_n,
+            stable_n,
+            f"too little data: {canary_n} of {auto.min_requests} canary requests",
         )
     checks = auto.checks
-    limits = _limit_count(auto)
-    threshold = math.log(limits * len(auto.steps) / (1 - auto.confidence))
+    threshold = math.log(_limit_count(auto) / (1 - auto.confidence))
     results: list[CheckResult] = []
     if checks.error_rate is not None:
-        results.append(_error_rate(canary, stable, checks.error_rate, auto, threshold))
+        results.append(_error_rate(evidence, checks.error_rate, auto, threshold))
     if checks.latency_p95 is not None:
-        results.append(
-            _quantile(
-                "latency_p95", canary.latency, stable.latency, checks.latency_p95, auto, threshold
-            )
-        )
+        results.append(_quantile("latency_p95", evidence, checks.latency_p95, auto, threshold))
     if checks.ttft_p95 is not None:
-        results.append(
-            _quantile("ttft_p95", canary.ttft, stable.ttft, checks.ttft_p95, auto, threshold)
+        results.append(_quantile("ttft_p95", evidence, checks.ttft_p95, auto, threshold))
+    verdict = _combine([result.verdict for result in results]) if results else Verdict.PASS
+    if verdict is Verdict.PASS and evidence.step_canary.requests < auto.min_requests:
+        verdict = Verdict.INCONCLUSIVE  # even with no checks, a step needs its requests
+        reason = (
+            f"too little data at this step: {evidence.step_canary.requests} of "
+            f"{auto.min_requests} canary requests"
         )
-    verdicts = {result.verdict for result in results}
-    if Verdict.FAIL in verdicts:
-        verdict = Verdict.FAIL
-    elif verdicts <= {Verdict.PASS}:
-        verdict = Verdict.PASS
+    elif not results:
+        reason = f"{evidence.step_canary.requests} canary requests at this step, and no checks"
     else:
-        verdict = Verdict.INCONCLUSIVE
-    if not results:
-        reason = f"{canary.requests} canary requests and no checks"
-    else:
-        reason = "; ".join(r.reason for r in results if r.verdict is verdict) or "no check decided"
-    return Judgement(verdict, tuple(results), canary.requests, stable.requests, reason)
+        reason = "; ".join(r.reason for r in results if r.verdict is verdict)
+    return Judgement(verdict, tuple(results), canary_n, stable_n, reason)
 
 
 def _limit_count(auto: AutoRollout) -> int:
@@ -159,132 +228,221 @@ def _combine(verdicts: list[Verdict]) -> Verdict:
     return Verdict.INCONCLUSIVE
 
 
+# --- error rate --------------------------------------------------------------------------
+
+
 def _error_rate(
+    evidence: Evidence, check: ErrorRateCheck, auto: AutoRollout, threshold: float
+) -> CheckResult:
+    # Failing: over the whole rollout.
+    canary, stable = evidence.rollout_canary, evidence.rollout_stable
+    failed: list[str] = []
+    if check.max is not None:
+        scale = max(check.max, _MIN_SCALE)
+        if log_mixture_ratio(canary.errors, canary.requests, check.max, scale) >= threshold:
+            failed.append(f"above the limit {_pct(check.max)}, significantly")
+    if check.max_increase is not None and stable.requests >= auto.min_requests:
+        increase = check.max_increase
+        statistic = log_mixture_ratio_difference(
+            canary.errors,
+            canary.requests,
+            stable.errors,
+            stable.requests,
+            increase,
+            max(increase, _MIN_SCALE),
+        )
+        if statistic >= threshold:
+            failed.append(f"more than {_pct(increase)} above stable, significantly")
+    if failed:
+        return _error_result(Verdict.FAIL, canary, stable, check, auto, failed, "rollout")
+    # Passing: over this step.
+    canary, stable = evidence.step_canary, evidence.step_stable
+    if canary.requests < auto.min_requests:
+        note = f"too little data at this step ({canary.requests} of {auto.min_requests})"
+        return _error_result(Verdict.INCONCLUSIVE, canary, stable, check, auto, [note], "step")
+    verdicts: list[Verdict] = []
+    notes: list[str] = []
+    if check.max is not None:
+        within = wilson_bounds(canary.errors, canary.requests, auto.confidence)[1] <= check.max
+        verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
+        notes.append(f"{'within' if within else 'not yet clearly within'} {_pct(check.max)}")
+    if check.max_increase is not None:
+        increase = check.max_increase
+        if stable.requests < auto.min_requests:
+            verdicts.append(Verdict.INCONCLUSIVE)
+            notes.append(f"too little stable data ({stable.requests}) to compare")
+        else:
+            upper = difference_bounds(
+                canary.errors, canary.requests, stable.errors, stable.requests, auto.confidence
+            )[1]
+            within = upper <= increase
+            verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
+            word = "within" if within else "not yet clearly within"
+            notes.append(f"{word} stable + {_pct(increase)}")
+    verdict = _combine(verdicts)
+    return _error_result(
+        verdict, canary, stable, check, auto, _deciding(verdict, verdicts, notes), "step"
+    )
+
+
+def _error_result(
+    verdict: Verdict,
     canary: VariantStats,
     stable: VariantStats,
     check: ErrorRateCheck,
     auto: AutoRollout,
-    threshold: float,
+    notes: list[str] | str,
+    window: str,
 ) -> CheckResult:
-    k_c, n_c, k_s, n_s = canary.errors, canary.requests, stable.errors, stable.requests
-    rate_c = k_c / n_c
-    rate_s = k_s / n_s if n_s else None
-    verdicts: list[Verdict] = []
-    notes: list[str] = []
-    limits: list[float] = []
-    if check.max is not None:
-        limits.append(check.max)
-        if log_mixture_ratio(k_c, n_c, check.max, max(check.max, _MIN_TAU)) >= threshold:
-            verdicts.append(Verdict.FAIL)
-            notes.append(f"above the limit {_pct(check.max)}, significantly")
-        elif wilson_bounds(k_c, n_c, auto.confidence)[1] <= check.max:
-            verdicts.append(Verdict.PASS)
-            notes.append(f"within {_pct(check.max)}")
-        else:
-            verdicts.append(Verdict.INCONCLUSIVE)
-            notes.append(f"not yet clearly within {_pct(check.max)}")
-    if check.max_increase is not None:
-        if rate_s is None or n_s < auto.min_requests:
-            verdicts.append(Verdict.INCONCLUSIVE)
-            notes.append(f"too little stable data ({n_s}) to compare")
-        else:
-            increase = check.max_increase
-            limits.append(rate_s + increase)
-            tau = max(increase, _MIN_TAU)
-            if log_mixture_ratio_difference(k_c, n_c, k_s, n_s, increase, tau) >= threshold:
-                verdicts.append(Verdict.FAIL)
-                notes.append(f"more than {_pct(increase)} above stable, significantly")
-            elif difference_bounds(k_c, n_c, k_s, n_s, auto.confidence)[1] <= increase:
-                verdicts.append(Verdict.PASS)
-                notes.append(f"within stable + {_pct(increase)}")
-            else:
-                verdicts.append(Verdict.INCONCLUSIVE)
-                notes.append(f"not yet clearly within stable + {_pct(increase)}")
-    verdict = _combine(verdicts)
-    stable_text = _pct(rate_s) if rate_s is not None else "n/a"
-    reason = f"error rate {_pct(rate_c)} (n={n_c}) vs stable {stable_text} (n={n_s}): " + ", ".join(
-        notes
+    rate_c = canary.errors / canary.requests if canary.requests else None
+    rate_s = stable.errors / stable.requests if stable.requests else None
+    limits = [check.max] if check.max is not None else []
+    # A limit relative to stable applies only once stable has its requests.
+    compared = stable.requests >= auto.min_requests
+    if check.max_increase is not None and rate_s is not None and compared:
+        limits.append(rate_s + check.max_increase)
+    text = notes if isinstance(notes, str) else ", ".join(notes)
+    over = "over the rollout" if window == "rollout" else "at this step"
+    reason = (
+        f"error rate {_pct(rate_c)} (n={canary.requests}) vs stable {_pct(rate_s)} "
+        f"(n={stable.requests}) {over}: {text}"
     )
     return CheckResult(
-        "error_rate", verdict, rate_c, rate_s, min(limits) if limits else None, n_c, n_s, reason
+        "error_rate",
+        verdict,
+        rate_c,
+        rate_s,
+        min(limits) if limits else None,
+        canary.requests,
+        stable.requests,
+        reason,
+        window,
     )
+
+
+# --- latency and time to first token -----------------------------------------------------
+
+
+def _histograms(
+    name: str, canary: VariantStats, stable: VariantStats
+) -> tuple[LogHistogram, LogHistogram]:
+    if name == "latency_p95":
+        return canary.latency, stable.latency
+    return canary.ttft, stable.ttft
 
 
 def _quantile(
+    name: str, evidence: Evidence, check: LatencyCheck, auto: AutoRollout, threshold: float
+) -> CheckResult:
+    label = "p95 latency" if name == "latency_p95" else "p95 time to first token"
+    canary, stable = _histograms(name, evidence.rollout_canary, evidence.rollout_stable)
+    if canary.count == 0 and stable.count == 0 and name == "ttft_p95":
+        return CheckResult(
+            name,
+            Verdict.PASS,
+            None,
+            None,
+            None,
+            0,
+            0,
+            f"{label}: no streamed requests to judge",
+            "rollout",
+        )
+    # Failing: over the whole rollout; stable's p95 at its high bound.
+    failed: list[str] = []
+    if canary.count >= auto.min_requests:
+        if check.max_s is not None and _exceeds(canary, check.max_s, threshold):
+            failed.append(f"above {check.max_s:.3g}s, significantly")
+        if check.max_ratio is not None and stable.count >= auto.min_requests:
+            high = quantile_bounds(stable, QUANTILE, auto.confidence)[1]
+            if high is not None and _exceeds(canary, check.max_ratio * high, threshold):
+                failed.append(f"above {check.max_ratio:g}× stable, significantly")
+    if failed:
+        return _quantile_result(
+            name, label, Verdict.FAIL, canary, stable, check, auto, failed, "rollout"
+        )
+    # Passing: over this step; stable's p95 at its low bound.
+    canary, stable = _histograms(name, evidence.step_canary, evidence.step_stable)
+    if canary.count < auto.min_requests:
+        note = f"too little data at this step ({canary.count} of {auto.min_requests})"
+        return _quantile_result(
+            name, label, Verdict.INCONCLUSIVE, canary, stable, check, auto, [note], "step"
+        )
+    verdicts: list[Verdict] = []
+    notes: list[str] = []
+    if check.max_s is not None:
+        within = _within(canary, check.max_s, auto)
+        verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
+        notes.append(f"{'within' if within else 'not yet clearly within'} {check.max_s:.3g}s")
+    if check.max_ratio is not None:
+        low = quantile_bounds(stable, QUANTILE, auto.confidence)[0]
+        if low is None or stable.count < auto.min_requests:
+            verdicts.append(Verdict.INCONCLUSIVE)
+            notes.append(f"too little stable data ({stable.count}) to compare")
+        else:
+            within = _within(canary, check.max_ratio * low, auto)
+            verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
+            word = "within" if within else "not yet clearly within"
+            notes.append(f"{word} {check.max_ratio:g}× stable")
+    verdict = _combine(verdicts)
+    return _quantile_result(
+        name,
+        label,
+        verdict,
+        canary,
+        stable,
+        check,
+        auto,
+        _deciding(verdict, verdicts, notes),
+        "step",
+    )
+
+
+def _exceeds(canary: LogHistogram, limit_s: float, threshold: float) -> bool:
+    """Significantly more than 5% of the canary's values above `limit_s`?"""
+    over = above(canary, limit_s)
+    return log_mixture_ratio(over, canary.count, _EXCEEDANCE, _EXCEEDANCE) >= threshold
+
+
+def _within(canary: LogHistogram, limit_s: float, auto: AutoRollout) -> bool:
+    """Confidently at most 5% of the canary's values above `limit_s`?"""
+    over = above(canary, limit_s)
+    return wilson_bounds(over, canary.count, auto.confidence)[1] <= _EXCEEDANCE
+
+
+def _quantile_result(
     name: str,
+    label: str,
+    verdict: Verdict,
     canary: LogHistogram,
     stable: LogHistogram,
     check: LatencyCheck,
     auto: AutoRollout,
-    threshold: float,
+    notes: list[str] | str,
+    window: str,
 ) -> CheckResult:
-    label = "p95 latency" if name == "latency_p95" else "p95 time to first token"
-    n_c, n_s = canary.count, stable.count
     value_c, value_s = canary.quantile(QUANTILE), stable.quantile(QUANTILE)
-    if n_c == 0 and n_s == 0 and name == "ttft_p95":
-        return CheckResult(
-            name, Verdict.PASS, None, None, None, 0, 0, f"{label}: no streamed requests to judge"
-        )
-    if n_c < auto.min_requests:
-        return CheckResult(
-            name,
-            Verdict.INCONCLUSIVE,
-            value_c,
-            value_s,
-            None,
-            n_c,
-            n_s,
-            f"{label}: too little data ({n_c} of {auto.min_requests} canary samples)",
-        )
-    verdicts: list[Verdict] = []
-    notes: list[str] = []
-    limits: list[float] = []
-    tau = _EXCEEDANCE
-    if check.max_s is not None:
-        limits.append(check.max_s)
-        verdicts.append(_exceedance_verdict(canary, check.max_s, check.max_s, auto, threshold, tau))
-        notes.append(_limit_note(verdicts[-1], f"{check.max_s:.3g}s"))
-    if check.max_ratio is not None:
-        # Stable's p95 bounds: the high one makes failing harder, the low one passing.
-        alpha = math.exp(-threshold)
-        high_s = quantile_bounds(stable, QUANTILE, 1 - alpha)[1]
-        low_s = quantile_bounds(stable, QUANTILE, auto.confidence)[0]
-        if high_s is None or low_s is None or value_s is None or n_s < auto.min_requests:
-            verdicts.append(Verdict.INCONCLUSIVE)
-            notes.append(f"too little stable data ({n_s}) to compare")
-        else:
-            ratio = check.max_ratio
-            limits.append(ratio * value_s)
-            verdicts.append(
-                _exceedance_verdict(canary, ratio * high_s, ratio * low_s, auto, threshold, tau)
-            )
-            notes.append(_limit_note(verdicts[-1], f"{ratio:g}× stable"))
-    verdict = _combine(verdicts)
+    limits = [check.max_s] if check.max_s is not None else []
+    compared = stable.count >= auto.min_requests
+    if check.max_ratio is not None and value_s is not None and compared:
+        limits.append(check.max_ratio * value_s)
+    text = notes if isinstance(notes, str) else ", ".join(notes)
+    over = "over the rollout" if window == "rollout" else "at this step"
     reason = (
-        f"{label} {_seconds(value_c)} (n={n_c}) vs stable {_seconds(value_s)} (n={n_s}): "
-        + _deciding(verdict, verdicts, notes)
+        f"{label} {_seconds(value_c)} (n={canary.count}) vs stable {_seconds(value_s)} "
+        f"(n={stable.count}) {over}: {text}"
     )
     return CheckResult(
-        name, verdict, value_c, value_s, min(limits) if limits else None, n_c, n_s, reason
+        name,
+        verdict,
+        value_c,
+        value_s,
+        min(limits) if limits else None,
+        canary.count,
+        stable.count,
+        reason,
+        window,
     )
-
-
-def _exceedance_verdict(
-    canary: LogHistogram,
-    fail_threshold_s: float,
-    pass_threshold_s: float,
-    auto: AutoRollout,
-    threshold: float,
-    tau: float,
-) -> Verdict:
-    n = canary.count
-    over_surely = above(canary, fail_threshold_s, surely=True)
-    if log_mixture_ratio(over_surely, n, _EXCEEDANCE, tau) >= threshold:
-        return Verdict.FAIL
-    over_maybe = above(canary, pass_threshold_s, surely=False)
-    if wilson_bounds(over_maybe, n, auto.confidence)[1] <= _EXCEEDANCE:
-        return Verdict.PASS
-    return Verdict.INCONCLUSIVE
 
 
 def _deciding(verdict: Verdict, verdicts: list[Verdict], notes: list[str]) -> str:
@@ -292,14 +450,6 @@ def _deciding(verdict: Verdict, verdicts: list[Verdict], notes: list[str]) -> st
     if verdict is Verdict.INCONCLUSIVE:
         return ", ".join(notes)
     return ", ".join(note for v, note in zip(verdicts, notes, strict=True) if v is verdict)
-
-
-def _limit_note(verdict: Verdict, limit: str) -> str:
-    if verdict is Verdict.FAIL:
-        return f"above {limit}, significantly"
-    if verdict is Verdict.PASS:
-        return f"within {limit}"
-    return f"not yet clearly within {limit}"
 
 
 def _pct(value: float | None) -> str:

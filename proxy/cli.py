@@ -263,9 +263,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from proxy.demo import DemoError, default_config_path, run_demo
 
-    path = Path(args.config) if args.config else default_config_path()
+    path = (Path(args.config) if args.config else default_config_path()).resolve()
     try:
-        return uvloop.run(run_demo(path, args.users, args.requests_per_user))
+        return uvloop.run(
+            run_demo(
+                path,
+                healthy_canary=args.healthy_canary,
+                users=args.users,
+                rps=args.rps,
+                timeout_s=args.timeout,
+            )
+        )
     except DemoError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -365,9 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "-c", "--config", metavar="FILE", help="the config (default: the packaged demo config)"
     )
+    demo.add_argument(
+        "--healthy-canary", action="store_true", help="a canary as good as stable: a promotion"
+    )
     demo.add_argument("--users", type=_positive_int, default=1000, metavar="N", help="default 1000")
     demo.add_argument(
-        "--requests-per-user", type=_positive_int, default=3, metavar="N", help="default 3"
+        "--rps",
+        type=_positive,
+        default=150.0,
+        metavar="R",
+        help="requests per second (default 150)",
+    )
+    demo.add_argument(
+        "--timeout", type=_positive, default=100.0, metavar="S", help="give up after S seconds"
     )
     demo.set_defaults(handler=cmd_demo)
 

@@ -27,9 +27,10 @@ import os
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Final, Protocol
 
-from proxy.analysis import Judgement, judge
+from proxy.analysis import Evidence, judge
 from proxy.config.model import Config, Route, StateStoreKind
 from proxy.rollout import (
     Decision,
@@ -44,7 +45,6 @@ from proxy.rollout import (
     served_weight,
 )
 from proxy.schedule import may_advance, may_serve
-from proxy.stats import VariantStats
 from proxy.store import StateStore, open_store
 from proxy.telemetry import Telemetry
 
@@ -201,11 +201,8 @@ class Controller:
         assert auto is not None
         if state.status is not Status.PROGRESSING:
             return
-        judgement: Judgement | None = None
-        if state.step >= 0:
-            canary = self._window(route.name, "canary", state.step_started_at, now)
-            stable = self._window(route.name, "stable", state.step_started_at, now)
-            judgement = judge(canary, stable, auto)
+        state = replace(state, evidence=self._gather(route.name, state.evidence, now))
+        judgement = judge(state.evidence, auto) if state.step >= 0 else None
         transition = on_judgement(state, auto, judgement, now, may_advance(route.schedule, now))
         self._host.telemetry.record_judgement(
             route.name, judgement.verdict.value if judgement is not None else "advance"
@@ -225,8 +222,18 @@ class Controller:
             )
         await self._commit(route, transition)
 
-    def _window(self, route: str, variant: str, since: float, until: float) -> VariantStats:
-        return self._host.telemetry.stats.window(route, variant, since, until)
+    def _gather(self, route: str, evidence: Evidence, now: float) -> Evidence:
+        """The evidence with the stats slices completed since it was last gathered."""
+        stats = self._host.telemetry.stats
+        current = stats.slice_of(now)  # still filling: it waits for the next interval
+        if current <= evidence.next_slice:
+            return evidence
+        last = current - 1
+        return evidence.added(
+            stats.between(route, "canary", evidence.next_slice, last),
+            stats.between(route, "stable", evidence.next_slice, last),
+            current,
+        )
 
     # --- state ----------------------------------------------------------------------------
 

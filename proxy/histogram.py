@@ -51,6 +51,13 @@ class LogHistogram:
         self.count += 1
         self.sum += value_s
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LogHistogram):
+            return NotImplemented
+        return (self.buckets, self.count, self.sum) == (other.buckets, other.count, other.sum)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, not hashable
+
     def merge(self, other: LogHistogram) -> None:
         buckets = self.buckets
         for index, count in other.buckets.items():

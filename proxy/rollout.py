@@ -20,8 +20,12 @@ Rules:
 5. An edited `rollout.weight` is served at once, and an automatic rollout goes on
    from there to the next step above it.
 6. `rolled_back` stays until the canary changes, the weight is edited, or an
-   operator resumes (from `steps[0]`).
-7. Every change is a `Decision` saying when, what, why, and with which numbers.
+   operator resumes (from `steps[0]`). A resume, from `paused` too, judges the canary
+   afresh: what paused, held or rolled it back is behind it.
+7. The judge's evidence (`proxy.analysis.Evidence`) starts again with every new
+   rollout (a new canary, an adopted weight, a resume), and its step window with
+   every step.
+8. Every change is a `Decision` saying when, what, why, and with which numbers.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
-from proxy.analysis import Judgement, Verdict
+from proxy.analysis import Evidence, Judgement, Verdict
 from proxy.config.model import AutoRollout, Backend, OnFailure, Route, Variant
+from proxy.stats import SLICE_S
 
 __all__ = [
     "Decision",
@@ -122,11 +127,13 @@ class RouteState:
     step: int  # index into steps of the step reached; -1 below the first
     passes: int = 0  # passing judgements in a row at this step
     failures: int = 0  # failing judgements in a row
-    step_started_at: float = 0.0  # epoch seconds: the judge's window starts here
+    step_started_at: float = 0.0  # epoch seconds
+    started_at: float = 0.0  # epoch seconds: when this canary's rollout began
     canary: str = ""  # canary_identity() of the canary this state is about
     config_weight: float = 0.0  # the config's rollout.weight last adopted
     decisions: tuple[Decision, ...] = field(default=())
     verdict: Mapping[str, object] | None = None  # the last judgement, with its numbers
+    evidence: Evidence = field(default_factory=Evidence)  # what the judge has seen
     version: int = 0  # bumped by the store on every write (compare-and-set)
 
     @property
@@ -142,10 +149,12 @@ class RouteState:
             "passes": self.passes,
             "failures": self.failures,
             "step_started_at": self.step_started_at,
+            "started_at": self.started_at,
             "canary": self.canary,
             "config_weight": self.config_weight,
             "decisions": [d.to_mapping() for d in self.decisions],
             "verdict": dict(self.verdict) if self.verdict is not None else None,
+            "evidence": self.evidence.to_mapping(),
             "version": self.version,
         }
 
@@ -154,6 +163,7 @@ class RouteState:
         decisions = data.get("decisions", [])
         assert isinstance(decisions, list)
         verdict = data.get("verdict")
+        evidence = data.get("evidence")
         return cls(
             route=str(data["route"]),
             status=Status(str(data["status"])),
@@ -162,10 +172,14 @@ class RouteState:
             passes=int(data["passes"]),  # type: ignore[call-overload]
             failures=int(data["failures"]),  # type: ignore[call-overload]
             step_started_at=float(data["step_started_at"]),  # type: ignore[arg-type]
+            started_at=float(data.get("started_at", 0.0)),  # type: ignore[arg-type]
             canary=str(data["canary"]),
             config_weight=float(data["config_weight"]),  # type: ignore[arg-type]
             decisions=tuple(Decision.from_mapping(d) for d in decisions),
             verdict=verdict if isinstance(verdict, Mapping) else None,
+            evidence=Evidence.from_mapping(evidence)
+            if isinstance(evidence, Mapping)
+            else Evidence(),
             version=int(data.get("version", 0)),  # type: ignore[call-overload]
         )
 
@@ -310,6 +324,8 @@ def _restart(
         weight,
         0,
         step_started_at=now,
+        started_at=now,
+        evidence=Evidence.fresh(_next_slice(now)),
         canary=identity,
         config_weight=config_weight,
         decisions=state.decisions if state is not None else (),
@@ -334,12 +350,19 @@ def _adopt(
         weight,
         _step_of(auto, weight),
         step_started_at=now,
+        started_at=now,
+        evidence=Evidence.fresh(_next_slice(now)),
         canary=identity,
         config_weight=config_weight,
         decisions=state.decisions if state is not None else (),
         version=state.version if state is not None else 0,
     )
     return _record(new, state, now, "config", "adopt", f"weight {weight:g}%: {why}")
+
+
+def _next_slice(now: float) -> int:
+    """The first stats slice wholly after `now`: what a new rollout's evidence starts at."""
+    return int(now // SLICE_S) + 1
 
 
 def _step_of(auto: AutoRollout, weight: float) -> int:
@@ -444,7 +467,15 @@ def _advance(
         )
         return _record(new, state, now, cause, "promote", f"promoted to 100%: {why}", judgement)
     weight = auto.steps[step]
-    new = replace(state, weight=weight, step=step, passes=0, failures=0, step_started_at=now)
+    new = replace(
+        state,
+        weight=weight,
+        step=step,
+        passes=0,
+        failures=0,
+        step_started_at=now,
+        evidence=state.evidence.new_step(),
+    )
     return _record(
         new,
         state,
@@ -490,6 +521,8 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
             passes=0,
             failures=0,
             step_started_at=now,
+            started_at=now,
+            evidence=Evidence.fresh(_next_slice(now)),  # a rollout of its own
         )
         return _record(
             new,
@@ -499,7 +532,16 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
             "resume",
             f"resumed by an operator from the first step, {weight:g}%",
         )
-    new = replace(state, status=Status.PROGRESSING, passes=0, failures=0, step_started_at=now)
+    # The judge starts again from here: what paused or held the canary is behind it.
+    new = replace(
+        state,
+        status=Status.PROGRESSING,
+        passes=0,
+        failures=0,
+        step_started_at=now,
+        started_at=now,
+        evidence=Evidence.fresh(_next_slice(now)),
+    )
     return _record(
         new, state, now, "operator", "resume", f"resumed by an operator at {state.weight:g}%"
     )

@@ -8,8 +8,12 @@ Two kinds of question are asked of a canary's numbers:
   mixture sequential probability ratio test (mSPRT; Robbins 1970, as used for A/B
   tests by Johari et al. 2017, "Always valid inference"): its statistic Λ may be
   checked after every request and still exceeds 1/α, under the null hypothesis, with
-  probability at most α over the whole sequence. The normal approximation and a
-  plug-in variance make this hold approximately, which the simulator measures.
+  probability at most α over the whole sequence (Ville's inequality). The mixture
+  here is one-sided (half-normal over excesses above the null, as only an excess can
+  fail a canary) and averaged over spreads τ from half the limit to eight times it,
+  so small and large regressions are both caught early; an average of such
+  martingales is one. The normal approximation and a plug-in variance make all this
+  hold approximately, which the tests and the simulator measure.
 - *Is it clearly within the limit?* (pass) A wrong pass only moves a canary one step
   up, where it meets more traffic and is judged again, so this side uses the
   one-sided upper confidence bound of a fixed-sample interval at the route's
@@ -18,7 +22,8 @@ Two kinds of question are asked of a canary's numbers:
 
 Latency quantiles are turned into proportions: "p95 ≤ T" is "at most 5% of requests
 take longer than T", so the same proportion tests apply to the count of requests
-above T, read from a log-bucketed histogram conservatively in each direction.
+above T, read from a log-bucketed histogram (inside a bucket, values are taken as
+spread evenly on its log scale).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ __all__ = [
 ]
 
 _NORMAL: Final = NormalDist()
+_LOG_2: Final = math.log(2)
+_SPREADS: Final = (0.5, 1.0, 2.0, 4.0, 8.0)  # the mixture's spreads, in units of the scale
 _PER_DOUBLING: Final = 8  # proxy.histogram's buckets per doubling
 
 
@@ -48,7 +55,7 @@ def z_score(confidence: float) -> float:
     return _NORMAL.inv_cdf(confidence)
 
 
-def wilson_bounds(events: int, trials: int, confidence: float) -> tuple[float, float]:
+def wilson_bounds(events: float, trials: int, confidence: float) -> tuple[float, float]:
     """One-sided Wilson score bounds for a proportion (each side at `confidence`)."""
     if trials <= 0:
         return 0.0, 1.0
@@ -75,12 +82,12 @@ def difference_bounds(
     return max(-1.0, lower), min(1.0, upper)
 
 
-def log_mixture_ratio(events: int, trials: int, null: float, tau: float) -> float:
+def log_mixture_ratio(events: float, trials: int, null: float, scale: float) -> float:
     """log Λ of the one-sided mSPRT of H0: p ≤ `null` against p > `null`.
 
     Observations are Bernoulli, taken as normal with the variance at the null
-    boundary; the mixing distribution over the effect is N(0, tau²). 0 when the
-    estimate is not above the null (the one-sided test never rejects there).
+    boundary; the effect is mixed over half-normals of spreads around `scale`. 0 when
+    the estimate is not above the null (the one-sided test never rejects there).
     """
     if trials <= 0:
         return 0.0
@@ -88,7 +95,7 @@ def log_mixture_ratio(events: int, trials: int, null: float, tau: float) -> floa
     if estimate <= null:
         return 0.0
     variance = max(null * (1 - null), 1e-9) / trials  # of the estimate, under H0
-    return _log_lambda(estimate - null, variance, tau * tau)
+    return _log_mixture(estimate - null, variance, scale)
 
 
 def log_mixture_ratio_difference(
@@ -97,7 +104,7 @@ def log_mixture_ratio_difference(
     events_b: int,
     trials_b: int,
     null: float,
-    tau: float,
+    scale: float,
 ) -> float:
     """log Λ of the one-sided mSPRT of H0: p_a − p_b ≤ `null` against the excess.
 
@@ -112,31 +119,46 @@ def log_mixture_ratio_difference(
     smooth_a = (events_a + 0.5) / (trials_a + 1)
     smooth_b = (events_b + 0.5) / (trials_b + 1)
     variance = smooth_a * (1 - smooth_a) / trials_a + smooth_b * (1 - smooth_b) / trials_b
-    return _log_lambda(difference - null, variance, tau * tau)
+    return _log_mixture(difference - null, variance, scale)
 
 
-def _log_lambda(excess: float, variance: float, tau2: float) -> float:
-    """log of sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²)))."""
-    return 0.5 * math.log(variance / (variance + tau2)) + (
-        tau2 * excess * excess / (2 * variance * (variance + tau2))
-    )
+def _log_mixture(excess: float, variance: float, scale: float) -> float:
+    """log of the mean, over the spreads τ of `_SPREADS` × `scale`, of the one-sided
+    normal-mixture likelihood ratio for an observed excess d with variance V:
 
-
-def above(histogram: LogHistogram, threshold_s: float, *, surely: bool) -> int:
-    """How many recorded values exceed `threshold_s`.
-
-    With `surely`, only values whose whole bucket lies above the threshold count (a
-    lower count: the failing side). Without, every bucket that reaches above it
-    counts (a higher count: the passing side).
+        Λ_τ = 2 · sqrt(V / (V + τ²)) · exp(τ² d² / (2 V (V + τ²))) · Φ(d τ / sqrt(V (V + τ²)))
     """
+    logs = []
+    for factor in _SPREADS:
+        tau2 = (factor * scale) ** 2
+        total = variance + tau2
+        logs.append(
+            _LOG_2
+            + 0.5 * math.log(variance / total)
+            + tau2 * excess * excess / (2 * variance * total)
+            + _log_normal_cdf(excess * math.sqrt(tau2 / (variance * total)))
+        )
+    peak = max(logs)
+    return peak + math.log(sum(math.exp(value - peak) for value in logs) / len(logs))
+
+
+def _log_normal_cdf(z: float) -> float:
+    return math.log(max(_NORMAL.cdf(z), 1e-300))
+
+
+def above(histogram: LogHistogram, threshold_s: float) -> float:
+    """How many recorded values exceed `threshold_s`, taking the values inside the bucket
+    that holds the threshold as spread evenly over the bucket's log scale."""
     if threshold_s <= 0:
-        return histogram.count
+        return float(histogram.count)
     position = math.log2(threshold_s) * _PER_DOUBLING
-    count = 0
+    count = 0.0
     for index, n in histogram.buckets.items():
         # Bucket `index` holds (2^(index/8), 2^((index+1)/8)].
-        if (index >= position) if surely else (index + 1 > position):
+        if index >= position:
             count += n
+        elif index + 1 > position:
+            count += n * (index + 1 - position)
     return count
 
 
@@ -146,26 +168,16 @@ def quantile_bounds(
     """Distribution-free one-sided bounds for the q-quantile, from order statistics.
 
     The rank bounds come from the normal approximation to the binomial count below
-    the quantile; each is read at the conservative edge of its bucket. None where the
-    sample is too small to bound that side.
+    the quantile, each read from the histogram as `LogHistogram.quantile` reads a rank.
+    None where the sample is too small to bound that side.
     """
     n = histogram.count
     if n == 0:
         return None, None
-    z = z_score(confidence)
-    spread = z * math.sqrt(n * q * (1 - q))
+    spread = z_score(confidence) * math.sqrt(n * q * (1 - q))
     low_rank = math.floor(n * q - spread)
     high_rank = math.ceil(n * q + spread) + 1
     return (
-        _value_at_rank(histogram, low_rank, upper_edge=False) if low_rank >= 1 else None,
-        _value_at_rank(histogram, high_rank, upper_edge=True) if high_rank <= n else None,
+        histogram.quantile(low_rank / n) if low_rank >= 1 else None,
+        histogram.quantile(high_rank / n) if high_rank <= n else None,
     )
-
-
-def _value_at_rank(histogram: LogHistogram, rank: int, *, upper_edge: bool) -> float:
-    seen = 0
-    for index in sorted(histogram.buckets):
-        seen += histogram.buckets[index]
-        if seen >= rank:
-            return float(2.0 ** ((index + (1 if upper_edge else 0)) / _PER_DOUBLING))
-    return float(2.0 ** ((max(histogram.buckets) + 1) / _PER_DOUBLING))

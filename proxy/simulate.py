@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from proxy.analysis import judge
+from proxy.analysis import Evidence, judge
 from proxy.config.model import AutoRollout, Route
 from proxy.histogram import LogHistogram
 from proxy.rollout import RouteState, Status, on_judgement, reconcile
@@ -103,8 +103,13 @@ class Summary:
 class _Traffic:
     """Draws one interval of one variant's numbers."""
 
-    def __init__(self, rng: np.random.Generator, scenario: Scenario, canary: bool) -> None:
+    def __init__(
+        self, rng: np.random.Generator, scenario: Scenario, canary: bool, auto: AutoRollout
+    ) -> None:
         self._rng = rng
+        # Only what the route's checks read is drawn: the draws are most of the time.
+        self._latency_judged = auto.checks.latency_p95 is not None
+        self._ttft_judged = auto.checks.ttft_p95 is not None
         self.error_rate = scenario.canary_error_rate if canary else scenario.stable_error_rate
         latency_ratio = scenario.canary_latency_ratio if canary else 1.0
         ttft_ratio = scenario.canary_ttft_ratio if canary else 1.0
@@ -124,9 +129,10 @@ class _Traffic:
         stats.errors = int(rng.binomial(requests, self.error_rate))
         if stats.errors:
             stats.errors_by_type["500"] = stats.errors
-        stats.latency = self._histogram(self._latency, requests)
-        streams = int(rng.binomial(requests, self.stream_share))
-        stats.ttft = self._histogram(self._ttft, streams)
+        if self._latency_judged:
+            stats.latency = self._histogram(self._latency, requests)
+        if self._ttft_judged:
+            stats.ttft = self._histogram(self._ttft, int(rng.binomial(requests, self.stream_share)))
         return stats
 
     def _histogram(
@@ -138,7 +144,9 @@ class _Traffic:
             return histogram
         counts = self._rng.multinomial(n, probabilities)
         nonzero = counts.nonzero()[0]
-        histogram.buckets = {int(indices[i]): int(counts[i]) for i in nonzero}
+        histogram.buckets = dict(
+            zip(indices[nonzero].tolist(), counts[nonzero].tolist(), strict=True)
+        )
         histogram.count = n
         histogram.sum = float((counts * mids).sum())
         return histogram
@@ -174,8 +182,8 @@ def simulate(
     if auto is None:
         raise ValueError(f"route {route.name!r} has no automatic rollout to simulate")
     rng = np.random.default_rng(seed)
-    stable = _Traffic(rng, scenario, canary=False)
-    canary = _Traffic(rng, scenario, canary=True)
+    stable = _Traffic(rng, scenario, False, auto)
+    canary = _Traffic(rng, scenario, True, auto)
     one = _one_judged_run if policy is Policy.JUDGE else _one_flagger_run
     return [one(route, auto, scenario, rng, stable, canary) for _ in range(runs)]
 
@@ -193,7 +201,6 @@ def _one_judged_run(
     canary: _Traffic,
 ) -> RunResult:
     state = _first_state(route)
-    window_stable, window_canary = VariantStats(), VariantStats()
     canary_requests = 0
     highest = state.weight
     now = 0.0
@@ -201,13 +208,9 @@ def _one_judged_run(
         now += auto.interval_s
         n_canary, n_stable = _split(rng, scenario.rps * auto.interval_s, state.weight)
         canary_requests += n_canary
-        window_canary.merge(canary.draw(n_canary))
-        window_stable.merge(stable.draw(n_stable))
-        judgement = judge(window_canary, window_stable, auto) if state.step >= 0 else None
-        transition = on_judgement(state, auto, judgement, now, True)
-        if transition.state.step_started_at != state.step_started_at:
-            window_stable, window_canary = VariantStats(), VariantStats()
-        state = transition.state
+        _accumulate(state.evidence, canary.draw(n_canary), stable.draw(n_stable))
+        judgement = judge(state.evidence, auto) if state.step >= 0 else None
+        state = on_judgement(state, auto, judgement, now, True).state
         highest = max(highest, state.weight)
         if state.status is not Status.PROGRESSING:
             break
@@ -254,6 +257,16 @@ def _one_flagger_run(
         weight = steps[step]
         highest = max(highest, weight)
     return RunResult("running", now, canary_requests, highest)
+
+
+def _accumulate(evidence: Evidence, canary: VariantStats, stable: VariantStats) -> None:
+    """Add an interval's draws to the evidence in place. The controller builds new
+    evidence every interval (`Evidence.added`); a million simulated intervals cannot
+    afford the copies, and nothing else holds this evidence."""
+    evidence.rollout_canary.merge(canary)
+    evidence.step_canary.merge(canary)
+    evidence.rollout_stable.merge(stable)
+    evidence.step_stable.merge(stable)
 
 
 def _flagger_error_limit(auto: AutoRollout, scenario: Scenario) -> float | None:

@@ -25,10 +25,12 @@ from typing import Final
 
 from proxy.histogram import LogHistogram
 
-__all__ = ["SLICE_S", "VariantStats", "WindowStats"]
+__all__ = ["RETENTION_S", "SLICE_S", "VariantStats", "WindowStats"]
 
-SLICE_S: Final = 5.0
-RETENTION_S: Final = 3600.0
+SLICE_S: Final = 1.0
+# The rollout controller adds each interval's slices to its own running totals, so
+# slices need only outlive a judgement interval and the status page's window.
+RETENTION_S: Final = 900.0
 
 
 class VariantStats:
@@ -60,6 +62,13 @@ class VariantStats:
             self.ttft.record(ttft_s)
         if output_tokens:
             self.output_tokens += output_tokens
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VariantStats):
+            return NotImplemented
+        return self.to_mapping() == other.to_mapping()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, not hashable
 
     def merge(self, other: VariantStats) -> None:
         self.requests += other.requests
@@ -126,6 +135,10 @@ class WindowStats:
         self._keep = max(1, int(retention_s / slice_s))
         self._rings: dict[tuple[str, str], deque[tuple[int, VariantStats]]] = {}
 
+    def keep_for(self, retention_s: float) -> None:
+        """Hold slices this long from now on (at least a judgement interval, twice over)."""
+        self._keep = max(1, int(retention_s / self.slice_s))
+
     def record(
         self,
         route: str,
@@ -152,12 +165,18 @@ class WindowStats:
 
     def window(self, route: str, variant: str, since: float, until: float) -> VariantStats:
         """The sum of the slices that overlap [since, until]."""
-        first, last = int(since // self.slice_s), int(until // self.slice_s)
+        return self.between(route, variant, self.slice_of(since), self.slice_of(until))
+
+    def between(self, route: str, variant: str, first: int, last: int) -> VariantStats:
+        """The sum of the slices numbered `first` to `last`, both included."""
         total = VariantStats()
         for index, stats in self._rings.get((route, variant), ()):
             if first <= index <= last:
                 total.merge(stats)
         return total
+
+    def slice_of(self, epoch_s: float) -> int:
+        return int(epoch_s // self.slice_s)
 
     def slices(self) -> Iterator[tuple[str, str, int, VariantStats]]:
         """Every slice held: (route, variant, slice index, stats)."""

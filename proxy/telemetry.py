@@ -33,7 +33,7 @@ from proxy.metrics import Gauges, Metrics
 from proxy.otlp_wire import AttributeValue, attributes
 from proxy.rollout import Decision
 from proxy.routing import Assignment
-from proxy.stats import WindowStats
+from proxy.stats import RETENTION_S, WindowStats
 from proxy.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
 
 __all__ = ["SCOPE", "Attempt", "Exchange", "Telemetry", "operation_of"]
@@ -134,6 +134,7 @@ class Telemetry:
         self.config = config
         self.metrics = Metrics(time.time_ns())
         self.stats = WindowStats()
+        self.stats.keep_for(_retention_s(config))
         self.tracing = config.telemetry.otlp_endpoint is not None
         self.sample_ratio = config.telemetry.trace_sample_ratio
         self.resource: list[tuple[str, AttributeValue]] = [
@@ -157,6 +158,7 @@ class Telemetry:
         self.tracing = config.telemetry.otlp_endpoint is not None
         self.sample_ratio = config.telemetry.trace_sample_ratio
         self.resource[0] = ("service.name", config.telemetry.service_name)
+        self.stats.keep_for(_retention_s(config))
 
     # --- the hot path -------------------------------------------------------------------
 
@@ -442,6 +444,13 @@ class Telemetry:
 
     def gauges(self, weights: dict[str, float]) -> Gauges:
         return Gauges(weights, self.config.version)
+
+
+def _retention_s(config: Config) -> float:
+    """How long window stats are kept: the status page's quarter hour, or twice the
+    longest judgement interval, for the controller to gather them."""
+    intervals = [r.rollout.auto.interval_s for r in config.routes if r.rollout.auto is not None]
+    return max([RETENTION_S, *(2 * interval for interval in intervals)])
 
 
 def _wall_ns(trace: TraceContext, exchange: Exchange, at: float) -> int:

@@ -1,4 +1,9 @@
-"""proxy.rollout: the state machine as tables of (state, event) → state and decision."""
+"""proxy.rollout: the state machine as tables of (state, event) → state and decision.
+
+A state carries the judge's evidence: a new rollout (restart, adopt, resume after a
+rollback) starts it afresh from the slice after now, a new step (advance, resume after
+a pause) empties the step's window and keeps the rollout's, anything else keeps it.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.analysis import CheckResult, Judgement, Verdict
+from proxy.analysis import CheckResult, Evidence, Judgement, Verdict, judge
 from proxy.config.model import (
     AutoRollout,
     Backend,
+    Checks,
+    ErrorRateCheck,
     OnFailure,
     Rollout,
     Route,
@@ -34,6 +41,7 @@ from proxy.rollout import (
     reconcile,
     served_weight,
 )
+from proxy.stats import VariantStats
 from tests.factories import CANARY_BACKEND, make_config, make_route
 
 STEPS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0)
@@ -43,6 +51,37 @@ NOW = 1_800_000_000.0
 IDENTITY = "canary-v2"
 
 P, F, U = Verdict.PASS, Verdict.FAIL, Verdict.INCONCLUSIVE  # U: undecided
+
+NEXT_SLICE = 1_800_000_001  # the first whole 1 s stats slice after NOW
+
+
+def variant(requests: int, errors: int = 0) -> VariantStats:
+    """Stats of `requests` requests, the first `errors` of them failed."""
+    stats = VariantStats()
+    for i in range(requests):
+        stats.record(0.2 + i / 1000, 0.05, "http_500" if i < errors else None, 12)
+    return stats
+
+
+# What a route two minutes into its rollout has seen: 600 canary requests, 200 of them
+# at its current step.
+EVIDENCE = (
+    Evidence.fresh(NEXT_SLICE - 120)
+    .added(variant(400, 4), variant(4000, 30), NEXT_SLICE - 60)
+    .new_step()
+    .added(variant(200, 1), variant(2000, 12), NEXT_SLICE)
+)
+EMPTY = VariantStats().to_mapping()
+
+
+def fresh_at(now: float) -> dict[str, object]:
+    """The mapping of the evidence a rollout begun at `now` starts with."""
+    return Evidence.fresh(int(now // 1.0) + 1).to_mapping()
+
+
+def assert_new_step(new: Evidence, old: Evidence) -> None:
+    """The same rollout's window and next slice, and an empty step window."""
+    assert new.to_mapping() == {**old.to_mapping(), "step_canary": EMPTY, "step_stable": EMPTY}
 
 
 def state(
@@ -61,8 +100,10 @@ def state(
         passes=passes,
         failures=failures,
         step_started_at=NOW - 60,
+        started_at=NOW - 120,
         canary=IDENTITY,
         config_weight=0.0,
+        evidence=EVIDENCE,
     )
     return replace(base, **changes)
 
@@ -284,6 +325,13 @@ def test_judgement_transitions(
             assert new.step_started_at == NOW  # the next window starts now
     else:
         assert new.decisions == start.decisions
+    # An advance starts the step's window afresh and keeps the rollout's; nothing else
+    # a judgement does touches the evidence.
+    if expect.action == "advance":
+        assert_new_step(new.evidence, start.evidence)
+    else:
+        assert new.evidence is start.evidence
+    assert new.started_at == start.started_at
 
 
 @pytest.mark.parametrize(
@@ -409,6 +457,16 @@ def test_operator_actions_from_every_state(
     # A pause keeps the counts where they were; every other action starts them afresh.
     counts = (start.passes, start.failures) if action is PAUSE else (0, 0)
     assert (new.passes, new.failures) == counts
+    assert new.step_started_at == (start.step_started_at if action is PAUSE else NOW)
+    # Resuming after a rollback is a rollout of its own; after a pause, a new step of
+    # the same one. Pause, promote and rollback keep what the judge has seen.
+    if action is RESUME:
+        # A resumed rollout is judged afresh, whatever paused, held or rolled it back.
+        assert new.evidence.to_mapping() == fresh_at(NOW)
+        assert new.started_at == NOW
+    else:
+        assert new.evidence is start.evidence
+        assert new.started_at == start.started_at
     decision = transition.decision
     assert decision is not None
     assert (decision.cause, decision.action) == ("operator", action.value)
@@ -424,9 +482,13 @@ def test_refused_action_names_the_state() -> None:
 
 def test_resume_after_rollback_ramps_again_from_the_first_step() -> None:
     rolled_back = on_judgement(state(failures=1), AUTO, judgement(F), NOW, True).state
+    assert rolled_back.evidence is EVIDENCE  # a rollback keeps what showed the failure
     resumed = on_operator(rolled_back, AUTO, RESUME, NOW + 1).state
     assert (resumed.status, resumed.weight, resumed.step) == (Status.PROGRESSING, 1, 0)
     assert resumed.step_started_at == NOW + 1
+    assert resumed.started_at == NOW + 1
+    assert resumed.evidence.to_mapping() == fresh_at(NOW + 1)
+    assert resumed.evidence.next_slice == NEXT_SLICE + 1
     advanced = on_judgement(
         on_judgement(resumed, AUTO, judgement(P), NOW + 2, True).state,
         AUTO,
@@ -464,8 +526,24 @@ def test_first_start_adopts_the_config_weight(
         step,
     )
     assert (new.canary, new.config_weight, new.step_started_at) == (IDENTITY, config_weight, NOW)
+    assert new.started_at == NOW
+    assert new.evidence.to_mapping() == fresh_at(NOW)
     assert transition.decision is not None
     assert (transition.decision.cause, transition.decision.action) == ("config", action)
+
+
+@pytest.mark.parametrize(
+    ("offset", "next_slice"),
+    [(0.0, NEXT_SLICE), (0.25, NEXT_SLICE), (0.999, NEXT_SLICE), (1.0, NEXT_SLICE + 1)],
+)
+@pytest.mark.parametrize("config_weight", [0.0, 25.0], ids=["restart", "adopt"])
+def test_a_rollout_gathers_evidence_from_the_slice_after_it_began(
+    offset: float, next_slice: int, config_weight: float
+) -> None:
+    # The slice holding `now` began before the rollout did: it is not the canary's.
+    new = reconcile(None, auto_route(config_weight), IDENTITY, NOW + offset).state
+    assert new.evidence.next_slice == next_slice
+    assert new.started_at == NOW + offset
 
 
 def test_adopted_weight_goes_on_to_the_next_step_above_it() -> None:
@@ -500,6 +578,9 @@ def test_a_new_canary_restarts_at_the_first_step(start: RouteState) -> None:
     assert transition.decision.action == "restart"
     assert transition.decision.weight_before == start.weight
     assert new.version == start.version
+    # Nothing the old canary did counts for the new one.
+    assert (new.started_at, new.step_started_at) == (NOW, NOW)
+    assert new.evidence.to_mapping() == fresh_at(NOW)
 
 
 @pytest.mark.parametrize("start", RECONCILE_STARTS, ids=lambda s: s.status.value)
@@ -515,6 +596,8 @@ def test_an_edited_config_weight_is_adopted(start: RouteState) -> None:
     assert transition.decision is not None
     assert transition.decision.action == "adopt"
     assert "edited to 25%" in transition.decision.reason
+    assert new.started_at == NOW
+    assert new.evidence.to_mapping() == fresh_at(NOW)
 
 
 @pytest.mark.parametrize(
@@ -535,6 +618,8 @@ def test_reload_with_new_steps_rereads_the_step_index() -> None:
     )
     assert transition.decision is None
     assert (transition.state.weight, transition.state.step) == (10, 0)
+    assert transition.state.evidence is start.evidence
+    assert transition.state.started_at == start.started_at
 
 
 def test_an_automatic_rollout_configured_on_a_manual_route_starts_from_its_weight() -> None:
@@ -547,6 +632,8 @@ def test_an_automatic_rollout_configured_on_a_manual_route_starts_from_its_weigh
     )
     assert transition.decision is not None
     assert transition.decision.action == "adopt"
+    assert transition.state.started_at == NOW
+    assert transition.state.evidence.to_mapping() == fresh_at(NOW)
 
 
 # --- manual routes ----------------------------------------------------------------------
@@ -643,11 +730,21 @@ def test_decisions_are_capped() -> None:
     assert current.decisions[0].at == NOW + 7
 
 
+def gathered(current: RouteState, canary: VariantStats, stable: VariantStats) -> RouteState:
+    """The state with 30 more slices of stats in its evidence, as the controller adds them."""
+    evidence = current.evidence
+    return replace(current, evidence=evidence.added(canary, stable, evidence.next_slice + 30))
+
+
 def rich_state() -> RouteState:
-    """A state with decisions (with and without judgements) and a last verdict."""
+    """A state with decisions (with and without judgements), a last verdict, and evidence
+    over two steps."""
     current = reconcile(None, auto_route(0.0), IDENTITY, NOW).state
+    current = gathered(current, variant(150, 2), variant(1500, 9))
     current = on_judgement(current, AUTO, judgement(P), NOW + 30, True).state
+    current = gathered(current, variant(150, 1), variant(1500, 8))
     current = on_judgement(current, AUTO, judgement(P), NOW + 60, True).state
+    current = gathered(current, variant(600, 40), variant(1500, 7))
     current = on_judgement(current, AUTO, judgement(F), NOW + 90, True).state
     return replace(current, version=7)
 
@@ -658,12 +755,96 @@ def test_state_round_trips_through_its_mapping(via_json: bool) -> None:
     assert original.verdict is not None
     assert len(original.decisions) == 2
     assert original.decisions[-1].judgement is not None
+    assert original.started_at == NOW
+    assert (original.evidence.rollout_canary.requests, original.evidence.step_canary.requests) == (
+        900,
+        600,
+    )
     mapping = original.to_mapping()
     if via_json:
         mapping = json.loads(json.dumps(mapping))
     restored = RouteState.from_mapping(mapping)
-    assert restored == original
+    assert restored.started_at == NOW
+    assert restored.evidence.next_slice == NEXT_SLICE + 90
+    assert restored.evidence.to_mapping() == original.evidence.to_mapping()
+    assert restored.to_mapping() == original.to_mapping()
     assert restored.last_decision == original.last_decision
+    # A stored and reloaded state is the state that was stored (the store's
+    # compare-and-set and its tests rely on it).
+    assert restored == original
+
+
+def test_a_state_stored_without_evidence_loads_with_empty_windows() -> None:
+    # A state written before the evidence was stored with it.
+    mapping = rich_state().to_mapping()
+    del mapping["evidence"], mapping["started_at"]
+    restored = RouteState.from_mapping(mapping)
+    assert restored.started_at == 0.0
+    for window in ("rollout_canary", "rollout_stable", "step_canary", "step_stable"):
+        assert restored.evidence.to_mapping()[window] == EMPTY
+    assert (restored.weight, restored.step, restored.version) == (5.0, 1, 7)
+
+
+# --- judged rollouts: what each window of evidence does ---------------------------------
+
+JUDGED = replace(AUTO, checks=Checks(error_rate=ErrorRateCheck(max=0.05)))
+
+
+def judged(
+    current: RouteState,
+    policy: AutoRollout,
+    canary: VariantStats,
+    stable: VariantStats,
+    now: float,
+) -> Transition:
+    """One interval: its stats join the evidence, then the judge's verdict is applied."""
+    current = gathered(current, canary, stable)
+    return on_judgement(current, policy, judge(current.evidence, policy), now, True)
+
+
+def test_each_step_passes_on_its_own_data() -> None:
+    current = reconcile(None, auto_route(0.0, JUDGED), IDENTITY, NOW).state
+    current = judged(current, JUDGED, variant(300), variant(3000), NOW + 30).state
+    advanced = judged(current, JUDGED, variant(300), variant(3000), NOW + 60)
+    assert advanced.decision is not None
+    assert advanced.decision.action == "advance"
+    current = advanced.state
+    assert (current.weight, current.evidence.rollout_canary.requests) == (5, 600)
+    # Judged again before the new step has data: the earlier passes do not carry over.
+    again = judged(current, JUDGED, VariantStats(), VariantStats(), NOW + 90)
+    assert again.decision is None
+    assert (again.state.weight, again.state.passes) == (5, 0)
+    assert again.state.verdict is not None
+    assert again.state.verdict["verdict"] == "inconclusive"
+    assert again.state.verdict["reason"] == (
+        "error rate n/a (n=0) vs stable n/a (n=0) at this step: "
+        "too little data at this step (0 of 100)"
+    )
+    current = judged(again.state, JUDGED, variant(100), variant(1000), NOW + 120).state
+    assert current.passes == 1
+    current = judged(current, JUDGED, variant(100), variant(1000), NOW + 150).state
+    assert (current.weight, current.step, current.passes) == (10, 2, 0)
+    assert current.evidence.rollout_canary.requests == 800
+    assert current.evidence.step_canary.requests == 0
+    assert current.started_at == NOW
+
+
+def test_resuming_a_held_canary_judges_it_afresh() -> None:
+    policy = replace(JUDGED, on_failure=OnFailure.HOLD)
+    current = reconcile(None, auto_route(0.0, policy), IDENTITY, NOW).state
+    for at in (30, 60):
+        current = judged(current, policy, variant(200, 30), variant(2000, 20), NOW + at).state
+    assert current.status is Status.PAUSED
+    assert current.evidence.rollout_canary.errors == 60
+    # An operator resumes (having fixed the canary, say): what held it is behind it.
+    resumed = on_operator(current, policy, RESUME, NOW + 70).state
+    assert resumed.evidence.rollout_canary.requests == 0
+    assert resumed.evidence.step_canary.requests == 0
+    assert resumed.started_at == NOW + 70
+    after = judged(resumed, policy, variant(200), variant(2000), NOW + 100)
+    assert after.state.failures == 0
+    assert after.state.verdict is not None
+    assert after.state.verdict["verdict"] != "fail"
 
 
 def test_decision_round_trips_through_its_mapping() -> None:
@@ -703,6 +884,7 @@ def test_weight_stays_on_the_steps_and_only_rollbacks_lower_it(
             transition = on_operator(current, policy, RESUME, NOW + at)
         else:
             assert isinstance(event, Verdict)
+            current = gathered(current, ONE, ONE)
             given_judgement = judgement(event) if current.step >= 0 else None
             transition = on_judgement(current, policy, given_judgement, NOW + at, may_advance)
         new = transition.state
@@ -713,4 +895,26 @@ def test_weight_stays_on_the_steps_and_only_rollbacks_lower_it(
             assert transition.decision.action == "rollback"
         if new.weight != current.weight:
             assert transition.decision is not None
+        assert_evidence_follows(current, transition, NOW + at)
         current = new
+
+
+ONE = variant(1)
+
+
+def assert_evidence_follows(old: RouteState, transition: Transition, now: float) -> None:
+    """Only a new rollout (or a resume) restarts the evidence, and only a new step its
+    step window."""
+    new, decision = transition.state, transition.decision
+    action = decision.action if decision is not None else None
+    if action == "resume":
+        assert new.evidence.to_mapping() == fresh_at(now)
+        assert new.started_at == now
+        return
+    assert new.started_at == old.started_at
+    if action == "advance":
+        assert_new_step(new.evidence, old.evidence)
+    else:
+        assert new.evidence is old.evidence
+    evidence = new.evidence
+    assert evidence.rollout_canary.requests >= evidence.step_canary.requests
