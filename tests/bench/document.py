@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
+from reloads import RELOAD_CONNECTIONS, USERS, WEIGHTS
 from report import (
     Results,
     acceptance_table,
@@ -17,6 +18,8 @@ from report import (
     markdown_table,
     median_of,
     notes,
+    reload_latency_table,
+    reload_serve_table,
     results_table,
     rounds_table,
     telemetry_notes,
@@ -26,7 +29,9 @@ from report import (
 )
 from scenarios import THROUGHPUT_CONNECTIONS, Settings
 from stream_client import SETTLE_S, TAIL_S
-from targets import TARGETS
+from targets import CANARY_WEIGHT, TARGETS
+
+from proxy.reload import POLL_S
 
 __all__ = ["document"]
 
@@ -39,8 +44,9 @@ _TARGET_DESCRIPTIONS = {
     "on asyncio's own loop",
     "baseline-uvloop": "the same file with `--uvloop`",
     "canary-proxy": "`canary-proxy run`: one route, stable and canary both the fake backend "
-    "at weight 50, sticky on `header:x-user-id`, `max_connections: 1024` per backend (the "
-    "default 256 is close to the ~250 streams each variant gets in (c)), no OTLP export "
+    "at weight 50, sticky on `header:x-user-id` (salt `chat`), `max_connections: 1024` per "
+    "backend (the default 256 is close to the ~250 streams each variant gets in (c)), no OTLP "
+    "export "
     "(its metrics are recorded all the same): telemetry off",
     "canary-proxy-otel-0.01": "the same config plus `telemetry: {otlp_endpoint: <sink>, "
     "trace_sample_ratio: 0.01}`: 1% of requests traced, spans exported every second and "
@@ -76,6 +82,61 @@ another machine: its CPU is not counted as the proxy's. What it received is in t
 notes below.
 
 """
+
+
+def _reload_section(results: Results, settings: Settings) -> str:
+    """Scenario (d)'s tables and method; empty when it was not measured."""
+    serve, latency = reload_serve_table(results), reload_latency_table(results)
+    if serve is None and latency is None:
+        return ""
+    low, high = (f"{weight:g}" for weight in WEIGHTS)
+    stagger_ms = POLL_S / settings.reloads * 1e3
+    parts = ["## Reload\n"]
+    if serve is not None:
+        parts.append(f"""(d1) From rewriting the config file to the new weight being served, over
+every timed rewrite of every round:
+
+{serve}
+
+canary-proxy alone, fresh, in front of a fake backend without token delay; nothing runs
+but one client on core 1 that sends small chat requests one at a time, over and over,
+for {USERS} fixed user ids (`x-user-id`) chosen with the SPEC §4 formula (mmh3 of
+`salt:key`) so that every one is stable at weight {low} and canary at weight {high}.
+The harness rewrites the route's `rollout: {{weight: N}}` line in place (same inode,
+one `write()` of a file of the same length), alternating {low} ↔ {high},
+{settings.reloads} times per round after one unmeasured rewrite from the start weight
+{CANARY_WEIGHT:g}; the rewrites are {settings.reload_spacing_s:g} s apart plus
+{stagger_ms:.0f} ms each, so they fall at phases of the proxy's {POLL_S:g} s stat poll
+spread evenly over its period (at exactly {settings.reload_spacing_s:g} s, a multiple of
+the poll period, every rewrite would meet the poll at the same phase). "Served" is from
+just before the write to the end of the first full pass over the users in which every
+response's `x-canary-variant` was the new weight's; "first response" to the first
+response at the new weight. A pass takes "one pass ms", the resolution of "served".
+"Flips" counts passes after the switch that were not wholly at the new weight (there
+should be none: the swap is atomic); "applied / rewrites" is the proxy's own
+`canary_config_reloads_total{{result="success"}}` against the rewrites made. What to
+expect: the wait for the next poll (0 to {POLL_S:g} s, half that on average), then the
+reload itself (reading and hashing the file, parsing and validating it, building the
+route table, the swap), then, for "served", the rest of the pass under way and one
+whole pass.
+""")
+    if latency is not None:
+        parts.append(f"""(d2) Latency during reloads, medians over rounds (non-2xx responses and
+socket errors summed over rounds):
+
+{latency}
+
+`wrk -t1 -c{RELOAD_CONNECTIONS} -d{settings.reload_load_s}s --latency -s post.lua` (the
+(a) request, 1000 users) against a fresh canary-proxy, after a {settings.warmup_s} s
+warm-up: once with the config file left alone, once while a thread rewrites the weight
+({low} ↔ {high}) every {settings.reload_every_s:g} s, the two in alternating order by
+round; the run without reloads is at weight {CANARY_WEIGHT:g}. "with ÷ without" is the
+median of the per-round ratios (their range in brackets). Non-2xx are wrk's "Non-2xx or
+3xx responses"; socket errors its connect, read, write and timeout errors; both must
+be 0. A reload (parsing and validating the file, the swap) runs on the proxy's event loop, so
+its pause shows as queueing in the tail of the requests in flight.
+""")
+    return "\n".join(parts) + "\n"
 
 
 def _times_in_words(rounds: int) -> str:
@@ -123,8 +184,9 @@ Each target sits between the load generator and one `canary-proxy fake-backend`.
 proxy under test runs alone on core 0 (`taskset -c 0`); the fake backend and the load
 generator share core 1, and so does the OTLP receiver of the telemetry targets.
 Every target is started fresh for each group of scenarios.
-The whole sequence — (a) and (b) for every target, then (c) for every target — ran
-{_times_in_words(settings.rounds)}; every figure below is the median over the rounds,
+The whole sequence — (a) and (b) for every target, then (c) for every target, then
+(d), the config reload, for canary-proxy (the one target with a config to reload) —
+ran {_times_in_words(settings.rounds)}; every figure below is the median over the rounds,
 and the acceptance ratios are the median of ratios taken within a round (a pair
 measured minutes apart), because the machine is shared and drifts by 10-20% over minutes.
 
@@ -151,6 +213,9 @@ measured minutes apart), because the machine is shared and drifts by 10-20% over
   made even the direct row's TTFB p50 60-190 ms.
 - (a) and (b) run against one target process, (c) against a fresh one (and a fresh
   backend), so the idle RSS of (c) is not inflated by the connections of (a).
+- **(d) reload**: time from a config file rewrite to the new weight being served, and
+  wrk's latency with and without a rewrite every {settings.reload_every_s:g} s; see
+  [Reload](#reload).
 
 ## Machine
 
@@ -173,7 +238,7 @@ Round by round (the noise):
 The acceptance figure: canary-proxy's CPU per request and per chunk, and its memory per
 open stream, are no higher than the ~60-line baseline's, on either event loop.
 
-{_telemetry_section(results)}## Notes from this run
+{_telemetry_section(results)}{_reload_section(results, settings)}## Notes from this run
 
 Core use, medians over rounds (core 1 runs the fake backend and the load generator,
 and the OTLP receiver for the telemetry targets; anything else running on the machine

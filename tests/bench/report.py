@@ -6,7 +6,10 @@ the page). Every figure is the median over rounds. Derived figures:
 - "÷ nginx" = the target's CPU per request (or per chunk) over nginx's;
 - RSS per stream = (RSS with every stream open − RSS idle after warm-up) / streams;
 - telemetry cost = a telemetry target's CPU per request (or per chunk) over canary-proxy's
-  (telemetry off) in the same round, the median of those ratios over rounds.
+  (telemetry off) in the same round, the median of those ratios over rounds;
+- reload (d1): p50 and max over every timed rewrite of every round (pooled, not medians);
+  (d2): medians over rounds, and "with ÷ without" the median of the per-round ratios;
+  non-2xx responses and socket errors summed over rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from otlp_sink import SinkCounts
+from reloads import ReloadLatency, ReloadServe, WrkRun
 from scenarios import Latency, Settings, Streams, Throughput
 from targets import TARGETS, TELEMETRY_RATIOS
 
@@ -30,6 +34,9 @@ __all__ = [
     "markdown_table",
     "median_of",
     "notes",
+    "reload_latency_table",
+    "reload_serve_table",
+    "reload_summary",
     "results_table",
     "rounds_table",
     "telemetry_notes",
@@ -66,6 +73,8 @@ class TargetResult:
     latency: dict[int, Latency] = field(default_factory=dict)
     streams: dict[int, Streams] = field(default_factory=dict)
     exported: dict[tuple[int, str], Exported] = field(default_factory=dict)  # (round, "ab"|"c")
+    reload_serve: dict[int, ReloadServe] = field(default_factory=dict)  # (d1)
+    reload_latency: dict[int, ReloadLatency] = field(default_factory=dict)  # (d2)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -151,9 +160,15 @@ def _over(result: TargetResult, reference: TargetResult | None, metric: Metric) 
     return _ratio(median_of(result, metric), median_of(reference, metric))
 
 
-def _paired_ratios(result: TargetResult, reference: TargetResult, metric: Metric) -> list[float]:
-    """result ÷ reference round by round: each pair was measured minutes apart at most."""
-    mine, theirs = metric(result), metric(reference)
+def _paired_ratios(
+    result: TargetResult,
+    reference: TargetResult,
+    metric: Metric,
+    reference_metric: Metric | None = None,
+) -> list[float]:
+    """result ÷ reference round by round: each pair was measured minutes apart at most.
+    `reference_metric` (default `metric`) is read of the reference."""
+    mine, theirs = metric(result), (reference_metric or metric)(reference)
     return [mine[n] / theirs[n] for n in sorted(mine) if n in theirs and theirs[n] > 0]
 
 
@@ -382,6 +397,187 @@ def telemetry_table(results: Results) -> str | None:
     return markdown_table(header, rows)
 
 
+# --- (d) reload ------------------------------------------------------------------------
+
+_RELOAD_TARGET = "canary-proxy"
+
+
+def _pooled(values: Sequence[float]) -> tuple[float, float] | None:
+    return (statistics.median(values), max(values)) if values else None
+
+
+def reload_serve_table(results: Results) -> str | None:
+    """(d1): write → served at the new weight, over every timed rewrite of every round.
+    None when (d1) was not measured."""
+    result = results.get(_RELOAD_TARGET)
+    if result is None or not result.reload_serve:
+        return None
+    rounds = [result.reload_serve[n] for n in sorted(result.reload_serve)]
+    served = _pooled([ms for r in rounds for ms in r.served_ms])
+    first = _pooled([ms for r in rounds for ms in r.first_ms])
+    header = (
+        "rewrites timed",
+        "served p50 ms",
+        "served max ms",
+        "first response p50 ms",
+        "first response max ms",
+        "one pass ms",
+        "applied / rewrites",
+        "errors",
+        "flips",
+    )
+    row = (
+        f"{sum(len(r.served_ms) for r in rounds)}",
+        _number(served[0] if served else None),
+        _number(served[1] if served else None),
+        _number(first[0] if first else None),
+        _number(first[1] if first else None),
+        _number(statistics.median(r.pass_ms for r in rounds), 1),
+        f"{sum(r.applied for r in rounds)} / {sum(r.rewrites for r in rounds)}",
+        f"{sum(r.errors for r in rounds)}",
+        f"{sum(r.flips for r in rounds)}",
+    )
+    return markdown_table(header, [row])
+
+
+def _wrk_metric(which: str, attribute: str) -> Callable[[TargetResult], ByRound]:
+    def metric(r: TargetResult) -> ByRound:
+        return {
+            n: float(getattr(getattr(x, which), attribute)) for n, x in r.reload_latency.items()
+        }
+
+    return metric
+
+
+def reload_latency_table(results: Results) -> str | None:
+    """(d2): wrk -c8 with and without a rewrite every second, and their ratio. None when
+    (d2) was not measured."""
+    result = results.get(_RELOAD_TARGET)
+    if result is None or not result.reload_latency:
+        return None
+    rounds = [result.reload_latency[n] for n in sorted(result.reload_latency)]
+    header = (
+        "",
+        "req/s",
+        "p50 µs",
+        "p99 µs",
+        "CPU µs/req",
+        "non-2xx",
+        "socket errors",
+        "reloads applied",
+    )
+
+    def runs(which: str) -> list[WrkRun]:
+        return [getattr(r, which) for r in rounds]
+
+    def cells(which: str, reloads: str) -> tuple[str, ...]:
+        done = runs(which)
+        return (
+            _number(statistics.median(x.requests / max(x.duration_s, 1e-9) for x in done)),
+            _number(median_of(result, _wrk_metric(which, "p50_us"))),
+            _number(median_of(result, _wrk_metric(which, "p99_us"))),
+            _number(median_of(result, _wrk_metric(which, "cpu_us_per_request")), 1),
+            f"{sum(x.non_2xx for x in done)}",
+            f"{sum(x.socket_errors for x in done)}",
+            reloads,
+        )
+
+    applied = f"{sum(r.applied for r in rounds)} / {sum(r.rewrites for r in rounds)} rewrites"
+    ratio_cells: list[str] = []
+    for attribute in ("p50_us", "p99_us", "cpu_us_per_request"):
+        ratios = _paired_ratios(
+            result, result, _wrk_metric("reloading", attribute), _wrk_metric("quiet", attribute)
+        )
+        median = statistics.median(ratios) if ratios else None
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+        ratio_cells.append(_times(median) + spread)
+    rows = [
+        ("no reload", *cells("quiet", "0")),
+        ("a reload every second", *cells("reloading", applied)),
+        (
+            "with ÷ without",
+            _DASH,
+            ratio_cells[0],
+            ratio_cells[1],
+            ratio_cells[2],
+            _DASH,
+            _DASH,
+            _DASH,
+        ),
+    ]
+    return markdown_table(header, rows)
+
+
+def reload_summary(result: TargetResult, round_number: int) -> list[str]:
+    """The console lines of one round of (d)."""
+    lines = []
+    serve = result.reload_serve.get(round_number)
+    if serve is not None and serve.served_ms:
+        lines.append(
+            f"  (d1) {result.label}: {len(serve.served_ms)} rewrites, served at the new "
+            f"weight p50 {statistics.median(serve.served_ms):.0f} ms, max "
+            f"{max(serve.served_ms):.0f} ms (first response p50 "
+            f"{statistics.median(serve.first_ms):.0f} ms; a pass {serve.pass_ms:.1f} ms); "
+            f"{serve.applied}/{serve.rewrites} reloads applied, {serve.errors} errors, "
+            f"{serve.flips} flips"
+        )
+    latency = result.reload_latency.get(round_number)
+    if latency is not None:
+        q, r = latency.quiet, latency.reloading
+        lines.append(
+            f"  (d2) {result.label}: p50/p99 {q.p50_us:.0f}/{q.p99_us:.0f} µs without "
+            f"reloads, {r.p50_us:.0f}/{r.p99_us:.0f} µs with {latency.applied}/"
+            f"{latency.rewrites} applied; non-2xx {q.non_2xx}/{r.non_2xx}, socket errors "
+            f"{q.socket_errors}/{r.socket_errors}"
+        )
+    return lines
+
+
+def _reload_notes(label: str, result: TargetResult) -> list[str]:
+    found: list[str] = []
+    for n, serve in sorted(result.reload_serve.items()):
+        where = f"{label} (d1, round {n})"
+        if serve.errors:
+            found.append(f"{where}: {serve.errors} of {serve.requests} requests failed")
+        if serve.flips:
+            found.append(
+                f"{where}: {serve.flips} passes after a switch were not wholly at the new weight"
+            )
+        own = serve.cpu_s / max(serve.duration_s, 1e-9)
+        busy = serve.core_busy[0] if serve.core_busy else 0.0
+        if busy - own > _FOREIGN_LOAD_WARN:
+            found.append(
+                f"{where}: core 0 was {busy:.0%} busy but the proxy used {own:.0%} of it: "
+                "other work ran there (the machine is shared)"
+            )
+        if serve.applied != serve.rewrites or serve.failed:
+            found.append(
+                f"{where}: the proxy applied {serve.applied} and refused {serve.failed} "
+                f"reloads for {serve.rewrites} rewrites"
+            )
+    for n, latency in sorted(result.reload_latency.items()):
+        where = f"{label} (d2, round {n})"
+        for title, run in (("without reloads", latency.quiet), ("with", latency.reloading)):
+            if run.non_2xx or run.socket_errors:
+                found.append(
+                    f"{where}, {title}: {run.non_2xx} non-2xx responses, "
+                    f"{run.socket_errors} socket errors"
+                )
+            own = run.cpu_s / max(run.duration_s, 1e-9)
+            busy = run.core_busy[0] if run.core_busy else 0.0
+            if busy - own > _FOREIGN_LOAD_WARN:
+                found.append(
+                    f"{where}, {title}: core 0 was {busy:.0%} busy but the proxy used "
+                    f"{own:.0%} of it: other work ran there (the machine is shared)"
+                )
+        if latency.applied != latency.rewrites or latency.failed:
+            found.append(
+                f"{where}: the proxy applied {latency.applied} and refused {latency.failed} "
+                f"reloads for {latency.rewrites} rewrites"
+            )
+    return found
+
+
 def telemetry_notes(results: Results) -> list[str]:
     """For each telemetry target: spans the sink received per request sent, against the
     sample ratio (2 spans per sampled request), and what the export weighed."""
@@ -453,6 +649,7 @@ def notes(results: Results, settings: Settings) -> list[str]:
                 found.append(f"{label} (b, round {n}): {latency.errors} wrk errors")
         for n, streams in sorted(result.streams.items()):
             found.extend(_stream_notes(f"{label} (c, round {n})", streams, expected_rate))
+        found.extend(_reload_notes(label, result))
     return found
 
 

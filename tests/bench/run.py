@@ -5,6 +5,8 @@ report goes. The pieces live beside it:
     system.py          child processes (all killed on exit), /proc readings, ports
     targets.py         starting the fake backend and each proxy, pinned to its core
     scenarios.py       (a) throughput, (b) latency, (c) 500 streams — the measurements
+    reloads.py         (d) live config reload: time to serve a new weight, latency
+                       during reloads (canary-proxy only)
     stream_client.py   the load generator of (c), a process of its own
     report.py          the tables: side by side, round by round, acceptance, telemetry
                        cost, core use
@@ -15,13 +17,15 @@ report goes. The pieces live beside it:
 
 Order, in each round: scenarios (a) and (b) for every target, each with a fresh fake
 backend (no token delay) and a fresh target; then (c) for every target, again fresh,
-with a backend at 50 tokens/s. Rounds repeat that sequence (3 in a full run, each
-target's order reversed every other round); the report shows medians over rounds.
+with a backend at 50 tokens/s; then (d) for canary-proxy alone (the other targets have
+no config to reload), fresh again, with a backend without token delay. Rounds repeat
+that sequence (3 in a full run, each target's order reversed every other round); the
+report shows medians over rounds.
 The runner itself stays on the load core. A telemetry target's OTLP sink is started
 with it and stopped after its scenarios (once its last batch of spans is in), and
 its counts go into the notes.
 
-    .venv/bin/python tests/bench/run.py [--quick] [--rounds N] [--only a,b,c] [--targets ...]
+    .venv/bin/python tests/bench/run.py [--quick] [--rounds N] [--only a,b,c,d] [--targets ...]
 """
 
 from __future__ import annotations
@@ -38,12 +42,16 @@ from pathlib import Path
 from typing import Final
 
 from document import document
+from reloads import measure_reload_latency, measure_reload_serve
 from report import (
     Exported,
     TargetResult,
     acceptance_table,
     core_table,
     notes,
+    reload_latency_table,
+    reload_serve_table,
+    reload_summary,
     results_table,
     rounds_table,
     telemetry_notes,
@@ -72,7 +80,8 @@ from targets import (
 __all__ = ["main"]
 
 DOC: Final = BENCH_DIR.parent.parent / "docs" / "benchmarks.md"
-SCENARIOS: Final = ("a", "b", "c")
+SCENARIOS: Final = ("a", "b", "c", "d")
+RELOAD_TARGET: Final = "canary-proxy"  # (d) runs against this target only
 _QUIET_BUSY: Final = 0.25
 _SINK_DRAIN_S: Final = 2.0  # the proxy exports its spans every second
 
@@ -101,8 +110,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--only",
         type=lambda text: _choices(text, SCENARIOS, "--only"),
         default=SCENARIOS,
-        metavar="a,b,c",
-        help="scenarios: a throughput, b latency, c streams (default all)",
+        metavar="a,b,c,d",
+        help="scenarios: a throughput, b latency, c streams, d config reload "
+        f"({RELOAD_TARGET} only) (default all)",
     )
     parser.add_argument(
         "--targets",
@@ -209,6 +219,19 @@ def _measure_streams(
         _collect_spans(children, target, sent, result, (round_number, "c"))
 
 
+def _measure_reload(settings: Settings, workdir: Path, result: TargetResult, n: int) -> None:
+    """Scenario (d) against a fresh canary-proxy and backend (no token delay)."""
+    with Children() as children:
+        backend = start_backend(children, workdir, tokens_per_s=0)
+        target = start_target(result.name, children, workdir, backend)
+        _wait_until_quiet(settings)
+        result.reload_serve[n] = measure_reload_serve(target, settings)
+        _wait_until_quiet(settings)
+        result.reload_latency[n] = measure_reload_latency(target, settings, n)
+        for line in reload_summary(result, n):
+            print(line, flush=True)
+
+
 def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, TargetResult]:
     results = {name: TargetResult(name) for name in TARGETS if name in args.targets}
     groups = []
@@ -216,12 +239,17 @@ def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[st
         groups.append("ab")
     if "c" in args.only:
         groups.append("c")
+    if "d" in args.only:
+        if RELOAD_TARGET in results:
+            groups.append("d")
+        else:
+            print(f"(d) skipped: it runs against {RELOAD_TARGET} only", flush=True)
     for round_number in range(1, settings.rounds + 1):
         order = list(results.values())
         if round_number % 2 == 0:
             order.reverse()
         for group in groups:
-            title = "(a), (b)" if group == "ab" else "(c)"
+            title = "(a), (b)" if group == "ab" else f"({group})"
             print(f"round {round_number}/{settings.rounds}, {title}:", flush=True)
             for result in order:
                 try:
@@ -229,8 +257,10 @@ def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[st
                         _measure_requests(
                             result.name, args.only, settings, workdir, result, round_number
                         )
-                    else:
+                    elif group == "c":
                         _measure_streams(result.name, settings, workdir, result, round_number)
+                    elif result.name == RELOAD_TARGET:
+                        _measure_reload(settings, workdir, result, round_number)
                 except (MeasurementError, RuntimeError, OSError) as exc:
                     result.failures.append(f"round {round_number} ({group}): {exc}")
                     print(f"  {result.label} failed: {exc}", file=sys.stderr, flush=True)
@@ -254,20 +284,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     elapsed_s = time.monotonic() - clock
     print()
-    print(results_table(results))
-    print()
+    if {"a", "b", "c"} & set(args.only):
+        print(results_table(results))
+        print()
     if settings.rounds > 1:
         print(rounds_table(results))
         print()
-    if "canary-proxy" in results and {"baseline", "baseline-uvloop", "nginx"} & set(results):
+    measured_ac = bool({"a", "c"} & set(args.only))
+    if (
+        measured_ac
+        and "canary-proxy" in results
+        and {"baseline", "baseline-uvloop", "nginx"} & set(results)
+    ):
         print(acceptance_table(results))
         print()
-    telemetry = telemetry_table(results)
+    telemetry = telemetry_table(results) if measured_ac else None
     if telemetry is not None:
         print(telemetry)
         print()
-    print(core_table(results))
-    print()
+    for table in (reload_serve_table(results), reload_latency_table(results)):
+        if table is not None:
+            print(table)
+            print()
+    if {"a", "b", "c"} & set(args.only):
+        print(core_table(results))
+        print()
     for line in notes(results, settings) + telemetry_notes(results):
         print(f"- {line}")
     print(f"\nthe run took {elapsed_s:.0f} s")

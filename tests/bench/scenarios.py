@@ -1,4 +1,5 @@
-"""The three measurements, each driven from the load core against one running target.
+"""The measurements of (a), (b), (c), each driven from the load core against one running
+target ((d), the reload scenario, is `reloads.py`'s; its settings are here).
 
 (a) throughput: `wrk -t1 -c64` with `post.lua` (~1 KB JSON in, ~1 KB JSON out); the
     target's CPU time over the run divided by the requests wrk completed.
@@ -33,6 +34,7 @@ __all__ = [
     "measure_latency",
     "measure_streams",
     "measure_throughput",
+    "wrk_post",
 ]
 
 THROUGHPUT_CONNECTIONS: Final = 64
@@ -58,6 +60,10 @@ class Settings:
     stream_ramp_s: float
     quiet_wait_s: float  # how long to wait, at most, for other work to leave the cores
     rounds: int  # how many times the whole sequence runs; figures are medians over rounds
+    reloads: int  # (d1) config rewrites timed, per round
+    reload_spacing_s: float  # (d1) between two rewrites
+    reload_load_s: int  # (d2) each wrk run, with and without reloads
+    reload_every_s: float  # (d2) between two rewrites while wrk runs
 
 
 FULL: Final = Settings(
@@ -70,6 +76,10 @@ FULL: Final = Settings(
     stream_ramp_s=1.0,
     quiet_wait_s=20.0,
     rounds=3,
+    reloads=10,
+    reload_spacing_s=2.5,
+    reload_load_s=10,
+    reload_every_s=1.0,
 )
 QUICK: Final = Settings(
     warmup_s=1,
@@ -81,6 +91,10 @@ QUICK: Final = Settings(
     stream_ramp_s=0.5,
     quiet_wait_s=0.0,
     rounds=1,
+    reloads=4,
+    reload_spacing_s=2.5,
+    reload_load_s=3,
+    reload_every_s=1.0,
 )
 
 
@@ -166,7 +180,8 @@ def _run_on_load_core(argv: list[str], timeout_s: float, what: str) -> dict[str,
     return _bench_json(done.stdout, what)
 
 
-def _wrk(url: str, connections: int, duration_s: int) -> dict[str, Any]:
+def wrk_post(url: str, connections: int, duration_s: int) -> dict[str, Any]:
+    """`wrk -t1 --latency -s post.lua` on the load core; the fields `post.lua` prints."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--latency", "--timeout", "10s"]
     argv += ["-s", str(BENCH_DIR / "post.lua"), url]
     return _run_on_load_core(argv, duration_s + _SLACK_S, f"wrk -c{connections}")
@@ -178,9 +193,9 @@ def _wrk_errors(result: dict[str, Any]) -> int:
 
 def measure_throughput(target: Running, settings: Settings) -> Throughput:
     """Scenario (a): 64 keep-alive connections for `throughput_s` after a warm-up."""
-    warmup = _wrk(target.url, THROUGHPUT_CONNECTIONS, settings.warmup_s)
+    warmup = wrk_post(target.url, THROUGHPUT_CONNECTIONS, settings.warmup_s)
     cores_before, cpu_before = CoreTimes.now(), cpu_seconds(target.pids)
-    result = _wrk(target.url, THROUGHPUT_CONNECTIONS, settings.throughput_s)
+    result = wrk_post(target.url, THROUGHPUT_CONNECTIONS, settings.throughput_s)
     cpu_s = cpu_seconds(target.pids) - cpu_before
     return Throughput(
         requests=int(result["requests"]),
@@ -194,8 +209,8 @@ def measure_throughput(target: Running, settings: Settings) -> Throughput:
 
 def measure_latency(target: Running, settings: Settings) -> Latency:
     """Scenario (b): one connection, one request at a time."""
-    warmup = _wrk(target.url, 1, _LATENCY_WARMUP_S)
-    result = _wrk(target.url, 1, settings.latency_s)
+    warmup = wrk_post(target.url, 1, _LATENCY_WARMUP_S)
+    result = wrk_post(target.url, 1, settings.latency_s)
     return Latency(
         requests=int(result["requests"]),
         warmup_requests=int(warmup["requests"]),

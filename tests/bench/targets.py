@@ -10,6 +10,9 @@ Rules:
 4. A telemetry target (`TELEMETRY_RATIOS`) gets its own OTLP sink (`otlp_sink.py`),
    started before it on the load core, like a collector on another machine: its CPU
    is not the target's. `stop_sink` stops it and returns what it received.
+5. A canary-proxy target's config file stays valid and rewritable: `Running.config`
+   names it, its route's weight sits on a line of its own, and `rewrite_weight`
+   changes just that number (scenario (d); the proxy watches the file).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,12 +33,16 @@ from system import Children, free_port, process_tree, wait_for_port
 
 __all__ = [
     "BENCH_DIR",
+    "CANARY_ROUTE",
+    "CANARY_SALT",
+    "CANARY_WEIGHT",
     "LOAD_CORE",
     "PROXY_CORE",
     "TARGETS",
     "TELEMETRY_RATIOS",
     "Running",
     "Sink",
+    "rewrite_weight",
     "start_backend",
     "start_sink",
     "start_target",
@@ -64,6 +72,11 @@ TELEMETRY_RATIOS: Final = {"canary-proxy-otel-0.01": 0.01, "canary-proxy-otel-1"
 # The baseline's pool is unlimited, nginx has none: give canary-proxy room as well.
 _CANARY_MAX_CONNECTIONS: Final = 1024
 
+CANARY_ROUTE: Final = "chat"
+CANARY_SALT: Final = "chat"  # written into the config, so the harness can hash users itself
+CANARY_WEIGHT: Final = 50.0  # the weight every canary-proxy target starts at
+_WEIGHT_LINE: Final = re.compile(r"^(    rollout: \{weight: )([0-9.]+)(\}\n)", re.MULTILINE)
+
 
 @dataclass(frozen=True, slots=True)
 class Sink:
@@ -82,6 +95,8 @@ class Running:
     url: str
     pids: tuple[int, ...]
     sink: Sink | None = None  # the OTLP receiver of a telemetry target (not measured)
+    config: Path | None = None  # a canary-proxy target's config file (it watches it)
+    admin_url: str | None = None  # a canary-proxy target's admin port
 
 
 def _canary_proxy_command() -> str:
@@ -127,6 +142,8 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
     port = free_port()
     log = workdir / f"{name}-{port}.log"
     sink: Sink | None = None
+    config: Path | None = None
+    admin_url: str | None = None
     if name == "nginx":
         argv = _nginx_argv(workdir / f"nginx-{port}", port, backend.url)
     elif name in ("baseline", "baseline-uvloop"):
@@ -139,7 +156,11 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         if name in TELEMETRY_RATIOS:
             sink = start_sink(children, workdir)
             telemetry = _telemetry_section(sink.url, TELEMETRY_RATIOS[name])
-        config = _write_canary_config(workdir / f"canary-{port}", port, backend.url, telemetry)
+        admin_port = free_port()
+        admin_url = f"http://127.0.0.1:{admin_port}"
+        config = _write_canary_config(
+            workdir / f"canary-{port}", port, admin_port, backend.url, telemetry
+        )
         argv = [_canary_proxy_command(), "run", "-c", str(config), "--log-level", "warning"]
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
@@ -154,7 +175,7 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
     while name == "nginx" and len(pids) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
         pids = process_tree(process.pid)
-    return Running(name, f"http://127.0.0.1:{port}", tuple(pids), sink)
+    return Running(name, f"http://127.0.0.1:{port}", tuple(pids), sink, config, admin_url)
 
 
 def _nginx_argv(directory: Path, port: int, upstream_url: str) -> list[str]:
@@ -180,29 +201,53 @@ def _telemetry_section(endpoint: str, ratio: float) -> str:
     return f'telemetry: {{otlp_endpoint: "{endpoint}", trace_sample_ratio: {ratio:g}}}\n'
 
 
-def _write_canary_config(directory: Path, port: int, backend_url: str, telemetry: str = "") -> Path:
-    """One route, stable and canary both the fake backend, 50/50 by x-user-id; then
-    `telemetry`, a config section (empty: no OTLP export; metrics are recorded anyway)."""
+def _write_canary_config(
+    directory: Path, port: int, admin_port: int, backend_url: str, telemetry: str = ""
+) -> Path:
+    """One route, stable and canary both the fake backend, 50/50 by x-user-id (salt
+    given, so the harness can compute who is in the canary); then `telemetry`, a config
+    section (empty: no OTLP export; metrics are recorded anyway)."""
     directory.mkdir()
     config = directory / "canary.yaml"
     config.write_text(
         f"""# Written by tests/bench/run.py: one route, both variants on one fake backend.
 listen: 127.0.0.1:{port}
-admin: {{listen: "127.0.0.1:{free_port()}"}}
+admin: {{listen: "127.0.0.1:{admin_port}"}}
 backends:
   stable: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
   canary: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
 routes:
-  - name: chat
+  - name: {CANARY_ROUTE}
     match: {{path_prefix: /}}
     stable: stable
     canary: canary
-    sticky: {{keys: ["header:x-user-id"]}}
-    rollout: {{weight: 50}}
+    sticky: {{keys: ["header:x-user-id"], salt: {CANARY_SALT}}}
+    rollout: {{weight: {CANARY_WEIGHT:g}}}
 state: {{store: sqlite, path: "{directory / "canary-state.db"}"}}
 {telemetry}"""
     )
     return config
+
+
+def rewrite_weight(config: Path, weight: float) -> None:
+    """Rewrite the route's weight in place, as an operator's edit would.
+
+    The file is written over, not replaced (same inode). When the new text is as long as
+    the old (10 ↔ 60), one write() over the old bytes, without truncating first, so the
+    proxy's watcher can never catch the file empty or half written."""
+    old = config.read_bytes()
+    new, count = _WEIGHT_LINE.subn(rf"\g<1>{weight:g}\g<3>", old.decode())
+    if count != 1:
+        raise RuntimeError(f"{config}: expected one `rollout: {{weight: N}}` line, found {count}")
+    data = new.encode()
+    flags = os.O_WRONLY if len(data) == len(old) else os.O_WRONLY | os.O_TRUNC
+    fd = os.open(config, flags)
+    try:
+        written = os.write(fd, data)
+    finally:
+        os.close(fd)
+    if written != len(data):
+        raise OSError(f"{config}: wrote {written} of {len(data)} bytes")
 
 
 def _tail(log: Path, lines: int = 15) -> str:
