@@ -265,6 +265,22 @@ async def test_expired_slices_are_not_read_and_are_deleted(db_path: str) -> None
         assert (await store.read_stats("chat", "canary", 1, 2)).requests == 6
 
 
+async def test_heartbeats_list_live_processes_until_they_expire(db_path: str) -> None:
+    async with opened(db_path) as store, opened(db_path) as other:
+        await store.heartbeat("host:1", {"config_version": "aaa", "leader": True}, TTL_S)
+        await other.heartbeat("host:2", {"config_version": "bbb", "leader": False}, 0.1)
+        assert await store.processes() == [
+            {"config_version": "aaa", "leader": True, "source": "host:1"},
+            {"config_version": "bbb", "leader": False, "source": "host:2"},
+        ]
+        # A second beat replaces the first.
+        await store.heartbeat("host:1", {"config_version": "ccc", "leader": True}, TTL_S)
+        await asyncio.sleep(0.2)
+        assert await other.processes() == [
+            {"config_version": "ccc", "leader": True, "source": "host:1"}
+        ]
+
+
 async def test_open_store_picks_sqlite_from_the_config(db_path: str) -> None:
     store = open_store(StateConfig(StateStoreKind.SQLITE, db_path))
     try:

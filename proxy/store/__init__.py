@@ -11,10 +11,10 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy.config.model import StateConfig, StateStoreKind
-from proxy.store.base import StateStore, StatsSlice
+from proxy.store.base import ProcessInfo, StateStore, StatsSlice
 from proxy.store.sqlite import SqliteStore
 
-__all__ = ["STORES", "StateStore", "StatsSlice", "open_store"]
+__all__ = ["STORES", "ProcessInfo", "StateStore", "StatsSlice", "open_store"]
 
 
 def _sqlite(config: StateConfig) -> StateStore:

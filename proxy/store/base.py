@@ -1,9 +1,10 @@
 """What a state store must do, for one process or a fleet of them.
 
-Three things are shared: each route's rollout state, written with compare-and-set
+Four things are shared: each route's rollout state, written with compare-and-set
 so two controllers can never both win; the window stats of every process, appended
-as time slices and merged by whoever judges; and a lease, so one controller decides
-at a time. The embedded store is SQLite (`proxy.store.sqlite`); a fleet uses Redis.
+as time slices and merged by whoever judges; a lease, so one controller decides at a
+time; and a heartbeat of every live process (its config version, whether it leads),
+so the status page lists them and the controller sees when they disagree. The embedded store is SQLite (`proxy.store.sqlite`); a fleet uses Redis.
 
 Rules:
 1. `compare_and_set` writes only over the version it read, and returns the state
@@ -12,6 +13,7 @@ Rules:
    from another holder is only possible after it expired.
 3. Stats slices expire on their own; a slice written again by the same source
    replaces the previous write.
+4. A heartbeat lives for its time to live; a process that stops beating drops out.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from typing import Protocol
 from proxy.rollout import RouteState
 from proxy.stats import VariantStats
 
-__all__ = ["StateStore", "StatsSlice"]
+__all__ = ["ProcessInfo", "StateStore", "StatsSlice"]
 
 # (route, variant, slice index, stats)
 StatsSlice = tuple[str, str, int, VariantStats]
+# What a process says of itself in its heartbeat (JSON-able; "source" is its id).
+ProcessInfo = Mapping[str, object]
 
 
 class StateStore(Protocol):
@@ -51,6 +55,14 @@ class StateStore(Protocol):
         self, route: str, variant: str, first_slice: int, last_slice: int
     ) -> VariantStats:
         """The merged stats of every source over [first_slice, last_slice]."""
+        ...
+
+    async def heartbeat(self, source: str, info: ProcessInfo, ttl_s: float) -> None:
+        """Say this process is alive, and what it runs, for the next `ttl_s`."""
+        ...
+
+    async def processes(self) -> list[ProcessInfo]:
+        """The heartbeat of every live process, each with its "source", by source."""
         ...
 
     async def close(self) -> None: ...

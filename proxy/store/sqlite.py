@@ -20,7 +20,7 @@ from typing import Final, TypeVar
 
 from proxy.rollout import RouteState
 from proxy.stats import VariantStats
-from proxy.store.base import StatsSlice
+from proxy.store.base import ProcessInfo, StatsSlice
 
 __all__ = ["SqliteStore"]
 
@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS stats (
     data TEXT NOT NULL,
     expires_at REAL NOT NULL,
     PRIMARY KEY (source, route, variant, slice)
+);
+CREATE TABLE IF NOT EXISTS process (
+    source TEXT PRIMARY KEY,
+    info TEXT NOT NULL,
+    expires_at REAL NOT NULL
 );
 """
 
@@ -165,6 +170,32 @@ class SqliteStore:
         for (text,) in rows:
             total.merge(VariantStats.from_mapping(json.loads(text)))
         return total
+
+    async def heartbeat(self, source: str, info: ProcessInfo, ttl_s: float) -> None:
+        text = json.dumps({**info, "source": source})
+
+        def write(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT OR REPLACE INTO process VALUES (?, ?, ?)", (source, text, now + ttl_s)
+                )
+                db.execute("DELETE FROM process WHERE expires_at < ?", (now,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        await self._run(write)
+
+    async def processes(self) -> list[ProcessInfo]:
+        rows = await self._run(
+            lambda db: db.execute(
+                "SELECT info FROM process WHERE expires_at >= ? ORDER BY source", (time.time(),)
+            ).fetchall()
+        )
+        return [json.loads(text) for (text,) in rows]
 
     async def close(self) -> None:
         await self._run(lambda db: db.close())
