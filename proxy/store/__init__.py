@@ -1,8 +1,8 @@
 """Where rollout state lives: a registry of state stores, chosen by `state.store`.
 
-`sqlite` (the default) is one file on one machine; `redis` (a fleet of replicas)
-comes with the fleet work. Where the state lives is the only difference between the
-two: nothing else forks on it.
+`sqlite` (the default) is one file on one machine (`proxy.store.sqlite`); `redis` is
+one server shared by a fleet of replicas (`proxy.store.redis`). Where the state lives
+is the only difference between the two: nothing else forks on it.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from collections.abc import Callable
 from typing import Final
 
 from proxy.config.model import StateConfig, StateStoreKind
+from proxy.errors import ConfigError
 from proxy.store.base import ProcessInfo, StateStore, StatsSlice
+from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 
 __all__ = ["STORES", "ProcessInfo", "StateStore", "StatsSlice", "open_store"]
@@ -21,14 +23,18 @@ def _sqlite(config: StateConfig) -> StateStore:
     return SqliteStore(config.path)
 
 
+def _redis(config: StateConfig) -> StateStore:
+    if config.url is None:
+        raise ConfigError("state.url: required when state.store is redis")
+    return RedisStore(config.url)
+
+
 STORES: Final[dict[StateStoreKind, Callable[[StateConfig], StateStore]]] = {
     StateStoreKind.SQLITE: _sqlite,
+    StateStoreKind.REDIS: _redis,
 }
 
 
 def open_store(config: StateConfig) -> StateStore:
-    """The state store the config names."""
-    factory = STORES.get(config.store)
-    if factory is None:
-        raise NotImplementedError(f"state.store {config.store.value} is not available yet")
-    return factory(config)
+    """The state store the config names (a Redis one connects on its first call)."""
+    return STORES[config.store](config)
