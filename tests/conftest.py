@@ -1,13 +1,16 @@
-"""Shared fixtures: one stable and one canary fake-backend process for the session."""
+"""Shared fixtures: one stable and one canary fake-backend process for the session;
+a fresh redis-server for each test that asks for one."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.harness import BackendProcess, start_backend
+from tests.redis_server import RedisServer, require_redis_server
 
 
 @dataclass
@@ -25,3 +28,14 @@ def backends() -> Iterator[Backends]:
     finally:
         stable.stop()
         canary.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """An empty redis-server of this test's own (`url`; `stop()`/`start()` keep the port)."""
+    server = RedisServer(require_redis_server(), tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
