@@ -1,11 +1,13 @@
-"""proxy.store.sqlite on real files: compare-and-set state, the lease, shared stats."""
+"""Every state store, on real files and a real redis-server: compare-and-set state, the
+lease, shared stats, heartbeats. Each behaviour runs against each store kind; what only
+one of them does is tested beside it (and in test_store_redis.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from proxy.config.model import StateConfig, StateStoreKind
 from proxy.histogram import LogHistogram
 from proxy.rollout import Decision, RouteState, Status
 from proxy.stats import VariantStats
-from proxy.store import StatsSlice, open_store
+from proxy.store import STORES, StateStore, StatsSlice, open_store
 from proxy.store.sqlite import SqliteStore
 
 NOW = 1_800_000_000.0
@@ -28,13 +30,26 @@ def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "state" / "canary-state.db")
 
 
-@asynccontextmanager
-async def opened(path: str) -> AsyncIterator[SqliteStore]:
-    store = SqliteStore(path)
-    try:
-        yield store
-    finally:
-        await store.close()
+# Opens one more client of the same store, as another process would.
+Connect = Callable[[], AbstractAsyncContextManager[StateStore]]
+
+
+@pytest.fixture(params=list(StateStoreKind), ids=str)
+def connect(request: pytest.FixtureRequest, db_path: str) -> Connect:
+    if request.param is StateStoreKind.REDIS:
+        config = StateConfig(StateStoreKind.REDIS, url=request.getfixturevalue("redis_server").url)
+    else:
+        config = StateConfig(StateStoreKind.SQLITE, db_path)
+
+    @asynccontextmanager
+    async def opened() -> AsyncIterator[StateStore]:
+        store = open_store(config)
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    return opened
 
 
 def route_state(route: str = "chat", weight: float = 5.0, step: int = 1) -> RouteState:
@@ -90,8 +105,8 @@ def stored_rows(path: str) -> int:
 # --- state: compare-and-set -------------------------------------------------------------
 
 
-async def test_first_write_stores_version_one(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_first_write_stores_version_one(connect: Connect) -> None:
+    async with connect() as store:
         assert await store.load_states() == {}
         written = await store.compare_and_set(route_state(), 0)
         assert written is not None
@@ -100,8 +115,8 @@ async def test_first_write_stores_version_one(db_path: str) -> None:
         assert await store.load_states() == {"chat": written}
 
 
-async def test_compare_and_set_bumps_the_version_and_refuses_stale_ones(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_compare_and_set_bumps_the_version_and_refuses_stale_ones(connect: Connect) -> None:
+    async with connect() as store:
         first = await store.compare_and_set(route_state(), 0)
         assert first is not None
         second = await store.compare_and_set(replace(first, weight=10.0, step=2), first.version)
@@ -114,8 +129,8 @@ async def test_compare_and_set_bumps_the_version_and_refuses_stale_ones(db_path:
         assert (await store.load_states())["chat"] == second
 
 
-async def test_routes_are_versioned_separately(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_routes_are_versioned_separately(connect: Connect) -> None:
+    async with connect() as store:
         chat = await store.compare_and_set(route_state("chat"), 0)
         embed = await store.compare_and_set(route_state("embed", weight=1.0, step=0), 0)
         assert chat is not None
@@ -124,22 +139,22 @@ async def test_routes_are_versioned_separately(db_path: str) -> None:
         assert set(await store.load_states()) == {"chat", "embed"}
 
 
-async def test_states_survive_a_restart(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_states_survive_a_restart(connect: Connect) -> None:
+    async with connect() as store:
         first = await store.compare_and_set(route_state(), 0)
         assert first is not None
         rolled_back = replace(first, status=Status.ROLLED_BACK, weight=0.0, step=-1)
         written = await store.compare_and_set(rolled_back, first.version)
         other = await store.compare_and_set(route_state("embed"), 0)
-    async with opened(db_path) as reopened:
+    async with connect() as reopened:
         loaded = await reopened.load_states()
     assert loaded == {"chat": written, "embed": other}
     assert loaded["chat"].decisions == route_state().decisions
     assert loaded["chat"].verdict == route_state().verdict
 
 
-async def test_only_one_of_two_processes_wins_a_compare_and_set(db_path: str) -> None:
-    async with opened(db_path) as one, opened(db_path) as two:
+async def test_only_one_of_two_processes_wins_a_compare_and_set(connect: Connect) -> None:
+    async with connect() as one, connect() as two:
         base = await one.compare_and_set(route_state(), 0)
         assert base is not None
         seen_by_two = (await two.load_states())["chat"]
@@ -154,8 +169,8 @@ async def test_only_one_of_two_processes_wins_a_compare_and_set(db_path: str) ->
         assert (await two.load_states())["chat"] == winners[0]
 
 
-async def test_only_one_of_two_processes_wins_the_first_write(db_path: str) -> None:
-    async with opened(db_path) as one, opened(db_path) as two:
+async def test_only_one_of_two_processes_wins_the_first_write(connect: Connect) -> None:
+    async with connect() as one, connect() as two:
         results = await asyncio.gather(
             one.compare_and_set(route_state(weight=5.0), 0),
             two.compare_and_set(route_state(weight=1.0, step=0), 0),
@@ -168,8 +183,8 @@ async def test_only_one_of_two_processes_wins_the_first_write(db_path: str) -> N
 # --- the lease --------------------------------------------------------------------------
 
 
-async def test_lease_is_held_by_one_holder_until_it_expires(db_path: str) -> None:
-    async with opened(db_path) as one, opened(db_path) as two:
+async def test_lease_is_held_by_one_holder_until_it_expires(connect: Connect) -> None:
+    async with connect() as one, connect() as two:
         assert await one.acquire_lease("a", 0.6)
         assert not await two.acquire_lease("b", 0.6)
         await asyncio.sleep(0.3)
@@ -181,8 +196,8 @@ async def test_lease_is_held_by_one_holder_until_it_expires(db_path: str) -> Non
         assert not await one.acquire_lease("a", 10.0)
 
 
-async def test_released_lease_can_be_taken_at_once(db_path: str) -> None:
-    async with opened(db_path) as one, opened(db_path) as two:
+async def test_released_lease_can_be_taken_at_once(connect: Connect) -> None:
+    async with connect() as one, connect() as two:
         assert await one.acquire_lease("a", 60.0)
         await two.release_lease("b")  # not the holder: nothing happens
         assert not await two.acquire_lease("b", 60.0)
@@ -194,10 +209,10 @@ async def test_released_lease_can_be_taken_at_once(db_path: str) -> None:
 # --- stats ------------------------------------------------------------------------------
 
 
-async def test_stats_from_two_sources_are_merged(db_path: str) -> None:
+async def test_stats_from_two_sources_are_merged(connect: Connect) -> None:
     a_canary, b_canary = variant_stats(100, 3, 0.5), variant_stats(50, 2, 2.0)
     a_stable = variant_stats(400, 1, 0.4)
-    async with opened(db_path) as one, opened(db_path) as two:
+    async with connect() as one, connect() as two:
         await one.publish_stats(
             "worker-1", [("chat", "canary", 10, a_canary), ("chat", "stable", 10, a_stable)], TTL_S
         )
@@ -216,8 +231,8 @@ async def test_stats_from_two_sources_are_merged(db_path: str) -> None:
     assert (stable.requests, stable.errors, stable.latency.count) == (400, 1, 400)
 
 
-async def test_republishing_a_slice_replaces_it(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_republishing_a_slice_replaces_it(connect: Connect) -> None:
+    async with connect() as store:
         await store.publish_stats(
             "worker-1", [("chat", "canary", 7, variant_stats(10, 1, 1.0))], TTL_S
         )
@@ -228,14 +243,14 @@ async def test_republishing_a_slice_replaces_it(db_path: str) -> None:
     assert (merged.requests, merged.errors, merged.latency.count) == (25, 4, 25)
 
 
-async def test_only_slices_in_range_and_of_the_variant_are_read(db_path: str) -> None:
+async def test_only_slices_in_range_and_of_the_variant_are_read(connect: Connect) -> None:
     slices: list[StatsSlice] = [
         ("chat", "canary", index, variant_stats(10 * (index - 9), 0, 0.1))
         for index in range(10, 15)
     ]
     slices.append(("chat", "stable", 12, variant_stats(1000, 0, 0.1)))
     slices.append(("embed", "canary", 12, variant_stats(1000, 0, 0.1)))
-    async with opened(db_path) as store:
+    async with connect() as store:
         await store.publish_stats("worker-1", slices, TTL_S)
         # Slices 11, 12 and 13 hold 20 + 30 + 40 requests.
         window = await store.read_stats("chat", "canary", 11, 13)
@@ -244,8 +259,8 @@ async def test_only_slices_in_range_and_of_the_variant_are_read(db_path: str) ->
         assert (await store.read_stats("chat", "canary", 14, 14)).requests == 50
 
 
-async def test_expired_slices_are_not_read_and_are_deleted(db_path: str) -> None:
-    async with opened(db_path) as store:
+async def test_expired_slices_are_not_read(connect: Connect) -> None:
+    async with connect() as store:
         await store.publish_stats(
             "worker-1", [("chat", "canary", 1, variant_stats(10, 0, 0.1))], 0.1
         )
@@ -256,17 +271,28 @@ async def test_expired_slices_are_not_read_and_are_deleted(db_path: str) -> None
         await asyncio.sleep(0.2)
         # Expired on its own: not read, even before anything else is written.
         assert (await store.read_stats("chat", "canary", 1, 1)).requests == 5
-        assert stored_rows(db_path) == 2
-        # The next write clears it out of the file.
         await store.publish_stats(
             "worker-2", [("chat", "canary", 2, variant_stats(1, 0, 0.1))], TTL_S
         )
-        assert stored_rows(db_path) == 2
         assert (await store.read_stats("chat", "canary", 1, 2)).requests == 6
 
 
-async def test_heartbeats_list_live_processes_until_they_expire(db_path: str) -> None:
-    async with opened(db_path) as store, opened(db_path) as other:
+async def test_sqlite_deletes_expired_slices_on_the_next_write(db_path: str) -> None:
+    store = SqliteStore(db_path)
+    try:
+        one_slice = [("chat", "canary", 1, variant_stats(1, 0, 0.1))]
+        await store.publish_stats("worker-1", one_slice, 0.1)
+        await store.publish_stats("worker-2", one_slice, TTL_S)
+        await asyncio.sleep(0.2)
+        assert stored_rows(db_path) == 2  # expired, not read, still in the file
+        await store.publish_stats("worker-2", [("chat", "canary", 2, one_slice[0][3])], TTL_S)
+        assert stored_rows(db_path) == 2  # worker-1's went, worker-2's second came
+    finally:
+        await store.close()
+
+
+async def test_heartbeats_list_live_processes_until_they_expire(connect: Connect) -> None:
+    async with connect() as store, connect() as other:
         await store.heartbeat("host:1", {"config_version": "aaa", "leader": True}, TTL_S)
         await other.heartbeat("host:2", {"config_version": "bbb", "leader": False}, 0.1)
         assert await store.processes() == [
@@ -290,6 +316,5 @@ async def test_open_store_picks_sqlite_from_the_config(db_path: str) -> None:
         await store.close()
 
 
-def test_open_store_refuses_a_store_that_is_not_available_yet() -> None:
-    with pytest.raises(NotImplementedError, match="redis"):
-        open_store(StateConfig(StateStoreKind.REDIS, url="redis://127.0.0.1:6379/0"))
+def test_every_store_kind_is_available() -> None:
+    assert set(STORES) == set(StateStoreKind)
