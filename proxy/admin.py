@@ -5,7 +5,8 @@ Rules:
    port never answers these paths (it forwards every path to a backend).
 2. `GET` endpoints are open; `POST` endpoints need `Authorization: Bearer <token>`
    when `admin.token_env` is set (compared in constant time).
-3. The status page reads the same window stats as the rollout judge.
+3. The status page reads the same window stats as the rollout judge: those of every
+   process that shares the state store (workers and replicas), merged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.controller import Controller, StoreUnavailable, UnknownRoute
+from proxy.metrics import Gauges
 from proxy.reload import ReloadOutcome, ReloadResult
 from proxy.rollout import OperatorAction, RouteState, TransitionRefused
 from proxy.routing import RouteTable, bucket_of, canary_from_weight, choose_variant
@@ -62,6 +64,8 @@ class AdminView(Protocol):
 
     def now(self) -> float: ...
 
+    def gauges(self) -> Gauges: ...
+
 
 def build_admin_app(view: AdminView) -> web.Application:
     app = web.Application()
@@ -81,14 +85,13 @@ def build_admin_app(view: AdminView) -> web.Application:
         config = view.table.config
         if not config.telemetry.prometheus:
             raise web.HTTPNotFound(text="telemetry.prometheus is off in the config\n")
-        telemetry = view.telemetry
-        text = telemetry.metrics.prometheus_text(telemetry.gauges(view.table.weights))
+        text = view.telemetry.metrics.prometheus_text(view.gauges())
         return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS_TEXT})
 
     @routes.get("/api/status")
     async def status(request: web.Request) -> web.Response:
         window_s = _window(request.query.get("window"))
-        return web.json_response(status_document(view, window_s), dumps=_dumps)
+        return web.json_response(await status_document(view, window_s), dumps=_dumps)
 
     @routes.post("/api/reload")
     async def reload(request: web.Request) -> web.Response:
@@ -170,7 +173,9 @@ def _route_state(state: RouteState, decisions: int = 5) -> dict[str, object]:
     }
 
 
-def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[str, object]:
+async def status_document(
+    view: AdminView, window_s: float = STATUS_WINDOW_S
+) -> dict[str, object]:
     """The `/api/status` document."""
     table = view.table
     config = table.config
@@ -178,6 +183,7 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
     now = view.now()
     routes = []
     controller = view.controller
+    first, last = telemetry.stats.slice_of(now - window_s), telemetry.stats.slice_of(now)
     for plan in table.plans:
         route = plan.route
         state = controller.states.get(route.name)
@@ -195,9 +201,7 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
                     "next_judgement_in_s": controller.next_judgement_in(route.name),
                 },
                 "variants": {
-                    variant: telemetry.stats.window(
-                        route.name, variant, now - window_s, now
-                    ).summary()
+                    variant: (await controller.window(route.name, variant, first, last)).summary()
                     for variant in ("stable", "canary")
                 },
             }
@@ -224,8 +228,17 @@ def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[
         "controller": {
             "leader": controller.leader,
             "state_store": config.state.store.value,
+            "store_up": controller.store_up,
+            "store_down_since": (
+                _iso(controller.store_down_since) if controller.store_down_since else None
+            ),
             "store_error": controller.store_error,
+            "held_because": controller.held_because,
         },
+        "processes": [
+            {**process, "self": process.get("source") == controller.source}
+            for process in controller.processes
+        ],
         "window_s": window_s,
         "routes": routes,
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Final
@@ -54,10 +55,21 @@ class ProxyServer:
     """A running proxy for one config. `start()` binds and returns the public port.
 
     With `watch=True` and a config read from a file, the file is watched for changes.
+    A worker of `run --workers N` (`worker` is its number) listens on the sockets its
+    supervisor hands it, and always meets the other workers in the state store.
     """
 
-    def __init__(self, config: Config, *, watch: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        watch: bool = False,
+        worker: int | None = None,
+        sockets: tuple[socket.socket, socket.socket] | None = None,
+    ) -> None:
         self.config = config
+        self.worker = worker
+        self._sockets = sockets
         self.telemetry = Telemetry(config)
         self.loaded_at = time.time()
         self.last_reload_error: str | None = None
@@ -72,7 +84,7 @@ class ProxyServer:
         self._runners: list[web.BaseRunner] = []
         self._draining = False
         self._reloading = asyncio.Lock()
-        self.controller = Controller(self)
+        self.controller = Controller(self, shared=worker is not None)
 
     # --- what the admin port reads (proxy.admin.AdminView) --------------------------------
 
@@ -105,7 +117,12 @@ class ProxyServer:
         forwarder.snapshot = Snapshot(snapshot.table.with_weights(weights), snapshot.upstreams)
 
     def gauges(self) -> Gauges:
-        return self.telemetry.gauges(self.table.weights)
+        controller = self.controller
+        return self.telemetry.gauges(self.table.weights, controller.store_up, controller.leader)
+
+    def describe(self) -> dict[str, object]:
+        """What this process says of itself to the others (its heartbeat)."""
+        return {"port": self.port, "admin_port": self.admin_port, "worker": self.worker}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -125,7 +142,8 @@ class ProxyServer:
         await self.controller.start()
         self._start_exporter(config)
         admin = web.AppRunner(build_admin_app(self), access_log=None)
-        self.admin_port = await self._listen(admin, config.admin.listen)
+        inherited = self._sockets or (None, None)
+        self.admin_port = await self._listen(admin, config.admin.listen, inherited[1])
         public = web.ServerRunner(
             web.Server(
                 self._forwarder,
@@ -135,7 +153,7 @@ class ProxyServer:
             ),
             shutdown_timeout=config.shutdown_grace_s,
         )
-        self.port = await self._listen(public, config.listen)
+        self.port = await self._listen(public, config.listen, inherited[0])
         if self._watch:
             self._watcher = ConfigWatcher(config.source, config.version, self._file_changed)
             self._watcher.start()
@@ -147,10 +165,16 @@ class ProxyServer:
             self._exporter = OtlpExporter(endpoint, self.telemetry, self.gauges)
             self._exporter.start()
 
-    async def _listen(self, runner: web.BaseRunner, address: ListenAddress) -> int:
+    async def _listen(
+        self, runner: web.BaseRunner, address: ListenAddress, sock: socket.socket | None
+    ) -> int:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port)
+        site: web.BaseSite = (
+            web.TCPSite(runner, address.host, address.port)
+            if sock is None
+            else web.SockSite(runner, sock)
+        )
         await site.start()
         return _bound_port(runner)
 

@@ -7,15 +7,27 @@ on, and says why: a log line that reads as a sentence, `canary.rollout.decisions
 and a span when tracing is on. The decisions are pure functions; this module is the
 I/O around them.
 
+Every process runs one (each worker, each replica); they meet in the state store,
+and the store is the only thing that differs between one machine and a fleet. On
+every tick each one says it is alive (with its config version), publishes the stats
+slices it completed, tries to take or renew the lease, and reads the route states
+back, so a decision made anywhere is served everywhere within a tick or two.
+
 Rules:
 1. One controller decides at a time: it holds the store's lease, renewed every tick.
-   Without it, it decides nothing.
+   Without it, or when the store fails, it decides nothing, at once.
 2. A state is served only once it is stored; a write that loses its compare-and-set
    is dropped, and the stored state read again.
 3. The store is opened when a route has an automatic rollout, when a state file
-   already exists, or when an operator first acts: a proxy with fixed weights writes
-   no file.
+   already exists, when the process is one of several workers, or when an operator
+   first acts: a lone proxy with fixed weights writes no file.
 4. Schedule windows in `serve` mode open and close the canary's traffic on the tick.
+5. The judge reads the merged stats of every process, up to `SETTLE_SLICES` slices
+   before the current one: by then every live process has published them.
+6. While the store is unreachable, requests go on at the last weights known, decisions
+   pause, and the outage shows in the log, `/api/status` and `canary.state_store.up`;
+   when it answers again, the state is read back and reconciled with the config.
+7. No step is advanced while the live processes run different config versions.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Final, Protocol
@@ -45,7 +58,8 @@ from proxy.rollout import (
     served_weight,
 )
 from proxy.schedule import may_advance, may_serve
-from proxy.store import StateStore, open_store
+from proxy.stats import VariantStats
+from proxy.store import ProcessInfo, StateStore, open_store
 from proxy.telemetry import Telemetry
 
 __all__ = ["Controller", "ControllerHost", "StoreUnavailable", "UnknownRoute"]
@@ -53,7 +67,9 @@ __all__ = ["Controller", "ControllerHost", "StoreUnavailable", "UnknownRoute"]
 log = logging.getLogger("proxy.controller")
 
 TICK_S: Final = 1.0
-LEASE_S: Final = 10.0
+LEASE_S: Final = 5.0  # a dead leader's lease passes to another within this
+HEARTBEAT_S: Final = 5.0  # a process that stops beating drops out of the list after this
+SETTLE_SLICES: Final = 2  # rule 5
 
 
 class UnknownRoute(KeyError):
@@ -75,29 +91,47 @@ class ControllerHost(Protocol):
 
     def set_weights(self, weights: Mapping[str, float]) -> None: ...
 
+    def describe(self) -> Mapping[str, object]:
+        """What this process says of itself in its heartbeat (ports, worker number)."""
+        ...
+
 
 class Controller:
-    def __init__(self, host: ControllerHost) -> None:
+    def __init__(self, host: ControllerHost, *, shared: bool = False) -> None:
         self._host = host
+        self._shared = shared  # one of several workers: the store is how they agree
         self._store: StateStore | None = None
-        self._holder = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.source = f"{socket.gethostname()}:{os.getpid()}"
+        self._holder = f"{self.source}:{id(self):x}"
+        self._started_at = time.time()
         self._leader = False
         self.states: dict[str, RouteState] = {}
         self._next_judgement: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.store_error: str | None = None
+        self.store_down_since: float | None = None
+        self._synced = True  # False: the stored states must be read and reconciled again
+        self._published_through: int | None = None  # the last stats slice published
+        self.processes: list[ProcessInfo] = []
+        self.held_because: str | None = None  # why no step may advance now (rule 7)
 
     # --- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         config = self._host.config
-        if _needs_store(config):
+        if self._needs_store(config):
             await self._open_store()
         async with self._lock:
             stored = await self._load()
             await self._reconcile(config, stored)
         self._host.set_weights(self.served_weights())
+        if self._store is not None and self.store_error is not None:
+            log.warning(
+                "the state store is unreachable (%s): serving the config's weights; "
+                "decisions wait for it",
+                self.store_error,
+            )
         now = time.time()
         for route in config.routes:
             if route.rollout.auto is not None:
@@ -118,7 +152,7 @@ class Controller:
 
     async def config_changed(self, config: Config) -> dict[str, float]:
         """Reconcile every route with a reloaded config; the weights to serve under it."""
-        if self._store is None and _needs_store(config):
+        if self._store is None and self._needs_store(config):
             await self._open_store()
         async with self._lock:
             await self._reconcile(config, dict(self.states))
@@ -138,6 +172,30 @@ class Controller:
     @property
     def leader(self) -> bool:
         return self._leader
+
+    @property
+    def store_up(self) -> bool | None:
+        """Whether the state store answers; None when no store is in use."""
+        return None if self._store is None else self.store_down_since is None
+
+    async def window(self, route: str, variant: str, first: int, last: int) -> VariantStats:
+        """A route variant's stats over slices [first, last], of every process.
+
+        What this process published comes from the store with everyone else's; its
+        slices since then from its own memory. Without a store (or while it is down):
+        this process's alone.
+        """
+        local = self._host.telemetry.stats
+        published = self._published_through
+        if self._store is None or self.store_down_since is not None or published is None:
+            return local.between(route, variant, first, last)
+        try:
+            total = await self._store.read_stats(route, variant, first, min(last, published))
+        except Exception as exc:
+            self._store_failed(exc)
+            return local.between(route, variant, first, last)
+        total.merge(local.between(route, variant, max(first, published + 1), last))
+        return total
 
     def next_judgement_in(self, route: str) -> float | None:
         at = self._next_judgement.get(route)
@@ -166,44 +224,116 @@ class Controller:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(TICK_S)
+            # Ticks fall just after each whole second, in every process alike.
+            await asyncio.sleep(TICK_S - time.time() % TICK_S + 0.05)
             try:
                 await self._tick()
-            except Exception as exc:  # the loop must outlive a bad tick (a store outage)
-                self.store_error = f"{exc.__class__.__name__}: {exc}"
-                log.warning("rollout controller tick failed: %s", self.store_error)
+            except Exception as exc:  # the loop must outlive a bad tick
+                log.exception("rollout controller tick failed: %s", exc)
 
     async def _tick(self) -> None:
         config = self._host.config
+        if self._store is None and self._needs_store(config):
+            await self._open_store()
         if self._store is not None:
-            leader = await self._store.acquire_lease(self._holder, LEASE_S)
-            if leader != self._leader:
-                log.info("rollout controller %s the lease", "holds" if leader else "lost")
-            self._leader = leader
-            self.store_error = None
+            try:
+                await self._meet(self._store, config)
+            except Exception as exc:
+                self._store_failed(exc)
         now = time.time()
+        if self._leader:
+            self.held_because = _versions_differ(self.processes)
+            async with self._lock:
+                for route in config.routes:
+                    auto = route.rollout.auto
+                    state = self.states.get(route.name)
+                    if auto is None or state is None or not self._leader:
+                        continue
+                    due = self._next_judgement.setdefault(route.name, now + auto.interval_s)
+                    if now < due:
+                        continue
+                    self._next_judgement[route.name] = now + auto.interval_s
+                    await self._judge(route, state, now)
+        self._host.set_weights(self.served_weights(config))
+
+    async def _meet(self, store: StateStore, config: Config) -> None:
+        """One tick's exchange with the store: beat, publish, lease, read the states."""
+        await store.heartbeat(
+            self.source,
+            {
+                **self._host.describe(),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "config_version": config.version,
+                "leader": self._leader,
+                "started_at": self._started_at,
+            },
+            HEARTBEAT_S,
+        )
+        await self._publish(store)
+        self.processes = list(await store.processes())
+        leader = await store.acquire_lease(self._holder, LEASE_S)
+        if leader != self._leader:
+            log.info(
+                "rollout controller %s: %s the lease",
+                self.source,
+                "took" if leader else "lost",
+            )
+        self._leader = leader
+        if self.store_down_since is not None:
+            log.warning(
+                "the state store answers again after %.0fs: decisions resume",
+                time.time() - self.store_down_since,
+            )
+            self.store_down_since = None
+        self.store_error = None
         async with self._lock:
-            for route in config.routes:
-                auto = route.rollout.auto
-                state = self.states.get(route.name)
-                if auto is None or state is None or not self._leader:
-                    continue
-                due = self._next_judgement.setdefault(route.name, now + auto.interval_s)
-                if now < due:
-                    continue
-                self._next_judgement[route.name] = now + auto.interval_s
-                await self._judge(route, state, now)
-        weights = self.served_weights(config)
-        self._host.set_weights(weights)
+            stored = await store.load_states()
+            if not self._synced:
+                self._synced = True
+                await self._reconcile(config, stored)
+            else:
+                for name, state in stored.items():
+                    mine = self.states.get(name)
+                    if mine is not None and state.version > mine.version:
+                        self.states[name] = state  # decided elsewhere: serve it here too
+
+    async def _publish(self, store: StateStore) -> None:
+        """Publish the stats slices completed since the last publish."""
+        stats = self._host.telemetry.stats
+        current = stats.slice_of(time.time())
+        first = (
+            self._published_through + 1
+            if self._published_through is not None
+            else current - SETTLE_SLICES - 1
+        )
+        slices = [item for item in stats.slices() if first <= item[2] < current]
+        await store.publish_stats(self.source, slices, stats.retention_s)
+        self._published_through = current - 1
+
+    def _store_failed(self, exc: Exception) -> None:
+        self._leader = False  # rule 1: decide nothing from now on
+        self.store_error = f"{exc.__class__.__name__}: {exc}"
+        if self.store_down_since is None:
+            self.store_down_since = time.time()
+            log.warning(
+                "the state store is unreachable (%s): requests go on at the last weights "
+                "known (%s); decisions pause",
+                self.store_error,
+                ", ".join(f"{n} {w:g}%" for n, w in self.served_weights().items()) or "none",
+            )
 
     async def _judge(self, route: Route, state: RouteState, now: float) -> None:
         auto = route.rollout.auto
         assert auto is not None
         if state.status is not Status.PROGRESSING:
             return
-        state = replace(state, evidence=self._gather(route.name, state.evidence, now))
+        state = replace(state, evidence=await self._gather(route.name, state.evidence, now))
         judgement = judge(state.evidence, auto) if state.step >= 0 else None
-        transition = on_judgement(state, auto, judgement, now, may_advance(route.schedule, now))
+        advance = may_advance(route.schedule, now) and self.held_because is None
+        transition = on_judgement(state, auto, judgement, now, advance)
+        if self.held_because is not None and transition.state.passes >= auto.pass_intervals:
+            log.warning("route %s stays at %g%%: %s", route.name, state.weight, self.held_because)
         self._host.telemetry.record_judgement(
             route.name, judgement.verdict.value if judgement is not None else "advance"
         )
@@ -222,17 +352,16 @@ class Controller:
             )
         await self._commit(route, transition)
 
-    def _gather(self, route: str, evidence: Evidence, now: float) -> Evidence:
-        """The evidence with the stats slices completed since it was last gathered."""
-        stats = self._host.telemetry.stats
-        current = stats.slice_of(now)  # still filling: it waits for the next interval
-        if current <= evidence.next_slice:
+    async def _gather(self, route: str, evidence: Evidence, now: float) -> Evidence:
+        """The evidence with the stats slices settled since it was last gathered."""
+        settled = self._host.telemetry.stats.slice_of(now) - SETTLE_SLICES + 1
+        if settled <= evidence.next_slice:
             return evidence
-        last = current - 1
+        last = settled - 1
         return evidence.added(
-            stats.between(route, "canary", evidence.next_slice, last),
-            stats.between(route, "stable", evidence.next_slice, last),
-            current,
+            await self.window(route, "canary", evidence.next_slice, last),
+            await self.window(route, "stable", evidence.next_slice, last),
+            settled,
         )
 
     # --- state ----------------------------------------------------------------------------
@@ -263,7 +392,8 @@ class Controller:
                 if stored is None:
                     fresh = (await self._store.load_states()).get(route.name)
             except Exception as exc:
-                self.store_error = f"{exc.__class__.__name__}: {exc}"
+                self._store_failed(exc)
+                self._synced = False  # reconcile again once the store answers
                 log.warning("route %s: state not stored (%s)", route.name, self.store_error)
                 return False
             if stored is None:
@@ -283,10 +413,8 @@ class Controller:
         try:
             return await self._store.load_states()
         except Exception as exc:
-            self.store_error = f"{exc.__class__.__name__}: {exc}"
-            log.warning(
-                "rollout state not loaded (%s): serving the config's weights", self.store_error
-            )
+            self._store_failed(exc)
+            self._synced = False
             return {}
 
     def _explain(self, route: Route, decision: Decision) -> None:
@@ -296,12 +424,27 @@ class Controller:
     async def _open_store(self) -> None:
         config = self._host.config.state
         self._store = open_store(config)
-        self._leader = await self._store.acquire_lease(self._holder, LEASE_S)
-        if config.store is StateStoreKind.SQLITE:
-            log.info("rollout state in %s", config.path)
+        log.info(
+            "rollout state in %s",
+            config.path if config.store is StateStoreKind.SQLITE else config.url,
+        )
+        try:
+            self._leader = await self._store.acquire_lease(self._holder, LEASE_S)
+        except Exception as exc:
+            self._store_failed(exc)
+
+    def _needs_store(self, config: Config) -> bool:
+        if self._shared or any(route.rollout.auto is not None for route in config.routes):
+            return True
+        return config.state.store is not StateStoreKind.SQLITE or os.path.exists(
+            config.state.path
+        )
 
 
-def _needs_store(config: Config) -> bool:
-    if any(route.rollout.auto is not None for route in config.routes):
-        return True
-    return config.state.store is not StateStoreKind.SQLITE or os.path.exists(config.state.path)
+def _versions_differ(processes: list[ProcessInfo]) -> str | None:
+    """Why no step may advance (rule 7), or None when every live process agrees."""
+    versions = Counter(str(p.get("config_version")) for p in processes)
+    if len(versions) <= 1:
+        return None
+    running = ", ".join(f"{v} on {n}" for v, n in versions.most_common())
+    return f"the live processes run different config versions ({running})"

@@ -16,6 +16,8 @@ Instruments (OTel name → Prometheus name):
 - `canary.rollout.decisions` → `canary_rollout_decisions_total`
 - `canary.config.reloads` → `canary_config_reloads_total`
 - `canary.config.info` gauge (1, with the config's content hash) → `canary_config_info`
+- `canary.state_store.up` and `canary.controller.leader` gauges (1/0; only with a
+  state store) → `canary_state_store_up`, `canary_controller_leader`
 
 Rules:
 1. Attributes are bounded: routes, variants and backends come from the config;
@@ -65,6 +67,8 @@ class Gauges:
 
     weights: Mapping[str, float]
     config_version: str
+    store_up: bool | None = None  # None: no state store in use
+    leader: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,20 @@ _CONFIG_INFO: Final = _Family(
     "gauge",
     "1",
     "1, with the content hash of the config in force.",
+)
+_STORE_UP: Final = _Family(
+    "canary.state_store.up",
+    "canary_state_store_up",
+    "gauge",
+    "1",
+    "1 while the rollout state store answers, 0 while it does not (absent: no store).",
+)
+_LEADER: Final = _Family(
+    "canary.controller.leader",
+    "canary_controller_leader",
+    "gauge",
+    "1",
+    "1 on the process whose rollout controller holds the lease and decides.",
 )
 
 
@@ -282,6 +300,9 @@ class Metrics:
             [((("result", result),), float(n)) for result, n in sorted(self.reloads.items())],
         )
         yield _CONFIG_INFO, [((("canary.config_version", gauges.config_version),), 1.0)]
+        if gauges.store_up is not None:
+            yield _STORE_UP, [((), 1.0 if gauges.store_up else 0.0)]
+            yield _LEADER, [((), 1.0 if gauges.leader else 0.0)]
 
     # --- Prometheus text exposition -----------------------------------------------------
 

@@ -139,6 +139,10 @@ class WindowStats:
         """Hold slices this long from now on (at least a judgement interval, twice over)."""
         self._keep = max(1, int(retention_s / self.slice_s))
 
+    @property
+    def retention_s(self) -> float:
+        return self._keep * self.slice_s
+
     def record(
         self,
         route: str,

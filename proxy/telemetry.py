@@ -442,8 +442,10 @@ class Telemetry:
     def queued_spans(self) -> int:
         return len(self._spans)
 
-    def gauges(self, weights: dict[str, float]) -> Gauges:
-        return Gauges(weights, self.config.version)
+    def gauges(
+        self, weights: dict[str, float], store_up: bool | None = None, leader: bool = False
+    ) -> Gauges:
+        return Gauges(weights, self.config.version, store_up, leader)
 
 
 def _retention_s(config: Config) -> float:
