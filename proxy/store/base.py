@@ -4,7 +4,8 @@ Four things are shared: each route's rollout state, written with compare-and-set
 so two controllers can never both win; the window stats of every process, appended
 as time slices and merged by whoever judges; a lease, so one controller decides at a
 time; and a heartbeat of every live process (its config version, whether it leads),
-so the status page lists them and the controller sees when they disagree. The embedded store is SQLite (`proxy.store.sqlite`); a fleet uses Redis.
+so the status page lists them and the controller sees when they disagree. The
+embedded store is SQLite (`proxy.store.sqlite`); a fleet uses Redis (`proxy.store.redis`).
 
 Rules:
 1. `compare_and_set` writes only over the version it read, and returns the state
