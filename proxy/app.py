@@ -280,9 +280,18 @@ def _bound_port(runner: web.BaseRunner) -> int:
     raise RuntimeError("the proxy is not listening on a TCP port")
 
 
-async def serve(config: Config, *, watch: bool = True) -> None:
-    """Run the proxy until SIGINT or SIGTERM; reload on SIGHUP (and file changes if `watch`)."""
-    server = ProxyServer(config, watch=watch)
+async def serve(
+    config: Config,
+    *,
+    watch: bool = True,
+    worker: int | None = None,
+    sockets: tuple[socket.socket, socket.socket] | None = None,
+) -> None:
+    """Run the proxy until SIGINT or SIGTERM; reload on SIGHUP (and file changes if `watch`).
+
+    A worker of `run --workers N` serves on the `sockets` (public, admin) it inherited.
+    """
+    server = ProxyServer(config, watch=watch, worker=worker, sockets=sockets)
     port = await server.start()
     log.info(
         "canary-proxy listening on http://%s:%d, admin on http://%s:%d (config %s from %s, "

@@ -9,6 +9,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import math
@@ -76,11 +77,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from proxy.app import serve
 
     config = _load(args.config)
-    if args.workers != 1:
-        _fail("--workers other than 1 is not available yet")
     _configure_logging(args.log_level)
     try:
-        uvloop.run(serve(config, watch=not args.no_watch))
+        if args.workers == 1:
+            uvloop.run(serve(config, watch=not args.no_watch))
+        else:
+            from proxy.supervisor import supervise
+
+            asyncio.run(
+                supervise(
+                    config, args.workers, watch=not args.no_watch, log_level=args.log_level
+                )
+            )
     except OSError as exc:
         _fail(f"cannot listen on {config.listen}: {_os_reason(exc)}")
     except KeyboardInterrupt:

@@ -26,8 +26,11 @@ Rules:
    before the current one: by then every live process has published them.
 6. While the store is unreachable, requests go on at the last weights known, decisions
    pause, and the outage shows in the log, `/api/status` and `canary.state_store.up`;
-   when it answers again, the state is read back and reconciled with the config.
+   when it answers again, the state is read back and reconciled with the config. A
+   state the store lost meanwhile is written back from memory (the first writer wins).
 7. No step is advanced while the live processes run different config versions.
+8. The store holds the truth: a stored state that differs from the one in memory
+   replaces it on the next tick.
 """
 
 from __future__ import annotations
@@ -292,11 +295,27 @@ class Controller:
             if not self._synced:
                 self._synced = True
                 await self._reconcile(config, stored)
-            else:
-                for name, state in stored.items():
-                    mine = self.states.get(name)
-                    if mine is not None and state.version > mine.version:
-                        self.states[name] = state  # decided elsewhere: serve it here too
+                return
+            for name, mine in list(self.states.items()):
+                state = stored.get(name)
+                if state is None:
+                    await self._restore(store, mine)
+                elif state.version != mine.version:
+                    self.states[name] = state  # decided elsewhere: serve it here too
+
+    async def _restore(self, store: StateStore, state: RouteState) -> None:
+        """Write back a state the store lost (a Redis restarted without its data)."""
+        restored = await store.compare_and_set(state, 0)
+        if restored is None:
+            return  # another process restored it first: read on the next tick
+        self.states[state.route] = restored
+        log.warning(
+            "route %s: the state store had lost its rollout state; restored it from memory "
+            "(%s at %g%%)",
+            state.route,
+            state.status.value,
+            state.weight,
+        )
 
     async def _publish(self, store: StateStore) -> None:
         """Publish the stats slices completed since the last publish."""

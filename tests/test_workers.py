@@ -1,0 +1,181 @@
+"""`canary-proxy run --workers 2` (SPEC §10): two processes on one port, one admin port.
+
+Each test starts the command as a user would, sends requests on new connections (so
+the kernel spreads them over both workers) and reads the supervisor's admin port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Backends
+from tests.proxy_process import ProxyProcess, proxy_processes, send
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def write_config(path: Path, backends: Backends, *, weight: float = 50, auto: str = "") -> Path:
+    path.write_text(
+        "listen: 127.0.0.1:0\n"
+        "admin: {listen: 127.0.0.1:0}\n"
+        "backends:\n"
+        f"  v1: {{url: '{backends.stable.url}'}}\n"
+        f"  v2: {{url: '{backends.canary.url}'}}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+        "    sticky: {keys: [header:x-user-id], salt: workers}\n"
+        "    rollout:\n"
+        f"      weight: {weight}\n"
+        f"{auto}"
+        f"state: {{path: '{path.parent / 'state.db'}'}}\n"
+    )
+    return path
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, backends: Backends) -> Iterator[ProxyProcess]:
+    # An automatic rollout that judges every second but cannot advance before 80
+    # canary requests: more than either worker alone gets in these tests.
+    auto = (
+        "      auto:\n"
+        "        steps: [50, 100]\n"
+        "        interval: 1s\n"
+        "        min_requests: 80\n"
+        "        pass_intervals: 1000\n"
+        "        checks: {error_rate: {max: 0.5}}\n"
+    )
+    config = write_config(tmp_path / "proxy.yaml", backends, auto=auto)
+    with proxy_processes(config, workers=2) as (proxy,):
+        yield proxy
+
+
+async def per_worker(proxy: ProxyProcess, name: str, **labels: str) -> dict[str, float]:
+    """A metric's value per worker (summed over its other labels)."""
+    totals: dict[str, float] = {}
+    for sample_labels, value in await proxy.samples(name):
+        if all(sample_labels.get(k) == v for k, v in labels.items()):
+            worker = sample_labels["worker"]
+            totals[worker] = totals.get(worker, 0.0) + value
+    return totals
+
+
+async def test_both_workers_serve_and_are_judged_together(two_workers: ProxyProcess) -> None:
+    proxy = two_workers
+    await asyncio.sleep(1.1)  # the rollout's evidence starts with the first whole second
+    async with aiohttp.ClientSession() as session:
+        answers = [await send(session, proxy.url, f"user-{n}") for n in range(240)]
+    assert {code for code, _ in answers} == {200}
+    canary_sent = sum(variant == "canary" for _, variant in answers)
+
+    served = await per_worker(proxy, "canary_upstream_requests_total")
+    assert set(served) == {"0", "1"}, "both workers serve"
+    assert all(count > 0 for count in served.values())
+    assert sum(served.values()) == 240
+    canary_by_worker = await per_worker(
+        proxy, "canary_upstream_requests_total", canary_variant="canary"
+    )
+
+    # The status page, and the judge, count every worker's requests.
+    deadline = time.monotonic() + 6
+    while True:
+        document = await proxy.status()
+        variants = document["routes"][0]["variants"]
+        verdict = document["routes"][0]["rollout"]["last_verdict"]
+        total = variants["stable"]["requests"] + variants["canary"]["requests"]
+        judged = verdict["canary_n"] if verdict else 0
+        if (total == 240 and judged == canary_sent) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert total == 240
+    assert variants["canary"]["requests"] == canary_sent
+    assert judged == canary_sent, verdict
+    assert judged > max(canary_by_worker.values()), "the judge saw more than one worker's share"
+    assert sorted(w["worker"] for w in document["workers"]) == [0, 1]
+    assert len(document["processes"]) == 2
+    assert len({p["config_version"] for p in document["processes"]}) == 1
+    assert sum(p["leader"] for p in document["processes"]) <= 1
+
+
+async def test_an_operator_decision_reaches_both_workers_within_2s(
+    two_workers: ProxyProcess,
+) -> None:
+    proxy = two_workers
+    code, answer = await proxy.admin("POST", "/api/routes/chat/rollback")
+    assert code == 200, answer
+    decided = time.monotonic()
+    while True:
+        weights = await per_worker(proxy, "canary_weight_percent")
+        if weights == {"0": 0.0, "1": 0.0} or time.monotonic() - decided > 5:
+            break
+        await asyncio.sleep(0.05)
+    elapsed = time.monotonic() - decided
+    assert weights == {"0": 0.0, "1": 0.0}
+    assert elapsed <= 2.0, f"both workers served the rollback after {elapsed:.2f}s"
+    async with aiohttp.ClientSession() as session:
+        answers = [await send(session, proxy.url, f"user-{n}") for n in range(60)]
+    assert {variant for _, variant in answers} == {"stable"}
+
+
+async def test_a_killed_worker_is_started_again(two_workers: ProxyProcess) -> None:
+    proxy = two_workers
+    before = {w["worker"]: w["pid"] for w in (await proxy.status())["workers"]}
+    os.kill(before[1], signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while True:
+        document = await proxy.status()
+        workers = {w["worker"]: w for w in document["workers"]}
+        code, _ = await proxy.admin("GET", "/readyz")
+        replaced = workers[1]["pid"] != before[1] and workers[1]["alive"]
+        if (replaced and code == 200) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert replaced and code == 200
+    assert workers[1]["restarts"] == 1
+    assert workers[0]["pid"] == before[0], "the other worker was left alone"
+    assert "worker 1 (pid" in proxy.log and "exited with SIGKILL" in proxy.log
+    async with aiohttp.ClientSession() as session:
+        answers = [await send(session, proxy.url, f"user-{n}") for n in range(60)]
+    assert {code for code, _ in answers} == {200}
+    assert set(await per_worker(proxy, "canary_upstream_requests_total")) == {"0", "1"}
+
+
+async def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(
+    tmp_path: Path, backends: Backends
+) -> None:
+    config = write_config(tmp_path / "proxy.yaml", backends, weight=0)
+    proxy = ProxyProcess(config, "--no-watch", workers=2)
+    try:
+        pids = [w["pid"] for w in (await proxy.status())["workers"]]
+        write_config(config, backends, weight=100)
+        await asyncio.sleep(1.5)
+        assert await per_worker(proxy, "canary_weight_percent") == {"0": 0.0, "1": 0.0}
+        proxy.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while await per_worker(proxy, "canary_weight_percent") != {"0": 100.0, "1": 100.0}:
+            assert time.monotonic() < deadline, "a worker did not reload on SIGHUP"
+            await asyncio.sleep(0.1)
+        versions = {
+            labels["canary_config_version"]
+            for labels, _ in await proxy.samples("canary_config_info")
+        }
+        assert len(versions) == 1
+        code, answer = await proxy.admin("POST", "/api/reload")
+        assert code == 200
+        assert [w["outcome"] for w in answer["workers"]] == ["unchanged", "unchanged"]
+    finally:
+        code = proxy.stop()
+    assert code == 0
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert proxy.log.count("config reloaded (SIGHUP)") == 2
