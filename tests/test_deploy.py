@@ -528,6 +528,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
         for target in panel.get("targets", [])
     ]
     for variable in dashboard()["templating"]["list"]:
+        if variable["type"] != "query":
+            continue
         query = variable["query"]
         text = query["query"] if isinstance(query, dict) else query
         match = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", text)
@@ -869,10 +871,14 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard() -> None:
     assert mounts["./grafana/dashboards"] == dashboards_dir
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{dashboards_dir}/{DASHBOARD.name}"
-    uids = {panel["datasource"]["uid"] for panel in dashboard()["panels"]} | {
-        target["datasource"]["uid"] for p in dashboard()["panels"] for target in p["targets"]
-    }
-    assert uids == {source["uid"]}
+    # Panels name the data source through a variable, so the dashboard also imports
+    # into a Grafana whose Prometheus has another uid; here it defaults to this one.
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == source["type"] == "prometheus"
+    assert source["isDefault"] is True
+    uids = {panel["datasource"]["uid"] for panel in dashboard()["panels"]}
+    uids |= {target["datasource"]["uid"] for p in dashboard()["panels"] for target in p["targets"]}
+    assert uids == {f"${{{variable['name']}}}"}
 
 
 # ===================================================================== tests: Grafana
