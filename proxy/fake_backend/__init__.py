@@ -28,6 +28,9 @@ Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`
     x-fake-cut-after: N         stream: N token events, then close without the terminating
                                 chunk or [DONE]; non-streamed: a Content-Length of twice
                                 the body, the body, then close
+    x-fake-overrun: 1           non-streamed: a Content-Length of half the body, then the whole
+                                body on a connection kept open (the rest would be read as the
+                                next answer by a client that reused the connection)
     x-fake-no-done: 1           stream: a clean HTTP end, but no finish_reason event and
                                 no [DONE] (a truncated stream that looks fine to HTTP)
     x-fake-garbage: 1           write bytes that are not HTTP, then close
@@ -48,6 +51,8 @@ Introspection (never counted nor recorded):
                             completed = fully written, aborted = broken on purpose by a
                             hook, cancelled = the client left first; errors = ended with
                             an error status or a broken response
+    GET    /fake/traffic    {stream_bytes_sent}: bytes of token events handed to the
+                            socket so far (it stops growing when a reader stops reading)
 
 Modules: `options` (flags and settings), `plan` (pure: request → what to answer),
 `wire` (pure: pre-encoded bodies and SSE events), `journal` (recorded requests,

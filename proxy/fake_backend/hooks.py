@@ -30,6 +30,7 @@ class Hooks:
     hang: bool = False
     reset_after_headers: bool | None = None
     cut_after: int | None = None
+    overrun: bool = False
     no_done: bool = False
     garbage: bool = False
     json_garbage: bool = False
@@ -114,6 +115,7 @@ def parse_hooks(headers: Mapping[str, str], model: str | None = None) -> Hooks:
         hang=_flag("x-fake-hang", get("x-fake-hang")),
         reset_after_headers=_reset(get("x-fake-reset")),
         cut_after=_count("x-fake-cut-after", get("x-fake-cut-after")),
+        overrun=_flag("x-fake-overrun", get("x-fake-overrun")),
         no_done=_flag("x-fake-no-done", get("x-fake-no-done")),
         garbage=_flag("x-fake-garbage", get("x-fake-garbage")),
         json_garbage=_flag("x-fake-json-garbage", get("x-fake-json-garbage")),

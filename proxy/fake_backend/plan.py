@@ -119,8 +119,9 @@ class Generate:
     """Generate `n_tokens` tokens, streamed or in one body.
 
     `cut_after` breaks the connection after that many token events (a stream) or
-    after a body shorter than its Content-Length; `no_done` ends a stream cleanly at the
-    HTTP level but without the finish_reason event and `[DONE]`.
+    after a body shorter than its Content-Length; `overrun` (not streamed) declares a
+    Content-Length of half the body and sends all of it; `no_done` ends a stream cleanly
+    at the HTTP level but without the finish_reason event and `[DONE]`.
     """
 
     kind: Kind
@@ -132,6 +133,7 @@ class Generate:
     ttft_s: float
     token_interval_s: float
     cut_after: int | None = None
+    overrun: bool = False
     no_done: bool = False
 
     @property
@@ -155,7 +157,8 @@ class Plan:
         """Whether the answer is an error status or a deliberately broken response."""
         action = self.action
         if isinstance(action, Generate):
-            return action.cut_after is not None or (action.stream and action.no_done)
+            broken = action.cut_after is not None or (action.overrun and not action.stream)
+            return broken or (action.stream and action.no_done)
         return not isinstance(action, ModelList | Hang)
 
 
@@ -267,6 +270,7 @@ def _generate(
         ttft_s=options.ttft_s if hooks.ttft_s is None else hooks.ttft_s,
         token_interval_s=1.0 / tokens_per_s if tokens_per_s > 0 else 0.0,
         cut_after=hooks.cut_after,
+        overrun=hooks.overrun,
         no_done=hooks.no_done,
     )
 

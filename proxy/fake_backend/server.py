@@ -89,6 +89,7 @@ class FakeBackend:
         self._journal = RequestJournal()
         self._stats = ServerStats()
         self._serials = itertools.count(1)
+        self._stream_bytes_sent = 0
         self._created = int(time.time())
         self._runner: web.ServerRunner | None = None
         self._port: int | None = None
@@ -106,6 +107,7 @@ class FakeBackend:
             ("GET", "/fake/requests"): self._list_requests,
             ("DELETE", "/fake/requests"): self._clear_requests,
             ("GET", "/fake/stats"): self._show_stats,
+            ("GET", "/fake/traffic"): self._show_traffic,
         }
 
     @property
@@ -258,6 +260,8 @@ class FakeBackend:
             generate.finish_reason,
             generate.prompt_tokens,
         )
+        if generate.overrun:
+            return await self._overrun(request, body), Outcome.ABORTED
         if generate.cut_after is None:
             return await self._send(request, 200, body), Outcome.COMPLETED
         response = web.StreamResponse(headers=self._json_headers)
@@ -266,6 +270,20 @@ class FakeBackend:
         await response.write(body)
         _close(request)
         return response, Outcome.ABORTED
+
+    async def _overrun(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
+        """Declare half of `body` and send all of it, keeping the connection open."""
+        half = len(body) // 2
+        response = web.StreamResponse(headers=self._json_headers)
+        response.content_length = half
+        await response.prepare(request)
+        await response.write(body[:half])
+        await response.write_eof()
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client already left")
+        transport.write(body[half:])
+        return response
 
     async def _stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
         """Stream one SSE event per write: opening, tokens, finish, usage, [DONE]."""
@@ -286,7 +304,7 @@ class FakeBackend:
         n_tokens = generate.n_tokens
         if generate.cut_after is not None:
             n_tokens = min(n_tokens, generate.cut_after)
-        await _write_tokens(response, events, n_tokens, generate.token_interval_s)
+        await self._write_tokens(response, events, n_tokens, generate.token_interval_s)
         if generate.cut_after is not None:
             _close(request)
             return response, Outcome.ABORTED
@@ -317,22 +335,28 @@ class FakeBackend:
     def _show_stats(self) -> web.Response:
         return web.Response(body=self._stats.to_json(), headers=self._json_headers)
 
+    def _show_traffic(self) -> web.Response:
+        body = b'{"stream_bytes_sent":%d}' % self._stream_bytes_sent
+        return web.Response(body=body, headers=self._json_headers)
 
-async def _write_tokens(
-    response: web.StreamResponse, events: StreamEvents, n_tokens: int, interval_s: float
-) -> None:
-    """Write token events `0..n_tokens-1`, one write each, `interval_s` apart without drift."""
-    if interval_s <= 0:
+    async def _write_tokens(
+        self, response: web.StreamResponse, events: StreamEvents, n_tokens: int, interval_s: float
+    ) -> None:
+        """Write token events `0..n_tokens-1`, one write each, `interval_s` apart without drift.
+
+        A write returns once the socket took the event (aiohttp waits for the transport
+        to drain), so `stream_bytes_sent` stops growing when the reader stops reading.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for index in range(n_tokens):
-            await response.write(events.token(index))
-        return
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    for index in range(n_tokens):
-        delay = started + index * interval_s - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await response.write(events.token(index))
+            if interval_s > 0:
+                delay = started + index * interval_s - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            event = events.token(index)
+            await response.write(event)
+            self._stream_bytes_sent += len(event)
 
 
 def _close(request: web.BaseRequest, last_bytes: bytes = b"") -> None:
