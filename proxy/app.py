@@ -1,8 +1,9 @@
 """The proxy process: the public server, the admin server, the backends, and their lifecycle.
 
 Rules:
-1. The public port is aiohttp's low-level server: every path goes to the
-   `Forwarder`; there is no router, no middleware and no access log on the hot path.
+1. The public port is aiohttp's low-level server (`proxy.inbound`: head timeout, bad
+   HTTP refused): every path goes to the `Forwarder`; there is no router, no
+   middleware and no access log on the hot path.
 2. A client that disconnects cancels its handler at once (`handler_cancellation`),
    which closes the backend connection, so the model server stops generating.
 3. Request bodies are not decompressed on the way in; what the client sent is what
@@ -38,6 +39,7 @@ from proxy.controller import Controller
 from proxy.deadlines import Deadlines
 from proxy.exporter import OtlpExporter
 from proxy.forwarding import Forwarder, Snapshot
+from proxy.inbound import PublicServer
 from proxy.metrics import Gauges
 from proxy.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
 from proxy.routing import RouteTable
@@ -145,7 +147,7 @@ class ProxyServer:
         inherited = self._sockets or (None, None)
         self.admin_port = await self._listen(admin, config.admin.listen, inherited[1])
         public = web.ServerRunner(
-            web.Server(
+            PublicServer(
                 self._forwarder,
                 handler_cancellation=True,
                 auto_decompress=False,

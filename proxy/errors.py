@@ -7,9 +7,11 @@ handler never decides a status itself (h11's `error_status_hint`)::
     CanaryProxyError
     ├── ConfigError                 a config file or flag is wrong (never reaches a client)
     └── ProxyError                  answered to a client in OpenAI's error shape
+        ├── BadHttp                 400 bad_http (not HTTP/1.1 the proxy may forward)
         ├── BadRequestBody          400 bad_json
         ├── NoRoute                 404 no_route
         ├── BodyTooLarge            413 body_too_large
+        ├── HeadTooLarge            431 headers_too_large
         ├── UpstreamError           502 (a backend attempt failed: base of the next four)
         │   ├── UpstreamUnreachable 502 upstream_unreachable
         │   ├── UpstreamProtocolError 502 upstream_protocol_error
@@ -27,11 +29,13 @@ from __future__ import annotations
 import json
 
 __all__ = [
+    "BadHttp",
     "BadRequestBody",
     "BodyTooLarge",
     "CanaryProxyError",
     "ConfigError",
     "Draining",
+    "HeadTooLarge",
     "NoRoute",
     "Overloaded",
     "ProxyError",
@@ -70,9 +74,23 @@ class ProxyError(CanaryProxyError):
         self.message = message
 
 
+class BadHttp(ProxyError):
+    """The request is not HTTP/1.1 that can be forwarded safely (request smuggling, bad framing)."""
+
+    status = 400
+    code = "bad_http"
+
+
 class BadRequestBody(ProxyError):
     status = 400
     code = "bad_json"
+
+
+class HeadTooLarge(ProxyError):
+    """The request head is larger than any model server takes (RFC 6585 §5)."""
+
+    status = 431
+    code = "headers_too_large"
 
 
 class NoRoute(ProxyError):

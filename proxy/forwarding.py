@@ -14,6 +14,11 @@ Rules:
 4. Errors the proxy makes are answered in OpenAI's error shape with the status the
    error carries (`proxy.errors`); a backend's own 4xx/5xx passes through untouched.
 5. Library exceptions become `proxy.errors` here, at one boundary, with `from exc`.
+6. The backend gets the request target in origin form (`/path?query`), whatever form
+   the client used: an absolute-form target (`GET http://other.host/...`) would let a
+   client name a host the backend believes over the Host header (RFC 9112 §3.2.2).
+7. A request head over `MAX_HEAD_BYTES` is refused (431) before it reaches a backend:
+   llhttp caps each line and the number of headers, not their sum.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from proxy.body import RequestBody
 from proxy.config.model import Backend, Variant
 from proxy.deadlines import Deadlines, Watch
 from proxy.errors import (
+    HeadTooLarge,
     NoRoute,
     Overloaded,
     ProxyError,
@@ -54,7 +60,7 @@ from proxy.telemetry import Exchange, Telemetry
 from proxy.tracing import format_traceparent
 from proxy.upstreams import Upstreams
 
-__all__ = ["FALLBACK", "Forwarder", "Snapshot", "error_response"]
+__all__ = ["FALLBACK", "MAX_HEAD_BYTES", "Forwarder", "Snapshot", "error_response"]
 
 log = logging.getLogger("proxy.forwarding")
 
@@ -64,6 +70,9 @@ FALLBACK: Final = "x-canary-fallback"
 _CLIENT_GONE: Final = 499
 # Bodies up to this size are read rather than streamed to the backend.
 _SMALL_BODY_BYTES: Final = 64 * 1024
+# The largest request head sent to a backend, as Envoy's default (60 KiB) and above
+# nginx's (4 x 8 KiB): model servers refuse more (uvicorn's h11 at 16 KiB and up).
+MAX_HEAD_BYTES: Final = 64 * 1024
 
 Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on, or none
 
@@ -225,6 +234,7 @@ class Forwarder:
 
         Raises:
             UpstreamError: the attempt failed before the first byte (it is recorded).
+            HeadTooLarge: the head is over `MAX_HEAD_BYTES` (nothing was sent or recorded).
         """
         variant = exchange.variant
         assert variant is not None
@@ -239,9 +249,12 @@ class Forwarder:
             content_length = request.content_length
         else:
             content_length = None if payload is None else len(payload)
+        target = request.raw_path
+        if not target.startswith("/"):
+            target = request.rel_url.raw_path_qs  # Rule 6
         head = request_head(
             request.method,
-            (backend.base_path + request.raw_path).encode("utf-8", "surrogateescape"),
+            (backend.base_path + target).encode("utf-8", "surrogateescape"),
             request.raw_headers,
             host=pool.host_header,
             peer=request.remote,
@@ -256,6 +269,10 @@ class Forwarder:
                 else None
             ),
         )
+        if len(head) > MAX_HEAD_BYTES:
+            raise HeadTooLarge(
+                f"the request head is {len(head)} bytes; the limit is {MAX_HEAD_BYTES}"
+            )
         deadlines = self.deadlines
         watch = deadlines.watch(backend.timeouts.first_byte_s)
         connection: Connection | None = None

@@ -1,0 +1,181 @@
+"""The client side of the public port: aiohttp's low-level server, hardened for the edge.
+
+aiohttp parses requests with llhttp in its strict mode, which already refuses what
+request smuggling needs (Content-Length beside Transfer-Encoding, two lengths, a
+length that is not a number, obs-folded lines, control bytes in the request line,
+unknown methods, lines over 8190 bytes, more than 128 headers). This module adds
+what a server at the edge needs beyond that, per connection, at no cost per request
+on the usual path (a whole head in one read).
+
+Rules:
+1. A request head must arrive whole within `limits.header_timeout`: for the first
+   request, counted from the connection's opening; for a later one on a kept-alive
+   connection, from its first byte (an idle kept-alive connection is not a late head).
+   A connection whose head is late is closed (slowloris).
+2. A request that is not valid HTTP/1.1 is answered 400 in OpenAI's error shape
+   (`bad_http`) and its connection is closed; it never reaches the `Forwarder`. It is
+   logged at DEBUG, in one line without the client's bytes: hostile clients must not
+   be able to fill the log.
+3. A chunked body whose framing breaks after its head was read closes the connection:
+   aiohttp would otherwise leave the handler waiting for the rest of the body forever.
+4. A request that asks to upgrade the protocol is answered as a plain request, and its
+   connection is then closed: the proxy upgrades nothing, and aiohttp's parser reads
+   no more HTTP on such a connection.
+5. An error of the proxy itself (a bug) is still answered in OpenAI's shape, 500,
+   and logged at ERROR with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+
+from proxy.errors import BadHttp, ProxyError, error_body
+from proxy.forwarding import Forwarder
+
+__all__ = ["ClientConnection", "PublicServer"]
+
+log = logging.getLogger("proxy.inbound")
+
+_MAX_REASON_CHARS: Final = 80
+_CONTENT_TYPE: Final = "application/json"
+
+
+class ClientConnection(RequestHandler):
+    """One client connection to the public port (aiohttp's `RequestHandler`, Rules 1-5).
+
+    It reads three attributes of aiohttp's handler that have no public name: `_waiter`
+    (set while the connection waits for a request head), `_messages` (parsed requests
+    not yet handled) and `_current_request`. The tests of this module fail if they change.
+    """
+
+    __slots__ = ("_head_timeout_s", "_head_timer")
+
+    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            # A head has begun and is not complete yet (Rule 1).
+            if data and self._head_timer is None:
+                self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
+            return
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        messages = self._messages
+        if not messages:
+            return
+        message = messages[-1][0]
+        if isinstance(message, _ErrInfo):
+            self._check_body_framing()
+        elif message.upgrade:
+            self.close()  # Rule 4: once this request is answered
+
+    def _check_body_framing(self) -> None:
+        """Rule 3: an error that came while the current body is unfinished is the body's."""
+        request = self._current_request
+        if request is None or request.content.is_eof():
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        log.debug("closing a connection from %s: its request body is badly framed", _peer(self))
+        # As if the client had left: the handler is cancelled when the connection is
+        # lost (`handler_cancellation`), and so is any backend request it made.
+        self.close()
+        transport.close()
+
+    def _head_late(self) -> None:
+        self._head_timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and not self._messages:
+            log.debug(
+                "closing a connection from %s: no whole request head within %gs",
+                _peer(self),
+                self._head_timeout_s,
+            )
+            self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request aiohttp could not parse, or whose handler failed."""
+        if request.writer.output_size > 0:
+            # Part of an answer went out already: all that is left is to close.
+            raise ConnectionError("an answer was under way; the connection is closed")
+        error: ProxyError
+        if isinstance(exc, HttpProcessingError) and status < 500:
+            error = BadHttp(f"the request is not valid HTTP/1.1: {_reason(exc)}")
+            log.debug("answered 400 to %s: %s", request.remote, error.message)
+        else:
+            log.error(
+                "the proxy failed answering %s %s", request.method, request.path, exc_info=exc
+            )
+            error = ProxyError("the proxy failed to answer this request (an internal error)")
+            error.status = status
+        response = web.Response(
+            status=error.status, body=error_body(error), content_type=_CONTENT_TYPE
+        )
+        response.force_close()
+        return response
+
+
+class PublicServer(web.Server):
+    """aiohttp's low-level server whose connections are `ClientConnection`s.
+
+    The head timeout is read from the config in force when a connection opens, so a
+    reload applies it to new connections.
+    """
+
+    def __init__(
+        self, forwarder: Forwarder, *, handler_cancellation: bool, **handler_kwargs: Any
+    ) -> None:
+        super().__init__(forwarder, handler_cancellation=handler_cancellation)
+        self._forwarder = forwarder
+        self._event_loop = asyncio.get_running_loop()
+        self._handler_kwargs = handler_kwargs
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(
+            self,
+            loop=self._event_loop,
+            head_timeout_s=self._forwarder.table.config.limits.header_timeout_s,
+            **self._handler_kwargs,
+        )
+
+
+def _reason(exc: HttpProcessingError) -> str:
+    """llhttp's reason for refusing a request, without the client's bytes that follow it."""
+    if isinstance(exc, LineTooLong):
+        return "a request line or header is too long"
+    first_line = str(exc.message).split("\n", 1)[0]
+    return first_line.split(":", 1)[0].strip()[:_MAX_REASON_CHARS] or "malformed request"
+
+
+def _peer(handler: RequestHandler) -> object:
+    transport = handler.transport
+    return transport.get_extra_info("peername") if transport is not None else None
