@@ -14,7 +14,10 @@ Rules:
 3. Interim 1xx responses (100 Continue, 103 Early Hints) are skipped.
 4. The answer to a HEAD request has no body, whatever its headers say; the
    connection is not reused after it (llhttp cannot be told to skip the body).
-5. Reading backpressure: past `_HIGH_WATER` unread bytes the socket stops being
+5. Bytes after a complete answer (more body than its Content-Length said, or a second
+   response nobody asked for) mark the connection `overran` and close it: they are
+   never read as the answer to the next request (response desynchronisation).
+6. Reading backpressure: past `_HIGH_WATER` unread bytes the socket stops being
    read, and resumes below `_LOW_WATER`, so a slow client slows the backend instead
    of filling the proxy's memory.
 """
@@ -83,6 +86,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.exchanges = 0  # completed exchanges, to tell a reused connection
+        self.overran = False  # the backend sent bytes after a complete answer (Rule 5)
         # The current exchange.
         self._head_method = False
         self._head: Head | None = None
@@ -208,17 +212,14 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._received_any = True
         if self._complete:
-            # Bytes after a complete answer (a HEAD's body, or a backend that talks out
-            # of turn): the connection cannot be trusted with another exchange.
-            self._keep_alive = False
-            self.close()
+            self._after_end()
             return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(BackendProtocolError("the backend switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(BackendProtocolError(f"the backend's answer is not valid HTTP: {exc}"))
+            self._parse_failed(exc)
 
     def eof_received(self) -> bool:
         return False
@@ -251,6 +252,8 @@ class Connection(asyncio.Protocol):
     # --- llhttp callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._complete:
+            raise BackendProtocolError("a second answer to one request")  # Rule 5
         self._reason = b""
         self._headers = []
         self._content_type = None
@@ -308,6 +311,20 @@ class Connection(asyncio.Protocol):
         self._wake_body()
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        if self._complete:
+            self._after_end()  # the read held more than the answer
+        else:
+            self._fail(BackendProtocolError(f"the backend's answer is not valid HTTP: {exc}"))
+
+    def _after_end(self) -> None:
+        """Bytes came after a complete answer: the connection cannot be trusted again."""
+        # A HEAD's answer may well be followed by the body its headers describe.
+        if not self._head_method:
+            self.overran = True
+        self._keep_alive = False
+        self.close()
 
     def _fail(self, error: Exception) -> None:
         if self._error is None:

@@ -11,11 +11,16 @@ Rules:
 4. A client that goes away stops the relay at once and closes the backend
    connection, so the model server stops generating.
 5. A backend connection is returned to the pool only after a complete exchange.
+6. Answers that passed HTTP but are broken still count as errors of their variant:
+   bytes after the declared end (`protocol_error`; the client gets what was declared,
+   as nginx does) and, on an OpenAI endpoint that answers JSON (completions,
+   embeddings), a 200 that is not a JSON object (`bad_response`; it passes untouched).
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from aiohttp import web
 
@@ -27,6 +32,9 @@ from proxy.pool import BackendPool
 from proxy.telemetry import Attempt
 
 __all__ = ["Opened", "relay"]
+
+_JSON_PATHS: Final = ("/completions", "/embeddings")
+_JSON_ENDS: Final = (b"}", b"}\n", b"}\r\n", b"} ", b"}\n\n")
 
 
 class Opened:
@@ -91,6 +99,7 @@ async def relay(
     # event stream without its end: that one is relayed and cut like any other.
     if connection.at_eof() and (not sse or stream_is_complete(first)):
         deadlines.unwatch(watch)
+        _judge_end(request, head, sse, connection, first, first, attempt)
         pool.release(connection)
         attempt.tail = first
         return web.Response(status=head.status, reason=reason, body=first, headers=headers)
@@ -146,8 +155,31 @@ async def relay(
         pool.discard(connection)
         _abort(request)
     else:
+        _judge_end(request, head, sse, connection, first, last, attempt)
         pool.release(connection)
     return out
+
+
+def _judge_end(
+    request: web.BaseRequest,
+    head: Head,
+    sse: bool,
+    connection: Connection,
+    first: bytes,
+    last: bytes,
+    attempt: Attempt,
+) -> None:
+    """Rule 6: the error an answer that ended cleanly in HTTP still counts as, if any."""
+    if connection.overran:
+        attempt.error_type = "protocol_error"
+    elif (
+        head.status == 200
+        and not sse
+        and request.path.endswith(_JSON_PATHS)
+        and request.method != "HEAD"
+        and not (first.lstrip()[:1] == b"{" and last.endswith(_JSON_ENDS))
+    ):
+        attempt.error_type = "bad_response"
 
 
 def _abort(request: web.BaseRequest) -> None:

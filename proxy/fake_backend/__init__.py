@@ -29,8 +29,9 @@ Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`
                                 chunk or [DONE]; non-streamed: a Content-Length of twice
                                 the body, the body, then close
     x-fake-overrun: 1           non-streamed: a Content-Length of half the body, then the whole
-                                body on a connection kept open (the rest would be read as the
-                                next answer by a client that reused the connection)
+                                body in the same write, on a connection kept open (the rest
+                                would be read as the next answer by a client that reused the
+                                connection), then an empty answer of aiohttp's
     x-fake-no-done: 1           stream: a clean HTTP end, but no finish_reason event and
                                 no [DONE] (a truncated stream that looks fine to HTTP)
     x-fake-garbage: 1           write bytes that are not HTTP, then close

@@ -272,18 +272,21 @@ class FakeBackend:
         return response, Outcome.ABORTED
 
     async def _overrun(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
-        """Declare half of `body` and send all of it, keeping the connection open."""
-        half = len(body) // 2
-        response = web.StreamResponse(headers=self._json_headers)
-        response.content_length = half
-        await response.prepare(request)
-        await response.write(body[:half])
-        await response.write_eof()
+        """Declare half of `body` and send all of it in one write, keeping the connection.
+
+        The head is written raw, so that the answer and the bytes past its end leave in
+        one write; aiohttp then sends the (empty) answer the handler returns after them.
+        """
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client already left")
-        transport.write(body[half:])
-        return response
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"%s: %s\r\nContent-Length: %d\r\n\r\n"
+            % (MODEL_HEADER.encode(), self.options.model.encode(), len(body) // 2)
+        )
+        transport.write(head + body)
+        return web.Response()
 
     async def _stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
         """Stream one SSE event per write: opening, tokens, finish, usage, [DONE]."""
