@@ -61,8 +61,24 @@ BUCKETS: Final = 10_000
 
 
 def bucket_of(salt: str, key: str) -> int:
-    """The user's fixed bucket in [0, 10000)."""
-    return int(mmh3.hash(f"{salt}:{key}", 0, signed=False)) % BUCKETS
+    """The user's fixed bucket in [0, 10000).
+
+    The text is hashed as its UTF-8 bytes (what mmh3 does with a str). A key that is
+    not valid UTF-8 (raw header bytes, which aiohttp decodes with surrogateescape, or
+    a lone surrogate from a JSON escape) is hashed as the bytes it stands for: mmh3
+    given such a str crashes the process (a segfault in mmh3 5.x).
+    """
+    text = f"{salt}:{key}"
+    if text.isascii():
+        return int(mmh3.hash(text, 0, signed=False)) % BUCKETS
+    return int(mmh3.hash(_utf8(text), 0, signed=False)) % BUCKETS
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")  # valid UTF-8, or raw bytes restored
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")  # a lone surrogate from a JSON escape
 
 
 def canary_threshold(weight: float) -> int:
