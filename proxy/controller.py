@@ -73,6 +73,7 @@ TICK_S: Final = 1.0
 LEASE_S: Final = 5.0  # a dead leader's lease passes to another within this
 HEARTBEAT_S: Final = 5.0  # a process that stops beating drops out of the list after this
 SETTLE_SLICES: Final = 2  # rule 5
+_OPERATOR_ATTEMPTS: Final = 3
 
 
 class UnknownRoute(KeyError):
@@ -215,11 +216,17 @@ class Controller:
         if self._store is None:
             await self._open_store()
         async with self._lock:
-            transition = on_operator(
-                self.states[route_name], route.rollout.auto, action, time.time()
-            )
-            if not await self._commit(route, transition):
-                raise StoreUnavailable(self.store_error or "the state store refused the change")
+            for _ in range(_OPERATOR_ATTEMPTS):
+                transition = on_operator(
+                    self.states[route_name], route.rollout.auto, action, time.time()
+                )
+                if await self._commit(route, transition):
+                    break
+                if self.store_down_since is not None:
+                    raise StoreUnavailable(self.store_error or "the state store failed")
+                # Another process changed the state first: act on the state it stored.
+            else:
+                raise StoreUnavailable("the state kept changing under this change; try again")
         self._host.set_weights(self.served_weights())
         return self.states[route_name]
 
@@ -300,8 +307,10 @@ class Controller:
                 state = stored.get(name)
                 if state is None:
                     await self._restore(store, mine)
-                elif state.version != mine.version:
-                    self.states[name] = state  # decided elsewhere: serve it here too
+                elif state != mine:
+                    # Decided elsewhere: serve it here too. (Not by version alone: a store
+                    # that lost its data numbers the versions from 1 again.)
+                    self.states[name] = state
 
     async def _restore(self, store: StateStore, state: RouteState) -> None:
         """Write back a state the store lost (a Redis restarted without its data)."""
@@ -455,9 +464,7 @@ class Controller:
     def _needs_store(self, config: Config) -> bool:
         if self._shared or any(route.rollout.auto is not None for route in config.routes):
             return True
-        return config.state.store is not StateStoreKind.SQLITE or os.path.exists(
-            config.state.path
-        )
+        return config.state.store is not StateStoreKind.SQLITE or os.path.exists(config.state.path)
 
 
 def _versions_differ(processes: list[ProcessInfo]) -> str | None:

@@ -1,0 +1,305 @@
+"""A fleet of replicas sharing `state.store: redis` (SPEC §10), with a real redis-server.
+
+Three `canary-proxy run` processes, as three pods would run, share one config file
+(ports 0) and one Redis; traffic goes through all three. One controller decides for
+them all, every replica serves its decisions within 2 s, a dead leader's lease passes
+on, and a Redis outage costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.harness import BackendProcess, start_backend
+from tests.proxy_process import ProxyProcess, proxy_processes, send
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.timeout(90)
+
+LEASE_S = 5.0  # proxy.controller.LEASE_S
+
+
+@pytest.fixture
+def faulty_pair() -> Iterator[tuple[BackendProcess, BackendProcess]]:
+    stable = start_backend("m-stable")
+    canary = start_backend("m-canary", "--error-rate", "0.5")
+    yield stable, canary
+    stable.stop()
+    canary.stop()
+
+
+def fleet_config(
+    path: Path,
+    stable: str,
+    canary: str,
+    redis_url: str,
+    *,
+    weight: float = 20,
+    pass_intervals: int = 1000,
+    comment: str = "",
+) -> Path:
+    rollout = (
+        "      auto:\n"
+        "        steps: [20, 50, 100]\n"
+        "        interval: 1s\n"
+        "        min_requests: 30\n"
+        f"        pass_intervals: {pass_intervals}\n"
+        "        failure_limit: 1\n"
+        "        checks: {error_rate: {max: 0.2, max_increase: 0.05}}\n"
+    )
+    path.write_text(
+        f"# {comment}\n"
+        "listen: 127.0.0.1:0\n"
+        "admin: {listen: 127.0.0.1:0}\n"
+        "backends:\n"
+        f"  v1: {{url: '{stable}'}}\n"
+        f"  v2: {{url: '{canary}'}}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+        "    sticky: {keys: [header:x-user-id], salt: fleet}\n"
+        "    rollout:\n"
+        f"      weight: {weight}\n"
+        f"{rollout}"
+        f"state: {{store: redis, url: '{redis_url}'}}\n"
+    )
+    return path
+
+
+@contextlib.asynccontextmanager
+async def traffic(replicas: list[ProxyProcess]) -> AsyncIterator[list[tuple[int, float]]]:
+    """Requests from many users, round robin over the replicas, until the block ends.
+
+    Yields (status, seconds) per request; a request that fails to connect is status 0.
+    """
+    answers: list[tuple[int, float]] = []
+    stop = asyncio.Event()
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            n = 0
+            while not stop.is_set() and n < 20_000:
+                n += 1
+                proxy = replicas[n % len(replicas)]
+                started = time.monotonic()
+                try:
+                    code, _ = await send(session, proxy.url, f"user-{n}", new_connection=False)
+                except aiohttp.ClientError:
+                    code = 0
+                answers.append((code, time.monotonic() - started))
+                await asyncio.sleep(0.003)
+
+    task = asyncio.create_task(run())
+    try:
+        yield answers
+    finally:
+        stop.set()
+        await task
+
+
+async def leaders(replicas: list[ProxyProcess]) -> list[int]:
+    """Which replicas (by position) hold the lease, by their own account."""
+    documents = await asyncio.gather(*(r.status() for r in replicas))
+    return [n for n, d in enumerate(documents) if d["controller"]["leader"]]
+
+
+async def test_one_rollback_decided_once_and_served_by_every_replica(
+    tmp_path: Path, redis_server: RedisServer, faulty_pair: tuple[BackendProcess, BackendProcess]
+) -> None:
+    stable, canary = faulty_pair
+    config = fleet_config(tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url)
+    with proxy_processes(config, config, config) as replicas:
+        async with traffic(replicas):
+            deadline = time.monotonic() + 30
+            while True:
+                documents = await asyncio.gather(*(r.status() for r in replicas))
+                rollouts = [d["routes"][0]["rollout"] for d in documents]
+                if any(r["status"] == "rolled_back" for r in rollouts):
+                    break
+                assert time.monotonic() < deadline, rollouts
+                await asyncio.sleep(0.1)
+            # From the first replica seen serving it, every replica within 2 s.
+            seen = time.monotonic()
+            while True:
+                weights = [
+                    value for r in replicas for _, value in await r.samples("canary_weight_percent")
+                ]
+                if weights == [0.0, 0.0, 0.0] or time.monotonic() - seen > 5:
+                    break
+                await asyncio.sleep(0.05)
+            elapsed = time.monotonic() - seen
+        documents = await asyncio.gather(*(r.status() for r in replicas))
+    assert weights == [0.0, 0.0, 0.0]
+    assert elapsed <= 2.0, f"every replica served the rollback {elapsed:.2f}s after the first"
+    rollbacks = [
+        [d for d in doc["routes"][0]["rollout"]["decisions"] if d["action"] == "rollback"]
+        for doc in documents
+    ]
+    assert [len(r) for r in rollbacks] == [1, 1, 1], "one decision, seen alike by all"
+    assert rollbacks[0] == rollbacks[1] == rollbacks[2]
+    assert "error rate" in rollbacks[0][0]["reason"]
+    explained = [r for r in replicas if "route chat: " in r.log and "rolled back" in r.log]
+    assert len(explained) == 1, "decided and explained by one controller, not three"
+
+
+async def test_a_dead_leaders_lease_passes_on_within_the_lease_time(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stable = start_backend("m-stable")
+    try:
+        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+        with proxy_processes(config, config, config) as replicas:
+            deadline = time.monotonic() + 10
+            while len(held := await leaders(replicas)) != 1:
+                assert time.monotonic() < deadline, held
+                await asyncio.sleep(0.1)
+            leader = replicas[held[0]]
+            rest = [r for r in replicas if r is not leader]
+            os.kill(leader.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            while (taken := await leaders(rest)) == []:
+                assert time.monotonic() - killed < LEASE_S + 3, "nobody took the lease"
+                await asyncio.sleep(0.1)
+            elapsed = time.monotonic() - killed
+            assert len(taken) == 1
+            assert elapsed <= LEASE_S + 2.0, f"the lease passed on after {elapsed:.1f}s"
+            await asyncio.sleep(1.5)
+            document = await rest[0].status()
+            assert len(document["processes"]) == 2, "the dead replica dropped out of the list"
+    finally:
+        stable.stop()
+
+
+async def test_a_redis_outage_fails_no_request_and_decisions_resume(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stable = start_backend("m-stable")
+    try:
+        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+        with proxy_processes(config, config, config) as replicas:
+            async with traffic(replicas) as answers:
+                await asyncio.sleep(1.5)
+                before = len(answers)
+                redis_server.stop()
+                deadline = time.monotonic() + 5
+                while True:
+                    documents = await asyncio.gather(*(r.status() for r in replicas))
+                    if all(d["controller"]["store_up"] is False for d in documents):
+                        break
+                    assert time.monotonic() < deadline, [d["controller"] for d in documents]
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(2.0)
+                during = answers[before:]
+                up = [
+                    value for r in replicas for _, value in await r.samples("canary_state_store_up")
+                ]
+                redis_server.start()
+                deadline = time.monotonic() + 8
+                while True:
+                    documents = await asyncio.gather(*(r.status() for r in replicas))
+                    if all(d["controller"]["store_up"] for d in documents) and (
+                        await leaders(replicas)
+                    ):
+                        break
+                    assert time.monotonic() < deadline, [d["controller"] for d in documents]
+                    await asyncio.sleep(0.1)
+            after = answers[before + len(during) :]
+            # Decisions resume: an operator's action goes through and reaches every replica.
+            code, answer = await replicas[0].admin("POST", "/api/routes/chat/pause")
+            deadline = time.monotonic() + 3
+            while True:
+                statuses = [
+                    d["routes"][0]["rollout"]["status"]
+                    for d in await asyncio.gather(*(r.status() for r in replicas))
+                ]
+                if statuses == ["paused"] * 3 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+        assert len(during) > 50
+        assert {code for code, _ in answers} == {200}, "no request failed"
+        assert max(seconds for _, seconds in during) < 0.5, "no request waited on the store"
+        assert up == [0.0, 0.0, 0.0]
+        assert all("the state store is unreachable" in r.log for r in replicas)
+        assert all("decisions pause" in r.log for r in replicas)
+        assert all("the state store answers again" in r.log for r in replicas)
+        assert after, "requests went on after Redis came back"
+        assert code == 200, answer
+        assert statuses == ["paused"] * 3
+        assert any("restored it from memory" in r.log for r in replicas), (
+            "the Redis restarted empty; the state came back from the replicas"
+        )
+    finally:
+        stable.stop()
+
+
+async def test_a_replica_started_while_redis_is_down_serves_its_config_weights(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stable, canary = start_backend("m-stable"), start_backend("m-canary")
+    try:
+        redis_server.stop()
+        config = fleet_config(
+            tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url, weight=100
+        )
+        with proxy_processes(config) as (replica,):
+            async with aiohttp.ClientSession() as session:
+                answers = [await send(session, replica.url, f"user-{n}") for n in range(20)]
+            assert answers == [(200, "canary")] * 20
+            document = await replica.status()
+            assert document["controller"]["store_up"] is False
+            assert document["controller"]["store_error"]
+            assert "serving the config's weights" in replica.log
+            redis_server.start()
+            deadline = time.monotonic() + 6
+            while not (document := await replica.status())["controller"]["store_up"]:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 3
+            while document["routes"][0]["rollout"].get("status") != "progressing":
+                assert time.monotonic() < deadline, document["routes"][0]["rollout"]
+                await asyncio.sleep(0.1)
+                document = await replica.status()
+            assert document["routes"][0]["rollout"]["weight"] == 100
+    finally:
+        stable.stop()
+        canary.stop()
+
+
+async def test_no_step_advances_while_replicas_run_different_configs(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stable = start_backend("m-stable")
+    try:
+        args = (stable.url, stable.url, redis_server.url)
+        first = fleet_config(tmp_path / "a.yaml", *args, pass_intervals=1, comment="one")
+        second = fleet_config(tmp_path / "b.yaml", *args, pass_intervals=1, comment="two")
+        with proxy_processes(first, second) as replicas:
+            async with traffic(replicas):
+                await asyncio.sleep(5)
+                documents = await asyncio.gather(*(r.status() for r in replicas))
+                held = [
+                    d["controller"]["held_because"] for d in documents if d["controller"]["leader"]
+                ]
+                # The same config everywhere: the rollout goes on (each replica reloads).
+                fleet_config(second, *args, pass_intervals=1, comment="one")
+                deadline = time.monotonic() + 15
+                while (await replicas[1].status())["routes"][0]["weight"] <= 20:
+                    assert time.monotonic() < deadline, "the rollout never went on"
+                    await asyncio.sleep(0.2)
+        assert [d["routes"][0]["weight"] for d in documents] == [20, 20], "held at step one"
+        assert held
+        assert "different config versions" in held[0]
+        assert len({p["config_version"] for p in documents[0]["processes"]}) == 2
+        assert any("different config versions" in r.log for r in replicas)
+    finally:
+        stable.stop()
