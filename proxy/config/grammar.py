@@ -43,8 +43,30 @@ WINDOW_HINT = 'like "Mon-Fri 09:00-18:00" (days, then HH:MM-HH:MM)'
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_DAY_NAMES = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 MINUTES_PER_DAY = 24 * 60
-SECRET_PREFIXES = ("sk-", "sk_live_", "sk_test_", "Bearer ", "bearer ", "eyJ", "ghp_", "xox")
-SECRET_MIN_LENGTH = 20  # shorter mixed-case names are plausible variable names
+# Prefixes of the keys operators of model servers paste: OpenAI and Anthropic (sk-),
+# Stripe, JWTs (eyJ), GitHub, Slack, Hugging Face (hf_), Groq (gsk_), Replicate (r8_),
+# NVIDIA (nvapi-), xAI, Perplexity, Google (AIza). (AWS key ids, 20 letters and digits
+# without "_", need no prefix: `ASIA_KEY` may well name a variable.)
+SECRET_PREFIXES = (
+    "sk-",
+    "sk_live_",
+    "sk_test_",
+    "Bearer ",
+    "bearer ",
+    "eyJ",
+    "ghp_",
+    "github_pat_",
+    "glpat-",
+    "xox",
+    "hf_",
+    "gsk_",
+    "r8_",
+    "nvapi-",
+    "xai-",
+    "pplx-",
+    "AIza",
+)
+SECRET_MIN_LENGTH = 20  # shorter names are plausible variable names, whatever their letters
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*", re.ASCII)
 _HOST_NAME = re.compile(r"[A-Za-z0-9.-]+|\*")
@@ -185,14 +207,19 @@ def is_http_token(text: str) -> bool:
 
 
 def looks_like_secret(text: str) -> bool:
-    """True for an API key pasted where an environment variable's name belongs."""
+    """True for an API key pasted where an environment variable's name belongs.
+
+    Variables are named in words (`V1_API_KEY`, `llama_key`); keys are long runs of
+    letters and digits, or mix both cases with digits, or start with a known prefix.
+    """
     if text.startswith(SECRET_PREFIXES):
         return True
-    if len(text) < SECRET_MIN_LENGTH or "_" in text:
+    if len(text) < SECRET_MIN_LENGTH:
         return False
     has_digit = any(c.isdigit() for c in text)
-    has_lower = any(c.islower() for c in text)
-    return has_digit and has_lower
+    if "_" not in text:
+        return has_digit and any(c.isalpha() for c in text)
+    return has_digit and any(c.islower() for c in text) and any(c.isupper() for c in text)
 
 
 def as_float(value: object) -> float | None:
