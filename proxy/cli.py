@@ -157,11 +157,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_lines(document: dict[str, Any]) -> list[str]:
+    """The state store, and the processes sharing it, when there is one."""
+    controller = document.get("controller", {})
+    if controller.get("store_up") is None:
+        return []
+    store = controller.get("state_store", "?")
+    lines = []
+    if controller["store_up"]:
+        lines.append(f"state store {store}: up")
+    else:
+        lines.append(
+            f"state store {store}: DOWN since {controller.get('store_down_since')} "
+            f"({controller.get('store_error')}); decisions paused"
+        )
+    processes = document.get("processes", [])
+    if processes:
+        leaders = [str(p["source"]) for p in processes if p.get("leader")]
+        versions = sorted({str(p.get("config_version")) for p in processes})
+        lines.append(
+            f"{len(processes)} process{'es' if len(processes) != 1 else ''} "
+            f"(leader {', '.join(leaders) or 'none yet'}; config "
+            f"{' and '.join(versions)})"
+        )
+    if controller.get("held_because"):
+        lines.append(f"steps held: {controller['held_because']}")
+    return lines
+
+
 def _status_table(document: dict[str, Any]) -> str:
     config = document["config"]
     lines = [f"config {config['version']} (loaded {config['loaded_at']})"]
     if config.get("last_reload_error"):
         lines.append(f"last reload failed: {config['last_reload_error']}")
+    lines.extend(_fleet_lines(document))
     rows = [("route", "stable", "canary", "weight", "status", "step", "last verdict and why")]
     for route in document["routes"]:
         rollout = route.get("rollout", {})

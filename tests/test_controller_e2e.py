@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import time
@@ -394,3 +395,5 @@ async def test_the_status_command_prints_the_rollout_table(
     assert header.split()[:6] == ["route", "stable", "canary", "weight", "status", "step"]
     assert row.split()[:6] == ["chat", "v1", "v2", "20%", "progressing", "1/3"]
     assert "inconclusive: too little data" in row
+    assert "state store sqlite: up" in result.stdout
+    assert re.search(r"^1 process \(leader [^;]+; config [0-9a-f]{12}\)$", result.stdout, re.M)

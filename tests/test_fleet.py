@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -259,6 +261,16 @@ async def test_a_replica_started_while_redis_is_down_serves_its_config_weights(
             assert document["controller"]["store_up"] is False
             assert document["controller"]["store_error"]
             assert "serving the config's weights" in replica.log
+            shown = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "proxy", "status", "--admin", replica.admin_url],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert shown.returncode == 0, shown.stderr
+            assert "state store redis: DOWN since" in shown.stdout
+            assert "decisions paused" in shown.stdout
             redis_server.start()
             deadline = time.monotonic() + 6
             while not (document := await replica.status())["controller"]["store_up"]:
