@@ -19,6 +19,8 @@ Rules:
    client name a host the backend believes over the Host header (RFC 9112 §3.2.2).
 7. A request head over `MAX_HEAD_BYTES` is refused (431) before it reaches a backend:
    llhttp caps each line and the number of headers, not their sum.
+8. A client's `x-request-id` is kept when it is printable ASCII of at most 200
+   characters; any other is replaced by one of the proxy's (it goes into two heads).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ _SMALL_BODY_BYTES: Final = 64 * 1024
 # The largest request head sent to a backend, as Envoy's default (60 KiB) and above
 # nginx's (4 x 8 KiB): model servers refuse more (uvicorn's h11 at 16 KiB and up).
 MAX_HEAD_BYTES: Final = 64 * 1024
+# A client's x-request-id longer than this, or not printable ASCII, is replaced.
+_MAX_REQUEST_ID_CHARS: Final = 200
 
 Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on, or none
 
@@ -110,7 +114,9 @@ class Forwarder:
             request.method, request.path, self._time(), telemetry.begin(headers.get("traceparent"))
         )
         exchange.config_version = snapshot.table.config.version
-        request_id = headers.get(REQUEST_ID) or f"{self._id_prefix}-{next(self._id_counter):x}"
+        request_id = headers.get(REQUEST_ID)
+        if not request_id or not _is_request_id(request_id):
+            request_id = f"{self._id_prefix}-{next(self._id_counter):x}"
         status = _CLIENT_GONE
         try:
             if self.in_flight >= snapshot.table.config.limits.max_concurrency:
@@ -320,6 +326,11 @@ async def _send(connection: Connection, head: bytes, payload: Payload, head_meth
     while chunk := await payload.readany():
         connection.write_body(chunk)
         await connection.drain()
+
+
+def _is_request_id(text: str) -> bool:
+    """Can the client's x-request-id be sent on as it is (printable ASCII, not too long)?"""
+    return len(text) <= _MAX_REQUEST_ID_CHARS and text.isascii() and text.isprintable()
 
 
 def _attempt_failure(exc: BaseException, watch: Watch, backend: Backend) -> UpstreamError | None:

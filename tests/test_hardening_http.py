@@ -320,3 +320,19 @@ async def test_a_reader_that_stops_stops_the_backend_instead_of_filling_memory(
     # About 150 MB at full speed; the backend stopped after a few socket buffers.
     assert samples[-1] == samples[-2] == samples[-3], samples
     assert samples[-1] < 16 * 1024 * 1024, samples
+
+
+@pytest.mark.parametrize("request_id", [b"\x80\xff", b"id with\ttab", b"r" * 300])
+async def test_a_request_id_that_cannot_be_sent_on_is_replaced(
+    backends: Backends, request_id: bytes
+) -> None:
+    raw = GET + b"x-request-id: " + request_id + b"\r\nConnection: close\r\n\r\n"
+    await clear(backends)
+    async with running_proxy(config(backends)) as proxy:
+        assert proxy.server.port is not None
+        answer = await send_raw(proxy.server.port, raw)
+    assert answer.statuses == [200]
+    (received,) = await backend_requests(backends)
+    sent_on = dict(received["headers"])["x-request-id"]  # type: ignore[arg-type]
+    assert sent_on.encode() != request_id
+    assert b"x-request-id: " + sent_on.encode() in answer.data
