@@ -140,6 +140,9 @@ class Telemetry:
         self.resource: list[tuple[str, AttributeValue]] = [
             ("service.name", config.telemetry.service_name),
             ("service.version", __version__),
+            # One identity per process: the workers and replicas of a fleet each export
+            # their own cumulative series, which must not be mistaken for one another.
+            ("service.instance.id", f"{socket.gethostname()}:{os.getpid()}"),
             ("host.name", socket.gethostname()),
             ("process.pid", os.getpid()),
         ]

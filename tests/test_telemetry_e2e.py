@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import statistics
 import time
 from typing import Any
@@ -115,6 +117,7 @@ async def test_a_request_is_a_server_span_with_a_client_span_per_attempt(
     (resource_spans,) = receiver.trace_requests[0].resource_spans
     resource = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
     assert resource["service.name"] == "canary-proxy"
+    assert resource["service.instance.id"] == f"{socket.gethostname()}:{os.getpid()}"
     assert receiver.content_types == {"application/x-protobuf"}
 
 
