@@ -4,6 +4,10 @@ Rules:
 1. A declared Content-Length over `max_body_bytes` is refused (413) before a byte of
    the body is read or forwarded; a body without a declared length is refused as
    soon as it passes the limit.
+4. A body still arriving is read with `idle_s` (the config's `header_timeout`) as the
+   longest silence allowed between two pieces of it: a client that stops sending
+   mid-body is answered 408 instead of holding its request slot for ever. A body that
+   is all there is read without a timer.
 2. The body is parsed as JSON only when a routing decision or a model rewrite needs
    it; a body that is not JSON then gets 400. A JSON body that is not an object is
    treated as an object with no fields.
@@ -12,13 +16,14 @@ Rules:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any, Final
 
 from aiohttp import StreamReader, web
 
-from proxy.errors import BadRequestBody, BodyTooLarge
+from proxy.errors import BadRequestBody, BodyTooLarge, RequestTimeout
 
 __all__ = ["RequestBody"]
 
@@ -29,11 +34,12 @@ _EMPTY: Final[Mapping[str, Any]] = {}
 class RequestBody:
     """The body of one request, read lazily."""
 
-    __slots__ = ("_continued", "_json", "_limit", "_raw", "_request")
+    __slots__ = ("_continued", "_idle_s", "_json", "_limit", "_raw", "_request")
 
-    def __init__(self, request: web.BaseRequest, limit: int) -> None:
+    def __init__(self, request: web.BaseRequest, limit: int, idle_s: float) -> None:
         self._request = request
         self._limit = limit
+        self._idle_s = idle_s
         self._raw: bytes | None = None
         self._json: Mapping[str, Any] | None = None
         self._continued = False
@@ -85,18 +91,35 @@ class RequestBody:
             return self._raw
         await self.accept()
         content = self._request.content
-        if self._request.content_length is not None:
-            self._raw = await content.read()
-            return self._raw
+        if content.is_eof():
+            raw = await content.read()  # all of it is here: no wait, no timer
+            if len(raw) > self._limit:
+                raise BodyTooLarge(f"request body is over the limit of {self._limit} bytes")
+            self._raw = raw
+            return raw
         chunks: list[bytes] = []
         size = 0
-        while chunk := await content.readany():
+        while chunk := await self.next_piece():
             size += len(chunk)
             if size > self._limit:
                 raise BodyTooLarge(f"request body is over the limit of {self._limit} bytes")
             chunks.append(chunk)
         self._raw = b"".join(chunks)
         return self._raw
+
+    async def next_piece(self) -> bytes:
+        """The next piece of a body still arriving (b"" at its end); `RequestTimeout` after
+        `idle_s` of silence."""
+        content = self._request.content
+        if content.is_eof():
+            return await content.readany()  # the rest is here: no wait, no timer
+        try:
+            async with asyncio.timeout(self._idle_s):
+                return await content.readany()
+        except TimeoutError as exc:
+            raise RequestTimeout(
+                f"the request body stopped arriving for {self._idle_s:g}s"
+            ) from exc
 
     async def json(self) -> Mapping[str, Any]:
         """The body as a JSON object; `BadRequestBody` when it is not JSON."""

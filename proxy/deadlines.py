@@ -9,6 +9,8 @@ Rules:
 1. A watch starts with an absolute deadline for the first byte. `idle(idle_s)` turns
    it into an idle limit: it expires only after `idle_s` without progress.
 2. While `busy` (the proxy is writing to a slow client), backend silence does not count.
+   While `client_turn` (the proxy waits for the client's request body), an expiry is
+   the client's fault, not the backend's: the watched code tells them apart.
 3. Precision is one tick (0.1 s): nothing beside timeouts measured in seconds.
 4. Expiry cancels the watched task, the way `asyncio.timeout` does; the code that
    catches the `CancelledError` asks `Watch.expired_here()` whether it was this
@@ -31,14 +33,26 @@ TICK_S: Final = 0.1
 class Watch:
     """One backend attempt under watch."""
 
-    __slots__ = ("_idle_s", "_seen", "busy", "deadline", "expired", "progress", "task")
+    __slots__ = (
+        "_idle_s",
+        "_seen",
+        "busy",
+        "client_turn",
+        "deadline",
+        "expired",
+        "first_byte_s",
+        "progress",
+        "task",
+    )
 
-    def __init__(self, task: asyncio.Task[object], deadline: float) -> None:
+    def __init__(self, task: asyncio.Task[object], deadline: float, first_byte_s: float) -> None:
         self.task = task
         self.deadline = deadline
+        self.first_byte_s = first_byte_s
         self.expired = False
         self.progress = 0  # bumped by the watched code for every chunk
         self.busy = False
+        self.client_turn = False
         self._idle_s: float | None = None
         self._seen = 0
 
@@ -49,6 +63,8 @@ class Watch:
         self.deadline = now + idle_s
 
     def overdue(self, now: float) -> bool:
+        if self.client_turn:
+            return False
         idle_s = self._idle_s
         if idle_s is not None and (self.busy or self.progress != self._seen):
             self._seen = self.progress
@@ -94,7 +110,7 @@ class Deadlines:
         task = asyncio.current_task()
         assert task is not None
         assert self._loop is not None
-        watch = Watch(task, self._loop.time() + first_byte_s)
+        watch = Watch(task, self._loop.time() + first_byte_s, first_byte_s)
         self._watches.add(watch)
         return watch
 

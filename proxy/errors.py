@@ -10,6 +10,7 @@ handler never decides a status itself (h11's `error_status_hint`)::
         ├── BadHttp                 400 bad_http (not HTTP/1.1 the proxy may forward)
         ├── BadRequestBody          400 bad_json
         ├── NoRoute                 404 no_route
+        ├── RequestTimeout          408 request_timeout (the client went silent mid-body)
         ├── BodyTooLarge            413 body_too_large
         ├── HeadTooLarge            431 headers_too_large
         ├── UpstreamError           502 (a backend attempt failed: base of the next four)
@@ -39,6 +40,7 @@ __all__ = [
     "NoRoute",
     "Overloaded",
     "ProxyError",
+    "RequestTimeout",
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamStatus",
@@ -96,6 +98,13 @@ class HeadTooLarge(ProxyError):
 class NoRoute(ProxyError):
     status = 404
     code = "no_route"
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body; not a fault of any backend."""
+
+    status = 408
+    code = "request_timeout"
 
 
 class BodyTooLarge(ProxyError):

@@ -30,11 +30,10 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import aiohttp
 from aiohttp import web
 
 from proxy.body import RequestBody
@@ -45,6 +44,7 @@ from proxy.errors import (
     NoRoute,
     Overloaded,
     ProxyError,
+    RequestTimeout,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatus,
@@ -78,7 +78,7 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 # A client's x-request-id longer than this, or not printable ASCII, is replaced.
 _MAX_REQUEST_ID_CHARS: Final = 200
 
-Payload = bytes | aiohttp.StreamReader | None  # a whole body, one to stream on, or none
+Payload = bytes | RequestBody | None  # a whole body, one to stream on, or none
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +169,8 @@ class Forwarder:
         """Route, assign and send: the first bytes of an answer, or an error response."""
         table = snapshot.table
         config = table.config
-        body = RequestBody(request, config.limits.max_body_bytes)
+        limits = config.limits
+        body = RequestBody(request, limits.max_body_bytes, limits.header_timeout_s)
         plan = match_route(table, request.path, None)
         if plan is NEED_BODY:
             plan = match_route(table, request.path, await body.json())
@@ -250,8 +251,8 @@ class Forwarder:
         attempt.fallback = exchange.fallback
         attempt.host, attempt.port = pool.host, pool.port
         trace = exchange.trace
-        streamed = isinstance(payload, aiohttp.StreamReader)
-        if isinstance(payload, aiohttp.StreamReader):
+        streamed = isinstance(payload, RequestBody)
+        if isinstance(payload, RequestBody):
             content_length = request.content_length
         else:
             content_length = None if payload is None else len(payload)
@@ -280,13 +281,15 @@ class Forwarder:
                 f"the request head is {len(head)} bytes; the limit is {MAX_HEAD_BYTES}"
             )
         deadlines = self.deadlines
+        now = self._time
+        head_method = request.method == "HEAD"
         watch = deadlines.watch(backend.timeouts.first_byte_s)
         connection: Connection | None = None
         try:
             for retry in (False, True):
                 connection = await pool.acquire(fresh=retry)
                 try:
-                    await _send(connection, head, payload, request.method == "HEAD")
+                    await _send(connection, head, payload, head_method, watch, now)
                     response = await connection.head()
                     break
                 except BackendClosed as exc:
@@ -307,7 +310,8 @@ class Forwarder:
                 pool.discard(connection)
             failure = _attempt_failure(exc, watch, backend)
             if failure is None:
-                attempt.cancelled = isinstance(exc, asyncio.CancelledError)
+                # A client that left, or went silent mid-body, is no fault of the backend.
+                attempt.cancelled = isinstance(exc, asyncio.CancelledError | RequestTimeout)
                 attempt.error_type = None if attempt.cancelled else "proxy_error"
             else:
                 attempt.error_type = failure.error_type
@@ -318,14 +322,36 @@ class Forwarder:
         return Opened(pool, connection, response, first, watch, attempt, request_id)
 
 
-async def _send(connection: Connection, head: bytes, payload: Payload, head_method: bool) -> None:
-    if not isinstance(payload, aiohttp.StreamReader):
+async def _send(
+    connection: Connection,
+    head: bytes,
+    payload: Payload,
+    head_method: bool,
+    watch: Watch,
+    now: Callable[[], float],
+) -> None:
+    """Send the request.
+
+    A streamed body comes at the client's pace: while the proxy waits for a piece the
+    first-byte clock stops (`client_turn`; the body's own idle limit applies), and it
+    starts again with each piece, and last from the end of the body.
+    """
+    if not isinstance(payload, RequestBody):
         connection.send(head, payload, head_method=head_method)
         return
     connection.start_streaming(head)
-    while chunk := await payload.readany():
-        connection.write_body(chunk)
-        await connection.drain()
+    first_byte_s = watch.first_byte_s
+    try:
+        watch.client_turn = True
+        while chunk := await payload.next_piece():
+            watch.client_turn = False
+            watch.deadline = now() + first_byte_s  # for the backend to take this piece
+            connection.write_body(chunk)
+            await connection.drain()
+            watch.client_turn = True
+    finally:
+        watch.client_turn = False
+    watch.deadline = now() + first_byte_s
 
 
 def _is_request_id(text: str) -> bool:
@@ -372,7 +398,7 @@ async def _payload(
     if buffer or body.is_read or declared is None or declared <= _SMALL_BODY_BYTES:
         return await body.read()
     await body.accept()
-    return body.content
+    return body
 
 
 def _rewrite_model(parsed: Mapping[str, Any], model: str) -> bytes | None:

@@ -336,3 +336,52 @@ async def test_a_request_id_that_cannot_be_sent_on_is_replaced(
     sent_on = dict(received["headers"])["x-request-id"]  # type: ignore[arg-type]
     assert sent_on.encode() != request_id
     assert b"x-request-id: " + sent_on.encode() in answer.data
+
+
+SLOW_LIMITS = "limits: {header_timeout: 300ms}"
+SHORT_FIRST_BYTE = "timeouts: {first_byte: 300ms}"
+
+
+def chat_head(length: int) -> bytes:
+    return POST + b"x-user-id: u\r\nContent-Length: %d\r\n\r\n" % length
+
+
+@pytest.mark.parametrize("length", [100, 100_000], ids=["read-whole", "streamed-on"])
+async def test_a_client_silent_mid_body_gets_408_and_no_backend_is_blamed(
+    backends: Backends, length: int
+) -> None:
+    config_text = proxy_yaml(
+        backends.stable.url, backends.canary.url, top=SLOW_LIMITS, backend=SHORT_FIRST_BYTE
+    )
+    await clear(backends)
+    async with running_proxy(config_text) as proxy:
+        assert proxy.server.port is not None
+        started = time.monotonic()
+        # Nearly all of the body (past the 64 KiB the proxy streams on), then silence.
+        answer = await send_raw(proxy.server.port, chat_head(length) + b"{" * (length * 7 // 10))
+        waited = time.monotonic() - started
+        counts = proxy.server.telemetry.metrics.upstream_requests
+        forwarder = proxy.server._forwarder
+        assert forwarder is not None
+        in_flight = forwarder.in_flight
+    assert answer.statuses == [408], answer.data[:300]
+    assert answer.json()["error"]["code"] == "request_timeout"
+    assert waited < 2.0
+    assert in_flight == 0
+    assert await backend_requests(backends) == []  # nothing whole reached a backend
+    assert all(key[3] != "error" for key in counts), counts  # no variant blamed
+
+
+async def test_a_slow_steady_upload_longer_than_first_byte_is_served(backends: Backends) -> None:
+    config_text = proxy_yaml(
+        backends.stable.url, backends.canary.url, top=SLOW_LIMITS, backend=SHORT_FIRST_BYTE
+    )
+    payload = json.dumps({"messages": [], "max_tokens": 1, "pad": "x" * 100_000}).encode()
+    pieces = [payload[start : start + 10_000] for start in range(0, len(payload), 10_000)]
+    async with running_proxy(config_text) as proxy:
+        assert proxy.server.port is not None
+        # 11 pieces 150 ms apart: 1.5 s of upload, five times first_byte, never 300 ms silent.
+        answer = await send_raw(
+            proxy.server.port, chat_head(len(payload)), *pieces, pause_s=0.15, quiet_s=1.0
+        )
+    assert answer.statuses == [200], answer.data[:300]
