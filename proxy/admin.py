@@ -173,9 +173,7 @@ def _route_state(state: RouteState, decisions: int = 5) -> dict[str, object]:
     }
 
 
-async def status_document(
-    view: AdminView, window_s: float = STATUS_WINDOW_S
-) -> dict[str, object]:
+async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[str, object]:
     """The `/api/status` document."""
     table = view.table
     config = table.config

@@ -85,12 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             from proxy.supervisor import supervise
 
             asyncio.run(
-                supervise(
-                    config, args.workers, watch=not args.no_watch, log_level=args.log_level
-                )
+                supervise(config, args.workers, watch=not args.no_watch, log_level=args.log_level)
             )
     except OSError as exc:
         _fail(f"cannot listen on {config.listen}: {_os_reason(exc)}")
+    except RuntimeError as exc:  # the workers of --workers N did not start
+        _fail(str(exc))
     except KeyboardInterrupt:
         pass
     return 0

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -451,7 +452,10 @@ class Controller:
 
     async def _open_store(self) -> None:
         config = self._host.config.state
-        self._store = open_store(config)
+        try:
+            self._store = open_store(config)
+        except (OSError, sqlite3.Error) as exc:  # a file that cannot be: a config mistake
+            raise RuntimeError(f"cannot open the state store at {config.path}: {exc}") from exc
         log.info(
             "rollout state in %s",
             config.path if config.store is StateStoreKind.SQLITE else config.url,

@@ -53,6 +53,8 @@ _YOUNG_S: Final = 30.0  # a worker that dies younger than this restarts later ea
 _KILL_AFTER_GRACE_S: Final = 5.0
 _WORKER_TIMEOUT: Final = aiohttp.ClientTimeout(total=10.0)
 _READY_TIMEOUT_S: Final = 30.0
+# A worker's admin socket outlives the worker (rule 1): a probe must not wait long on it.
+_PROBE_TIMEOUT_S: Final = 1.0
 _FORWARDED_HEADERS: Final = ("Authorization", "Content-Type", "Accept")
 _PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -187,9 +189,12 @@ class Supervisor:
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            dead = [w for w in self.workers if not w.alive and not w.restarts]
-            if dead and all(not w.alive for w in self.workers):
-                raise RuntimeError("every worker exited before it was ready (see its log above)")
+            for worker in self.workers:
+                if worker.exits:
+                    raise RuntimeError(
+                        f"worker {worker.index} exited with {_exit_reason(worker.exits[0])} "
+                        "before it was ready (its log is above)"
+                    )
             if all(await asyncio.gather(*(self._ready(w) for w in self.workers))):
                 return
             await asyncio.sleep(0.05)
@@ -199,7 +204,9 @@ class Supervisor:
         if not worker.alive:
             return False
         try:
-            status, _, _ = await self._call(worker, "GET", "/readyz")
+            status, _, _ = await asyncio.wait_for(
+                self._call(worker, "GET", "/readyz"), _PROBE_TIMEOUT_S
+            )
         except (aiohttp.ClientError, OSError, TimeoutError):
             return False
         return status == 200

@@ -69,8 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s [worker {args.index}] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         uvloop.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, OSError) as exc:  # the supervisor reports it and stops
+        logging.getLogger("proxy.worker").error("cannot start: %s", exc)
+        return 1
     return 0
 
 

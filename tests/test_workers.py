@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,10 +141,12 @@ async def test_a_killed_worker_is_started_again(two_workers: ProxyProcess) -> No
         if (replaced and code == 200) or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.1)
-    assert replaced and code == 200
+    assert replaced
+    assert code == 200
     assert workers[1]["restarts"] == 1
     assert workers[0]["pid"] == before[0], "the other worker was left alone"
-    assert "worker 1 (pid" in proxy.log and "exited with SIGKILL" in proxy.log
+    assert "worker 1 (pid" in proxy.log
+    assert "exited with SIGKILL" in proxy.log
     async with aiohttp.ClientSession() as session:
         answers = [await send(session, proxy.url, f"user-{n}") for n in range(60)]
     assert {code for code, _ in answers} == {200}
@@ -179,3 +183,26 @@ async def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert proxy.log.count("config reloaded (SIGHUP)") == 2
+
+
+def test_workers_that_cannot_start_fail_the_command_with_their_reason(
+    tmp_path: Path, backends: Backends
+) -> None:
+    config = write_config(tmp_path / "proxy.yaml", backends)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    text = config.read_text().replace(str(tmp_path / "state.db"), str(blocker / "state.db"))
+    config.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "run", "-c", str(config), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert "cannot open the state store at" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("canary-proxy: error: worker "), (
+        result.stderr
+    )
+    assert "before it was ready" in result.stderr
+    assert "Traceback" not in result.stderr
