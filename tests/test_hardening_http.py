@@ -10,13 +10,14 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import Backends
 from tests.harness import proxy_yaml, running_proxy
-from tests.raw import read_answer, send_raw
+from tests.raw import RawAnswer, read_answer, send_raw
 
 CHAT = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
 POST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n"
@@ -76,7 +77,7 @@ def config(backends: Backends, top: str = "") -> str:
     return proxy_yaml(backends.stable.url, backends.canary.url, top=top)
 
 
-async def backend_requests(backends: Backends) -> list[dict[str, object]]:
+async def backend_requests(backends: Backends) -> list[dict[str, Any]]:
     return await backends.stable.requests() + await backends.canary.requests()
 
 
@@ -85,21 +86,27 @@ async def clear(backends: Backends) -> None:
     await backends.canary.clear()
 
 
+async def through_proxy(backends: Backends, raw: bytes) -> tuple[RawAnswer, list[dict[str, Any]]]:
+    """Send `raw` to a fresh proxy: its answer, and what the backends received."""
+    await clear(backends)
+    async with running_proxy(config(backends)) as proxy:
+        assert proxy.server.port is not None
+        answer = await send_raw(proxy.server.port, raw)
+    return answer, await backend_requests(backends)
+
+
 @pytest.mark.parametrize("raw", BAD_HTTP.values(), ids=BAD_HTTP.keys())
 async def test_bad_http_is_answered_400_and_closed_and_never_forwarded(
     backends: Backends, raw: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await clear(backends)
     caplog.set_level(logging.DEBUG)
-    async with running_proxy(config(backends)) as proxy:
-        assert proxy.server.port is not None
-        answer = await send_raw(proxy.server.port, raw)
+    answer, received = await through_proxy(backends, raw)
     assert answer.statuses == [400], answer.data[:200]
     assert answer.closed
     error = answer.json()["error"]
     assert (error["type"], error["code"]) == ("proxy_error", "bad_http")
     assert error["message"].startswith("the request is not valid HTTP/1.1")
-    assert await backend_requests(backends) == []
+    assert received == []
     # A hostile client cannot fill the log: one DEBUG line, without its bytes.
     assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
     logged = "\n".join(r.getMessage() for r in caplog.records)
@@ -133,29 +140,26 @@ async def test_a_smuggled_request_never_reaches_the_backend(backends: Backends) 
 async def test_an_absolute_form_target_reaches_the_backend_in_origin_form(
     backends: Backends,
 ) -> None:
-    raw = b"GET http://other.example/v1/models?x=1 HTTP/1.1\r\nHost: proxy\r\n\r\n"
-    await clear(backends)
-    async with running_proxy(config(backends)) as proxy:
-        assert proxy.server.port is not None
-        answer = await send_raw(proxy.server.port, raw)
+    raw = (
+        b"GET http://other.example/v1/models?x=1 HTTP/1.1\r\n"
+        b"Host: proxy\r\nConnection: close\r\n\r\n"
+    )
+    answer, (received,) = await through_proxy(backends, raw)
     assert answer.statuses == [200]
-    (received,) = await backend_requests(backends)
     assert received["path"] == "/v1/models?x=1"
-    headers = dict(received["headers"])  # type: ignore[arg-type]
+    headers = dict(received["headers"])
     assert headers["Host"] == f"127.0.0.1:{backends.stable.port}"
     assert "other.example" not in json.dumps(received)
 
 
 async def test_a_head_over_64_kib_is_431_and_never_forwarded(backends: Backends) -> None:
     # Each line and the count are within llhttp's limits; their sum is not.
-    raw = GET + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 8000) for i in range(10)) + b"\r\n"
-    await clear(backends)
-    async with running_proxy(config(backends)) as proxy:
-        assert proxy.server.port is not None
-        answer = await send_raw(proxy.server.port, raw)
+    headers = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 8000) for i in range(10))
+    raw = GET + headers + b"Connection: close\r\n\r\n"
+    answer, received = await through_proxy(backends, raw)
     assert answer.statuses == [431]
     assert answer.json()["error"]["code"] == "headers_too_large"
-    assert await backend_requests(backends) == []
+    assert received == []
 
 
 @pytest.mark.parametrize("upgrade", [b"websocket", b"h2c", b"anything"])
@@ -167,16 +171,12 @@ async def test_an_upgrade_request_is_answered_plainly_then_the_connection_closes
         + b"Connection: Upgrade\r\nUpgrade: %s\r\n\r\n" % upgrade
         + b"GET /v1/models?after=1 HTTP/1.1\r\nHost: proxy\r\n\r\n"
     )
-    await clear(backends)
-    async with running_proxy(config(backends)) as proxy:
-        assert proxy.server.port is not None
-        answer = await send_raw(proxy.server.port, raw)
+    answer, received = await through_proxy(backends, raw)
     # The upgrade is not made, and the pipelined request is not left hanging: the
     # client sees the connection close and may send it again.
     assert answer.statuses == [200]
     assert answer.closed
-    received = await backend_requests(backends)
-    assert [(r["path"], dict(r["headers"]).get("Upgrade")) for r in received] == [  # type: ignore[arg-type]
+    assert [(r["path"], dict(r["headers"]).get("Upgrade")) for r in received] == [
         ("/v1/models", None)
     ]
 
@@ -246,7 +246,7 @@ async def test_a_head_sent_byte_by_byte_is_cut_at_header_timeout(backends: Backe
 async def test_a_head_within_header_timeout_is_served_even_in_pieces(
     backends: Backends,
 ) -> None:
-    raw = GET + b"\r\n"
+    raw = GET + b"Connection: close\r\n\r\n"
     async with running_proxy(config(backends, HEADER_TIMEOUT)) as proxy:
         assert proxy.server.port is not None
         answer = await send_raw(proxy.server.port, raw[:10], raw[10:20], raw[20:], pause_s=0.08)
@@ -313,8 +313,8 @@ async def test_a_reader_that_stops_stops_the_backend_instead_of_filling_memory(
         )
         await reader.readuntil(b"\r\n\r\n")  # the head; then this client reads nothing
         samples = []
-        for _ in range(6):
-            await asyncio.sleep(0.4)
+        for _ in range(5):
+            await asyncio.sleep(0.3)
             samples.append(await sent(session) - before)
         writer.close()
     # About 150 MB at full speed; the backend stopped after a few socket buffers.
@@ -327,23 +327,19 @@ async def test_a_request_id_that_cannot_be_sent_on_is_replaced(
     backends: Backends, request_id: bytes
 ) -> None:
     raw = GET + b"x-request-id: " + request_id + b"\r\nConnection: close\r\n\r\n"
-    await clear(backends)
-    async with running_proxy(config(backends)) as proxy:
-        assert proxy.server.port is not None
-        answer = await send_raw(proxy.server.port, raw)
+    answer, (received,) = await through_proxy(backends, raw)
     assert answer.statuses == [200]
-    (received,) = await backend_requests(backends)
-    sent_on = dict(received["headers"])["x-request-id"]  # type: ignore[arg-type]
+    sent_on = dict(received["headers"])["x-request-id"]
     assert sent_on.encode() != request_id
     assert b"x-request-id: " + sent_on.encode() in answer.data
 
 
 SLOW_LIMITS = "limits: {header_timeout: 300ms}"
-SHORT_FIRST_BYTE = "timeouts: {first_byte: 300ms}"
+SHORT_FIRST_BYTE = "timeouts: {first_byte: 200ms}"
 
 
 def chat_head(length: int) -> bytes:
-    return POST + b"x-user-id: u\r\nContent-Length: %d\r\n\r\n" % length
+    return POST + b"x-user-id: u\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % length
 
 
 @pytest.mark.parametrize("length", [100, 100_000], ids=["read-whole", "streamed-on"])
@@ -377,11 +373,11 @@ async def test_a_slow_steady_upload_longer_than_first_byte_is_served(backends: B
         backends.stable.url, backends.canary.url, top=SLOW_LIMITS, backend=SHORT_FIRST_BYTE
     )
     payload = json.dumps({"messages": [], "max_tokens": 1, "pad": "x" * 100_000}).encode()
-    pieces = [payload[start : start + 10_000] for start in range(0, len(payload), 10_000)]
+    pieces = [payload[start : start + 20_000] for start in range(0, len(payload), 20_000)]
     async with running_proxy(config_text) as proxy:
         assert proxy.server.port is not None
-        # 11 pieces 150 ms apart: 1.5 s of upload, five times first_byte, never 300 ms silent.
+        # 6 pieces 120 ms apart: 0.6 s of upload, three times first_byte, never 300 ms silent.
         answer = await send_raw(
-            proxy.server.port, chat_head(len(payload)), *pieces, pause_s=0.15, quiet_s=1.0
+            proxy.server.port, chat_head(len(payload)), *pieces, pause_s=0.12, quiet_s=1.0
         )
     assert answer.statuses == [200], answer.data[:300]
