@@ -7,7 +7,8 @@ Rules:
    fallback may have to send it again, or when it is small (reading a small body is
    cheaper than streaming it); otherwise it streams to the backend unread.
 3. An attempt succeeds when the backend sent its response head and first body bytes
-   within `first_byte`. Before that point a canary attempt that failed (connect
+   within `first_byte` of having the request (a streamed body is the client's time,
+   bounded by `header_timeout` between pieces, not the backend's). Before that point a canary attempt that failed (connect
    error, timeout, reset, a 5xx or 429 status) is retried once on stable when the
    route says `fallback_to_stable`; the response then says `x-canary-variant: stable`
    and `x-canary-fallback: <why the canary failed>`.

@@ -79,10 +79,12 @@ class ClientConnection(RequestHandler):
             if data and self._head_timer is None:
                 self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
             return
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
         messages = self._messages
+        if not messages and not self._request_in_progress:
+            return  # between two of aiohttp's steps: leave the timer as it is
+        if self._head_timer is not None:
+            self._head_timer.cancel()  # the head came whole
+            self._head_timer = None
         if not messages:
             return
         message = messages[-1][0]
