@@ -182,6 +182,8 @@ class ProxyServer:
 
     async def stop(self) -> None:
         self._draining = True
+        if self._forwarder is not None:
+            self._forwarder.draining = True  # from now on: 503 draining, connection closed
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None

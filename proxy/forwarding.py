@@ -8,10 +8,10 @@ Rules:
    cheaper than streaming it); otherwise it streams to the backend unread.
 3. An attempt succeeds when the backend sent its response head and first body bytes
    within `first_byte` of having the request (a streamed body is the client's time,
-   bounded by `header_timeout` between pieces, not the backend's). Before that point a canary attempt that failed (connect
-   error, timeout, reset, a 5xx or 429 status) is retried once on stable when the
-   route says `fallback_to_stable`; the response then says `x-canary-variant: stable`
-   and `x-canary-fallback: <why the canary failed>`.
+   bounded by `header_timeout` between pieces, not the backend's). Before that point
+   a canary attempt that failed (connect error, timeout, reset, a 5xx or 429 status)
+   is retried once on stable when the route says `fallback_to_stable`; the response
+   then says `x-canary-variant: stable` and `x-canary-fallback: <why the canary failed>`.
 4. Errors the proxy makes are answered in OpenAI's error shape with the status the
    error carries (`proxy.errors`); a backend's own 4xx/5xx passes through untouched.
 5. Library exceptions become `proxy.errors` here, at one boundary, with `from exc`.
@@ -22,6 +22,9 @@ Rules:
    llhttp caps each line and the number of headers, not their sum.
 8. A client's `x-request-id` is kept when it is printable ASCII of at most 200
    characters; any other is replaced by one of the proxy's (it goes into two heads).
+9. Once `draining` (SIGTERM), a request that still reaches the proxy on an open
+   connection is answered 503 `draining` with Retry-After, and its connection closed;
+   requests already in flight run to their end.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from proxy.body import RequestBody
 from proxy.config.model import Backend, Variant
 from proxy.deadlines import Deadlines, Watch
 from proxy.errors import (
+    Draining,
     HeadTooLarge,
     NoRoute,
     Overloaded,
@@ -99,6 +103,7 @@ class Forwarder:
         self.deadlines = deadlines
         self.telemetry = telemetry
         self.in_flight = 0
+        self.draining = False  # set at SIGTERM: new requests get 503 draining
         self._time = asyncio.get_running_loop().time
         self._id_prefix = os.urandom(4).hex()
         self._id_counter = itertools.count(1)
@@ -120,10 +125,13 @@ class Forwarder:
             request_id = f"{self._id_prefix}-{next(self._id_counter):x}"
         status = _CLIENT_GONE
         try:
-            if self.in_flight >= snapshot.table.config.limits.max_concurrency:
+            if self.draining:
                 response: web.StreamResponse = error_response(
-                    Overloaded("too many requests in flight"), request_id
+                    Draining("the proxy is shutting down; send this request again"), request_id
                 )
+                response.force_close()
+            elif self.in_flight >= snapshot.table.config.limits.max_concurrency:
+                response = error_response(Overloaded("too many requests in flight"), request_id)
             else:
                 self.in_flight += 1
                 try:

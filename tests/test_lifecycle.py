@@ -23,6 +23,8 @@ import aiohttp
 import pytest
 
 from tests.conftest import Backends
+from tests.harness import proxy_yaml, running_proxy
+from tests.raw import read_answer
 
 PUBLIC = re.compile(r"listening on http://127\.0\.0\.1:(\d+), admin on http://127\.0\.0\.1:(\d+)")
 STREAM = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -213,3 +215,27 @@ async def test_sigkill_during_a_rollout_loses_no_state(backends: Backends, tmp_p
         _, status = await child.admin("/api/status")
     # Nothing the proxy reported before the kill is lost.
     assert rollout(status) >= seen[-1], (rollout(status), seen[-1])
+
+
+async def test_a_request_that_reaches_a_draining_proxy_gets_503_draining(
+    backends: Backends,
+) -> None:
+    config = proxy_yaml(backends.stable.url, backends.canary.url)
+    await backends.stable.clear()
+    async with running_proxy(config) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
+        before = await read_answer(reader, quiet_s=0.3)
+        # What ProxyServer.stop() sets first, before it closes the port and drains.
+        forwarder = proxy.server._forwarder
+        assert forwarder is not None
+        forwarder.draining = True
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: p\r\n\r\n")
+        during = await read_answer(reader, quiet_s=2.0)
+        writer.close()
+    assert before.statuses == [200]
+    assert during.statuses == [503]
+    assert during.closed  # the client opens a new connection, to another replica
+    assert b"Retry-After: 5" in during.data
+    assert json.loads(during.body)["error"]["code"] == "draining"
+    assert len(await backends.stable.requests()) == 1
