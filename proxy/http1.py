@@ -56,7 +56,14 @@ class BackendCut(Exception):
 class Head:
     """A response's status line and headers, as received (header names and values as bytes)."""
 
-    __slots__ = ("content_length", "content_type", "headers", "reason", "status")
+    __slots__ = (
+        "content_encoding",
+        "content_length",
+        "content_type",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -65,12 +72,14 @@ class Head:
         headers: list[tuple[bytes, bytes]],
         content_type: bytes | None,
         content_length: bytes | None,
+        content_encoding: bytes | None = None,
     ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.content_type = content_type
         self.content_length = content_length
+        self.content_encoding = content_encoding
 
 
 class Connection(asyncio.Protocol):
@@ -95,6 +104,7 @@ class Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._content_type: bytes | None = None
         self._content_length: bytes | None = None
+        self._content_encoding: bytes | None = None
         self._framed = False  # the body has a Content-Length or chunked framing
         self._informational = False
         self._chunks: deque[bytes] = deque()
@@ -258,6 +268,7 @@ class Connection(asyncio.Protocol):
         self._headers = []
         self._content_type = None
         self._content_length = None
+        self._content_encoding = None
         self._framed = False
 
     def on_status(self, reason: bytes) -> None:
@@ -273,6 +284,8 @@ class Connection(asyncio.Protocol):
             self._framed = True
         elif lowered == b"transfer-encoding":
             self._framed = True
+        elif lowered == b"content-encoding":
+            self._content_encoding = value
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -282,7 +295,14 @@ class Connection(asyncio.Protocol):
         self._keep_alive = self._parser.should_keep_alive()
         if status in (204, 304):
             self._framed = True
-        head = Head(status, self._reason, self._headers, self._content_type, self._content_length)
+        head = Head(
+            status,
+            self._reason,
+            self._headers,
+            self._content_type,
+            self._content_length,
+            self._content_encoding,
+        )
         self._head = head
         if self._head_method:
             self._framed = True

@@ -14,7 +14,8 @@ Rules:
 6. Answers that passed HTTP but are broken still count as errors of their variant:
    bytes after the declared end (`protocol_error`; the client gets what was declared,
    as nginx does) and, on an OpenAI endpoint that answers JSON (completions,
-   embeddings), a 200 that is not a JSON object (`bad_response`; it passes untouched).
+   embeddings), an uncompressed 200 that is not a JSON object (`bad_response`; it
+   passes untouched).
 """
 
 from __future__ import annotations
@@ -177,6 +178,7 @@ def _judge_end(
         and not sse
         and request.path.endswith(_JSON_PATHS)
         and request.method != "HEAD"
+        and head.content_encoding is None  # a compressed body is judged by no one here
         and not (first.lstrip()[:1] == b"{" and last.endswith(_JSON_ENDS))
     ):
         attempt.error_type = "bad_response"

@@ -7,7 +7,11 @@ must never read them as the answer to the next request (`proxy.http1` Rule 5).
 from __future__ import annotations
 
 import asyncio
+import gzip
 
+import aiohttp
+
+from tests.harness import proxy_yaml, running_proxy
 from tests.test_http1_pool import GET, OK, Script, exchange, read_request, scripted
 
 SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsmuggled!"
@@ -89,3 +93,34 @@ async def test_a_head_request_may_be_followed_by_its_body_without_blame() -> Non
         assert not connection.overran
         assert not connection.reusable
         pool.release(connection)
+
+
+async def test_a_compressed_json_answer_is_not_taken_for_a_broken_one() -> None:
+    """A backend that gzips its JSON (OpenAI does, for clients that accept it) is fine."""
+    body = gzip.compress(b'{"id":"x","choices":[{"finish_reason":"stop"}]}')
+    answer = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        async with running_proxy(proxy_yaml(url, url)) as proxy:
+            async with (
+                aiohttp.ClientSession(auto_decompress=False) as session,
+                session.post(f"{proxy.url}/v1/chat/completions", data=b"{}") as response,
+            ):
+                received = await response.read()
+            counts = proxy.server.telemetry.metrics.upstream_requests
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert received == body
+    assert [key[3] for key in counts] == ["ok"], counts
