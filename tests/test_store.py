@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import replace
@@ -318,3 +319,34 @@ async def test_open_store_picks_sqlite_from_the_config(db_path: str) -> None:
 
 def test_every_store_kind_is_available() -> None:
     assert set(STORES) == set(StateStoreKind)
+
+
+def test_workers_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    # Workers of `run --workers N` start together; each opens the store at start.
+    failures: list[Exception] = []
+    for attempt in range(20):
+        path = str(tmp_path / f"attempt-{attempt}" / "canary-state.db")
+        barrier = threading.Barrier(4)
+        opened: list[SqliteStore] = []
+
+        def open_it(
+            path: str = path,
+            barrier: threading.Barrier = barrier,
+            opened: list[SqliteStore] = opened,
+        ) -> None:
+            barrier.wait()
+            try:
+                opened.append(SqliteStore(path))
+            except sqlite3.Error as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        for store in opened:
+            asyncio.run(store.close())
+    assert failures == []
+    with sqlite3.connect(tmp_path / "attempt-0" / "canary-state.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)

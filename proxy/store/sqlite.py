@@ -25,6 +25,7 @@ from proxy.store.base import ProcessInfo, StatsSlice
 __all__ = ["SqliteStore"]
 
 _LEASE: Final = "controller"
+_BUSY_S: Final = 5.0  # how long a write waits for another process's
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS route_state (
     route TEXT PRIMARY KEY,
@@ -56,18 +57,36 @@ CREATE TABLE IF NOT EXISTS process (
 T = TypeVar("T")
 
 
+def _switch_to_wal(connection: sqlite3.Connection) -> None:
+    """Put the file in WAL mode, waiting for other processes opening it at the same time.
+
+    SQLite does not call its busy handler for this switch, so workers that open a new
+    file together would see "database is locked"; they try again instead.
+    """
+    deadline = time.monotonic() + _BUSY_S
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SqliteStore:
     """A `StateStore` in a SQLite file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._connection = sqlite3.connect(
+            path, timeout=_BUSY_S, check_same_thread=False, isolation_level=None
+        )
         self._lock = threading.Lock()
         with self._lock:
-            self._connection.execute("PRAGMA journal_mode=WAL")
+            _switch_to_wal(self._connection)
             self._connection.execute("PRAGMA synchronous=NORMAL")
-            self._connection.execute("PRAGMA busy_timeout=5000")
             self._connection.executescript(_SCHEMA)
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
