@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-workers clean
+.PHONY: demo test lint typecheck unit bench bench-workers bench-telemetry clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)
 # (its section of docs/benchmarks.md; `make bench` keeps it).
 bench-workers: $(STAMP)
 	$(BIN)/python tests/bench/workers.py
+
+# Telemetry off, traces 1% and traces 100% side by side, measured in interleaved short
+# runs (its section of docs/benchmarks.md; `make bench` keeps it).
+bench-telemetry: $(STAMP)
+	$(BIN)/python tests/bench/telemetry_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

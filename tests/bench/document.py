@@ -2,13 +2,15 @@
 
 Results in, the page's Markdown out. The tables themselves are `report.py`'s;
 this file owns the words around them, which describe the method `run.py` follows, so a
-change of method is a change here too. One section is not `run.py`'s: "Workers and the
-fleet", between `WORKERS_BEGIN` and `WORKERS_END`, written by `workers.py`; `document`
-carries it over from the page it replaces.
+change of method is a change here too. Two sections are not `run.py`'s: "Workers and the
+fleet", between `WORKERS_BEGIN` and `WORKERS_END`, written by `workers.py`, and
+"Telemetry cost, interleaved", between `TELEMETRY_BEGIN` and `TELEMETRY_END`, written by
+`telemetry_cost.py`; `document` carries both over from the page it replaces.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
@@ -36,33 +38,61 @@ from targets import CANARY_WEIGHT, TARGETS
 
 from proxy.reload import POLL_S
 
-__all__ = ["DOC", "WORKERS_BEGIN", "WORKERS_END", "document", "with_workers_block"]
+__all__ = [
+    "DOC",
+    "TELEMETRY_BEGIN",
+    "TELEMETRY_END",
+    "WORKERS_BEGIN",
+    "WORKERS_END",
+    "document",
+    "with_telemetry_block",
+    "with_workers_block",
+]
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 WORKERS_BEGIN = "<!-- workers:begin -->"
 WORKERS_END = "<!-- workers:end -->"
+TELEMETRY_BEGIN = "<!-- telemetry:begin -->"
+TELEMETRY_END = "<!-- telemetry:end -->"
 _NOTES_HEADING = "## Notes from this run"
+_TELEMETRY_HEADING = "## Telemetry cost\n"
+_NEXT_PART = re.compile(r"^(?:## |<!-- )", re.MULTILINE)  # a heading, or a marked block
 
 
-def _workers_block(page: str) -> str | None:
-    """The marked block of `page`, markers included, or None."""
-    start = page.find(WORKERS_BEGIN)
-    end = page.find(WORKERS_END, start)
-    if start < 0 or end < 0:
+def _marked_block(page: str, begin: str, end: str) -> str | None:
+    """The block of `page` between `begin` and `end`, markers included, or None."""
+    start = page.find(begin)
+    stop = page.find(end, start)
+    if start < 0 or stop < 0:
         return None
-    return page[start : end + len(WORKERS_END)] + "\n"
+    return page[start : stop + len(end)] + "\n"
 
 
-def with_workers_block(page: str, block: str) -> str:
-    """`page` with `block` in place of its marked block; without one, before the notes,
-    or at the end."""
-    old = _workers_block(page)
+def _with_block(page: str, block: str, begin: str, end: str, after: str | None = None) -> str:
+    """`page` with `block` in place of its block between `begin` and `end`; without one,
+    right after the section headed `after` (before the next heading or marked block),
+    else before the notes, or at the end."""
+    old = _marked_block(page, begin, end)
     if old is not None:
         return page.replace(old.rstrip("\n"), block.rstrip("\n"), 1)
-    at = page.find(_NOTES_HEADING)
+    heading = page.find(after) if after is not None else -1
+    following = _NEXT_PART.search(page, heading + 1) if heading >= 0 else None
+    at = following.start() if following is not None else page.find(_NOTES_HEADING)
     if at < 0:
         return page.rstrip("\n") + "\n\n" + block
     return page[:at] + block + "\n" + page[at:]
+
+
+def with_workers_block(page: str, block: str) -> str:
+    """`page` with `block` (workers.py's) in place of its workers block; without one,
+    before the notes, or at the end."""
+    return _with_block(page, block, WORKERS_BEGIN, WORKERS_END)
+
+
+def with_telemetry_block(page: str, block: str) -> str:
+    """`page` with `block` (telemetry_cost.py's) in place of its telemetry block; without
+    one, right after the "Telemetry cost" section, else before the notes, or at the end."""
+    return _with_block(page, block, TELEMETRY_BEGIN, TELEMETRY_END, _TELEMETRY_HEADING)
 
 
 _TARGET_DESCRIPTIONS = {
@@ -304,6 +334,13 @@ counts too):
   hence the rounds. CPU time is counted in clock ticks of 10 ms, well under 1% of
   these windows.
 """
-    # workers.py's section, from the page this one replaces.
-    kept = _workers_block(DOC.read_text()) if DOC.exists() else None
-    return page if kept is None else with_workers_block(page, kept)
+    # workers.py's and telemetry_cost.py's sections, from the page this one replaces.
+    replaced = DOC.read_text() if DOC.exists() else ""
+    for begin, end, put in (
+        (WORKERS_BEGIN, WORKERS_END, with_workers_block),
+        (TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block),
+    ):
+        kept = _marked_block(replaced, begin, end)
+        if kept is not None:
+            page = put(page, kept)
+    return page
