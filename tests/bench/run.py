@@ -14,6 +14,11 @@ report goes. The pieces live beside it:
     baseline_proxy.py  the ~60-line aiohttp proxy; nginx.conf.template; post.lua (wrk)
     otlp_sink.py       the OTLP/HTTP receiver the telemetry targets export to (core 1)
     pyspy_profile.py   not part of the run: where a proxy's CPU goes under (a) or (c)
+    telemetry_cost.py  not part of the run (`make bench-telemetry`): telemetry off, 1%
+                       and 100% interleaved run by run, for ratios the drift cannot skew
+    workers.py         not part of the run (`make bench-workers`): --workers 2 against 1,
+                       and a decision's way to every worker and replica
+    soak.py            not part of the run: ten minutes of traffic with injected faults
 
 Order, in each round: scenarios (a) and (b) for every target, each with a fresh fake
 backend (no token delay) and a fresh target; then (c) for every target, again fresh,
