@@ -10,8 +10,9 @@ Rules:
    the backend gets.
 4. Starting binds the admin port first, then the public port; a failure half-way
    undoes what was started.
-5. Stopping closes the listener first, lets in-flight requests finish within the
-   grace period, then closes the backends and flushes telemetry.
+5. Stopping hands the rollout lease on and closes the listener first, lets in-flight
+   requests finish within the grace period, publishes their stats to the state store,
+   then closes the backends and flushes telemetry.
 6. A reload (file change, SIGHUP, `POST /api/reload`) parses and validates the new
    config whole, then swaps it in with one assignment (`Forwarder.snapshot`):
    requests in flight finish on the snapshot they started with, streams run to their
@@ -187,10 +188,11 @@ class ProxyServer:
         if self._watcher is not None:
             await self._watcher.stop()
             self._watcher = None
-        await self.controller.stop()
+        await self.controller.step_down()  # another process decides from now on
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        await self.controller.stop()  # after the requests in flight: their stats count
         if self._forwarder is not None:
             await self._forwarder.snapshot.upstreams.close()
         if self._deadlines is not None:

@@ -143,15 +143,25 @@ class Controller:
                 self._next_judgement[route.name] = now + route.rollout.auto.interval_s
         self._task = asyncio.get_running_loop().create_task(self._run(), name="rollout controller")
 
-    async def stop(self) -> None:
+    async def step_down(self) -> None:
+        """Decide nothing more, and hand the lease on at once (a process that drains)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._leader = False
         if self._store is not None:
             with contextlib.suppress(Exception):
                 await self._store.release_lease(self._holder)
+
+    async def stop(self) -> None:
+        """Step down, publish the stats of the requests that finished while draining, close."""
+        await self.step_down()
+        if self._store is not None:
+            if self.store_down_since is None:
+                with contextlib.suppress(Exception):
+                    await self._publish(self._store, final=True)
             await self._store.close()
             self._store = None
 
@@ -327,10 +337,11 @@ class Controller:
             state.weight,
         )
 
-    async def _publish(self, store: StateStore) -> None:
-        """Publish the stats slices completed since the last publish."""
+    async def _publish(self, store: StateStore, *, final: bool = False) -> None:
+        """Publish the stats slices completed since the last publish (`final`: and the
+        current one, which this process will not fill any further)."""
         stats = self._host.telemetry.stats
-        current = stats.slice_of(time.time())
+        current = stats.slice_of(time.time()) + (1 if final else 0)
         first = (
             self._published_through + 1
             if self._published_through is not None

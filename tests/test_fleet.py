@@ -315,3 +315,36 @@ async def test_no_step_advances_while_replicas_run_different_configs(
         assert any("different config versions" in r.log for r in replicas)
     finally:
         stable.stop()
+
+
+async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stable = start_backend("m-stable")
+    try:
+        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+        with proxy_processes(config, config) as replicas:
+            deadline = time.monotonic() + 10
+            while len(held := await leaders(replicas)) != 1:
+                assert time.monotonic() < deadline, held
+                await asyncio.sleep(0.1)
+            leaving, staying = replicas[held[0]], replicas[1 - held[0]]
+            async with aiohttp.ClientSession() as session:
+                answers = [await send(session, leaving.url, f"user-{n}") for n in range(40)]
+            assert {code for code, _ in answers} == {200}
+            stopped = time.monotonic()
+            assert leaving.stop() == 0  # SIGTERM at once: the last slices are unpublished
+            # The lease is released, not left to expire.
+            while not await leaders([staying]):
+                assert time.monotonic() - stopped < LEASE_S - 1, "the lease was not handed on"
+                await asyncio.sleep(0.1)
+            deadline = time.monotonic() + 4
+            while True:
+                variants = (await staying.status())["routes"][0]["variants"]
+                seen = variants["stable"]["requests"] + variants["canary"]["requests"]
+                if seen == 40 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert seen == 40, "every request of the replica that left is counted"
+    finally:
+        stable.stop()
