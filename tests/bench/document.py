@@ -139,7 +139,10 @@ POSTs (spans every second in batches of up to 512, metrics every 10 s). The rece
 `otlp_sink.py` (aiohttp on uvloop: reads each body, counts the spans, answers 200 with
 an empty protobuf body), runs on core 1 in the role of Jaeger or a Collector on
 another machine: its CPU is not counted as the proxy's. What it received is in the
-notes below.
+notes below. Here the three targets run minutes apart, and this machine's speed drifts
+by 20-40% over minutes, so these ratios (and their verdicts) move from run to run; the
+interleaved measurement that follows, which alternates the three every few seconds,
+is the one to read for the aims.
 
 """
 
