@@ -191,8 +191,16 @@ async def test_a_fallback_is_two_client_spans_and_the_canary_failure_shows(
                 headers={"x-user-id": "u", "x-fake-only": "m-canary", "x-fake-status": "500"},
             )
             spans = await receiver.wait_for_spans(3)
+            code, body = await admin_get(proxy, "/api/status")
     assert status == 200
     assert headers["x-canary-variant"] == "stable"
+    # The status page and the rollout judge count the failed attempt against the canary.
+    assert code == 200
+    variants = json.loads(body)["routes"][0]["variants"]
+    assert variants["canary"]["requests"] == 1
+    assert variants["canary"]["errors_by_type"] == {"500": 1}
+    assert variants["stable"]["requests"] == 1
+    assert variants["stable"]["errors"] == 0
     (server,) = by_kind(spans, Span.SPAN_KIND_SERVER)
     clients = sorted(by_kind(spans, Span.SPAN_KIND_CLIENT), key=lambda s: s.start_time_unix_nano)
     assert [attributes(s)["canary.variant"] for s in clients] == ["canary", "stable"]
