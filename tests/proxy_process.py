@@ -8,6 +8,7 @@ port 0), and the log is kept for the test to read.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -32,13 +33,19 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 class ProxyProcess:
     """A running `canary-proxy run -c CONFIG [--workers N]`."""
 
-    def __init__(self, config: Path, *flags: str, workers: int = 1) -> None:
+    def __init__(
+        self, config: Path, *flags: str, workers: int = 1, env: dict[str, str] | None = None
+    ) -> None:
         argv = [sys.executable, "-m", "proxy", "run", "-c", str(config), *flags]
         if workers != 1:
             argv += ["--workers", str(workers)]
         self.workers = workers
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
         self.lines: list[str] = []
         self._ready = threading.Event()

@@ -24,10 +24,17 @@ from tests.proxy_process import ProxyProcess, proxy_processes, send
 pytestmark = pytest.mark.timeout(60)
 
 
-def write_config(path: Path, backends: Backends, *, weight: float = 50, auto: str = "") -> Path:
+def write_config(
+    path: Path,
+    backends: Backends,
+    *,
+    weight: float = 50,
+    auto: str = "",
+    admin: str = "{listen: 127.0.0.1:0}",
+) -> Path:
     path.write_text(
         "listen: 127.0.0.1:0\n"
-        "admin: {listen: 127.0.0.1:0}\n"
+        f"admin: {admin}\n"
         "backends:\n"
         f"  v1: {{url: '{backends.stable.url}'}}\n"
         f"  v2: {{url: '{backends.canary.url}'}}\n"
@@ -206,3 +213,29 @@ def test_workers_that_cannot_start_fail_the_command_with_their_reason(
     )
     assert "before it was ready" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_the_supervisors_admin_port_asks_for_the_workers_token(
+    tmp_path: Path, backends: Backends
+) -> None:
+    auto = "      auto: {steps: [50, 100], interval: 1h}\n"
+    admin = "{listen: 127.0.0.1:0, token_env: WORKERS_TEST_TOKEN}"
+    config = write_config(tmp_path / "proxy.yaml", backends, auto=auto, admin=admin)
+    proxy = ProxyProcess(config, workers=2, env={"WORKERS_TEST_TOKEN": "s3cret"})
+    try:
+        refused = [
+            await proxy.admin("POST", "/api/reload"),
+            await proxy.admin("POST", "/api/reload", token="wrong"),
+            await proxy.admin("POST", "/api/routes/chat/pause"),
+        ]
+        reload_code, reloaded = await proxy.admin("POST", "/api/reload", token="s3cret")
+        pause_code, paused = await proxy.admin("POST", "/api/routes/chat/pause", token="s3cret")
+        status_code, _ = await proxy.admin("GET", "/api/status")
+    finally:
+        proxy.stop()
+    assert [code for code, _ in refused] == [401, 401, 401]
+    assert reload_code == 200
+    assert [w["outcome"] for w in reloaded["workers"]] == ["unchanged", "unchanged"]
+    assert pause_code == 200
+    assert paused["status"] == "paused"
+    assert status_code == 200, "GETs stay open"
