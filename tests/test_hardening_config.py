@@ -115,6 +115,17 @@ def parse_or_problems(text: str | bytes) -> Config | tuple[str, ...]:
     return problems
 
 
+def assert_sound(result: Config | tuple[str, ...]) -> None:
+    """A config that parsed keeps the promises the rest of the proxy relies on."""
+    if isinstance(result, tuple):
+        return  # parse_or_problems checked the problems
+    assert result.routes, "at least one route"
+    for route in result.routes:
+        assert route.stable in result.backends, route.name
+        assert route.canary in result.backends, route.name
+        assert 0 <= route.rollout.weight <= 100, route.name
+
+
 def test_the_base_config_is_valid() -> None:
     assert isinstance(parse_or_problems(yaml.safe_dump(BASE)), Config)
 
@@ -124,13 +135,13 @@ def test_the_base_config_is_valid() -> None:
 def test_any_value_anywhere_is_a_config_or_a_config_error(
     path: tuple[Any, ...], value: Any
 ) -> None:
-    parse_or_problems(yaml.safe_dump(replaced(path, value), allow_unicode=True))
+    assert_sound(parse_or_problems(yaml.safe_dump(replaced(path, value), allow_unicode=True)))
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200)))
 def test_any_text_is_a_config_or_a_config_error(text: str | bytes) -> None:
-    parse_or_problems(text)
+    assert_sound(parse_or_problems(text))
 
 
 @settings(max_examples=100, deadline=None)
