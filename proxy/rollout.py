@@ -317,21 +317,10 @@ def _restart(
     now: float,
     why: str,
 ) -> Transition:
-    weight = auto.steps[0]
-    new = RouteState(
-        route,
-        Status.PROGRESSING,
-        weight,
-        0,
-        step_started_at=now,
-        started_at=now,
-        evidence=Evidence.fresh(_next_slice(now)),
-        canary=identity,
-        config_weight=config_weight,
-        decisions=state.decisions if state is not None else (),
-        version=state.version if state is not None else 0,
+    """A rollout of its own from the first step."""
+    return _adopt(
+        state, route, auto, auto.steps[0], config_weight, identity, now, why, action="restart"
     )
-    return _record(new, state, now, "config", "restart", f"weight {weight:g}%: {why}")
 
 
 def _adopt(
@@ -343,7 +332,9 @@ def _adopt(
     identity: str,
     now: float,
     why: str,
+    action: str = "adopt",
 ) -> Transition:
+    """A rollout of its own from `weight`, ramping from the step at or below it."""
     new = RouteState(
         route,
         Status.PROGRESSING,
@@ -357,7 +348,7 @@ def _adopt(
         decisions=state.decisions if state is not None else (),
         version=state.version if state is not None else 0,
     )
-    return _record(new, state, now, "config", "adopt", f"weight {weight:g}%: {why}")
+    return _record(new, state, now, "config", action, f"weight {weight:g}%: {why}")
 
 
 def _next_slice(now: float) -> int:
