@@ -21,6 +21,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.conftest import Backends
 from tests.harness import BackendProcess, start_backend
 from tests.proxy_process import ProxyProcess, proxy_processes, send
 from tests.redis_server import RedisServer
@@ -109,6 +110,15 @@ async def traffic(replicas: list[ProxyProcess]) -> AsyncIterator[list[tuple[int,
         await task
 
 
+async def the_leader(replicas: list[ProxyProcess], timeout_s: float = 10.0) -> int:
+    """Wait until exactly one replica holds the lease; its position."""
+    deadline = time.monotonic() + timeout_s
+    while len(held := await leaders(replicas)) != 1:
+        assert time.monotonic() < deadline, held
+        await asyncio.sleep(0.1)
+    return held[0]
+
+
 async def leaders(replicas: list[ProxyProcess]) -> list[int]:
     """Which replicas (by position) hold the lease, by their own account."""
     documents = await asyncio.gather(*(r.status() for r in replicas))
@@ -155,196 +165,169 @@ async def test_one_rollback_decided_once_and_served_by_every_replica(
 
 
 async def test_a_dead_leaders_lease_passes_on_within_the_lease_time(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
-    stable = start_backend("m-stable")
-    try:
-        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
-        with proxy_processes(config, config, config) as replicas:
-            deadline = time.monotonic() + 10
-            while len(held := await leaders(replicas)) != 1:
-                assert time.monotonic() < deadline, held
-                await asyncio.sleep(0.1)
-            leader = replicas[held[0]]
-            rest = [r for r in replicas if r is not leader]
-            os.kill(leader.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            while (taken := await leaders(rest)) == []:
-                assert time.monotonic() - killed < LEASE_S + 3, "nobody took the lease"
-                await asyncio.sleep(0.1)
-            elapsed = time.monotonic() - killed
-            assert len(taken) == 1
-            assert elapsed <= LEASE_S + 2.0, f"the lease passed on after {elapsed:.1f}s"
-            await asyncio.sleep(1.5)
-            document = await rest[0].status()
-            assert len(document["processes"]) == 2, "the dead replica dropped out of the list"
-    finally:
-        stable.stop()
+    stable = backends.stable
+    config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+    with proxy_processes(config, config, config) as replicas:
+        leader = replicas[await the_leader(replicas)]
+        rest = [r for r in replicas if r is not leader]
+        os.kill(leader.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while (taken := await leaders(rest)) == []:
+            assert time.monotonic() - killed < LEASE_S + 3, "nobody took the lease"
+            await asyncio.sleep(0.1)
+        elapsed = time.monotonic() - killed
+        assert len(taken) == 1
+        assert elapsed <= LEASE_S + 2.0, f"the lease passed on after {elapsed:.1f}s"
+        await asyncio.sleep(1.5)
+        document = await rest[0].status()
+        assert len(document["processes"]) == 2, "the dead replica dropped out of the list"
 
 
 async def test_a_redis_outage_fails_no_request_and_decisions_resume(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
-    stable = start_backend("m-stable")
-    try:
-        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
-        with proxy_processes(config, config, config) as replicas:
-            async with traffic(replicas) as answers:
-                await asyncio.sleep(1.5)
-                before = len(answers)
-                redis_server.stop()
-                deadline = time.monotonic() + 5
-                while True:
-                    documents = await asyncio.gather(*(r.status() for r in replicas))
-                    if all(d["controller"]["store_up"] is False for d in documents):
-                        break
-                    assert time.monotonic() < deadline, [d["controller"] for d in documents]
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(2.0)
-                during = answers[before:]
-                up = [
-                    value for r in replicas for _, value in await r.samples("canary_state_store_up")
-                ]
-                redis_server.start()
-                deadline = time.monotonic() + 8
-                while True:
-                    documents = await asyncio.gather(*(r.status() for r in replicas))
-                    if all(d["controller"]["store_up"] for d in documents) and (
-                        await leaders(replicas)
-                    ):
-                        break
-                    assert time.monotonic() < deadline, [d["controller"] for d in documents]
-                    await asyncio.sleep(0.1)
-            after = answers[before + len(during) :]
-            # Decisions resume: an operator's action goes through and reaches every replica.
-            code, answer = await replicas[0].admin("POST", "/api/routes/chat/pause")
-            deadline = time.monotonic() + 3
+    stable = backends.stable
+    config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+    with proxy_processes(config, config, config) as replicas:
+        async with traffic(replicas) as answers:
+            await asyncio.sleep(1.5)
+            before = len(answers)
+            redis_server.stop()
+            deadline = time.monotonic() + 5
             while True:
-                statuses = [
-                    d["routes"][0]["rollout"]["status"]
-                    for d in await asyncio.gather(*(r.status() for r in replicas))
-                ]
-                if statuses == ["paused"] * 3 or time.monotonic() > deadline:
+                documents = await asyncio.gather(*(r.status() for r in replicas))
+                if all(d["controller"]["store_up"] is False for d in documents):
                     break
+                assert time.monotonic() < deadline, [d["controller"] for d in documents]
                 await asyncio.sleep(0.1)
-        assert len(during) > 50
-        assert {code for code, _ in answers} == {200}, "no request failed"
-        assert max(seconds for _, seconds in during) < 0.5, "no request waited on the store"
-        assert up == [0.0, 0.0, 0.0]
-        assert all("the state store is unreachable" in r.log for r in replicas)
-        assert all("decisions pause" in r.log for r in replicas)
-        assert all("the state store answers again" in r.log for r in replicas)
-        assert after, "requests went on after Redis came back"
-        assert code == 200, answer
-        assert statuses == ["paused"] * 3
-        assert any("restored it from memory" in r.log for r in replicas), (
-            "the Redis restarted empty; the state came back from the replicas"
-        )
-    finally:
-        stable.stop()
+            await asyncio.sleep(2.0)
+            during = answers[before:]
+            up = [value for r in replicas for _, value in await r.samples("canary_state_store_up")]
+            redis_server.start()
+            deadline = time.monotonic() + 8
+            while True:
+                documents = await asyncio.gather(*(r.status() for r in replicas))
+                if all(d["controller"]["store_up"] for d in documents) and (
+                    await leaders(replicas)
+                ):
+                    break
+                assert time.monotonic() < deadline, [d["controller"] for d in documents]
+                await asyncio.sleep(0.1)
+        after = answers[before + len(during) :]
+        # Decisions resume: an operator's action goes through and reaches every replica.
+        code, answer = await replicas[0].admin("POST", "/api/routes/chat/pause")
+        deadline = time.monotonic() + 3
+        while True:
+            statuses = [
+                d["routes"][0]["rollout"]["status"]
+                for d in await asyncio.gather(*(r.status() for r in replicas))
+            ]
+            if statuses == ["paused"] * 3 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert len(during) > 50
+    assert {code for code, _ in answers} == {200}, "no request failed"
+    assert max(seconds for _, seconds in during) < 0.5, "no request waited on the store"
+    assert up == [0.0, 0.0, 0.0]
+    assert all("the state store is unreachable" in r.log for r in replicas)
+    assert all("decisions pause" in r.log for r in replicas)
+    assert all("the state store answers again" in r.log for r in replicas)
+    assert after, "requests went on after Redis came back"
+    assert code == 200, answer
+    assert statuses == ["paused"] * 3
+    assert any("restored it from memory" in r.log for r in replicas), (
+        "the Redis restarted empty; the state came back from the replicas"
+    )
 
 
 async def test_a_replica_started_while_redis_is_down_serves_its_config_weights(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
-    stable, canary = start_backend("m-stable"), start_backend("m-canary")
-    try:
-        redis_server.stop()
-        config = fleet_config(
-            tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url, weight=100
+    stable, canary = backends.stable, backends.canary
+    redis_server.stop()
+    config = fleet_config(
+        tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url, weight=100
+    )
+    with proxy_processes(config) as (replica,):
+        async with aiohttp.ClientSession() as session:
+            answers = [await send(session, replica.url, f"user-{n}") for n in range(20)]
+        assert answers == [(200, "canary")] * 20
+        document = await replica.status()
+        assert document["controller"]["store_up"] is False
+        assert document["controller"]["store_error"]
+        assert "serving the config's weights" in replica.log
+        shown = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "proxy", "status", "--admin", replica.admin_url],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
-        with proxy_processes(config) as (replica,):
-            async with aiohttp.ClientSession() as session:
-                answers = [await send(session, replica.url, f"user-{n}") for n in range(20)]
-            assert answers == [(200, "canary")] * 20
+        assert shown.returncode == 0, shown.stderr
+        assert "state store redis: DOWN since" in shown.stdout
+        assert "decisions paused" in shown.stdout
+        redis_server.start()
+        deadline = time.monotonic() + 6
+        while not (document := await replica.status())["controller"]["store_up"]:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 3
+        while document["routes"][0]["rollout"].get("status") != "progressing":
+            assert time.monotonic() < deadline, document["routes"][0]["rollout"]
+            await asyncio.sleep(0.1)
             document = await replica.status()
-            assert document["controller"]["store_up"] is False
-            assert document["controller"]["store_error"]
-            assert "serving the config's weights" in replica.log
-            shown = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "proxy", "status", "--admin", replica.admin_url],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert shown.returncode == 0, shown.stderr
-            assert "state store redis: DOWN since" in shown.stdout
-            assert "decisions paused" in shown.stdout
-            redis_server.start()
-            deadline = time.monotonic() + 6
-            while not (document := await replica.status())["controller"]["store_up"]:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
-            deadline = time.monotonic() + 3
-            while document["routes"][0]["rollout"].get("status") != "progressing":
-                assert time.monotonic() < deadline, document["routes"][0]["rollout"]
-                await asyncio.sleep(0.1)
-                document = await replica.status()
-            assert document["routes"][0]["rollout"]["weight"] == 100
-    finally:
-        stable.stop()
-        canary.stop()
+        assert document["routes"][0]["rollout"]["weight"] == 100
 
 
 async def test_no_step_advances_while_replicas_run_different_configs(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
-    stable = start_backend("m-stable")
-    try:
-        args = (stable.url, stable.url, redis_server.url)
-        first = fleet_config(tmp_path / "a.yaml", *args, pass_intervals=1, comment="one")
-        second = fleet_config(tmp_path / "b.yaml", *args, pass_intervals=1, comment="two")
-        with proxy_processes(first, second) as replicas:
-            async with traffic(replicas):
-                await asyncio.sleep(5)
-                documents = await asyncio.gather(*(r.status() for r in replicas))
-                held = [
-                    d["controller"]["held_because"] for d in documents if d["controller"]["leader"]
-                ]
-                # The same config everywhere: the rollout goes on (each replica reloads).
-                fleet_config(second, *args, pass_intervals=1, comment="one")
-                deadline = time.monotonic() + 15
-                while (await replicas[1].status())["routes"][0]["weight"] <= 20:
-                    assert time.monotonic() < deadline, "the rollout never went on"
-                    await asyncio.sleep(0.2)
-        assert [d["routes"][0]["weight"] for d in documents] == [20, 20], "held at step one"
-        assert held
-        assert "different config versions" in held[0]
-        assert len({p["config_version"] for p in documents[0]["processes"]}) == 2
-        assert any("different config versions" in r.log for r in replicas)
-    finally:
-        stable.stop()
+    stable = backends.stable
+    args = (stable.url, stable.url, redis_server.url)
+    first = fleet_config(tmp_path / "a.yaml", *args, pass_intervals=1, comment="one")
+    second = fleet_config(tmp_path / "b.yaml", *args, pass_intervals=1, comment="two")
+    with proxy_processes(first, second) as replicas:
+        async with traffic(replicas):
+            await asyncio.sleep(5)
+            documents = await asyncio.gather(*(r.status() for r in replicas))
+            held = [d["controller"]["held_because"] for d in documents if d["controller"]["leader"]]
+            # The same config everywhere: the rollout goes on (each replica reloads).
+            fleet_config(second, *args, pass_intervals=1, comment="one")
+            deadline = time.monotonic() + 15
+            while (await replicas[1].status())["routes"][0]["weight"] <= 20:
+                assert time.monotonic() < deadline, "the rollout never went on"
+                await asyncio.sleep(0.2)
+    assert [d["routes"][0]["weight"] for d in documents] == [20, 20], "held at step one"
+    assert held
+    assert "different config versions" in held[0]
+    assert len({p["config_version"] for p in documents[0]["processes"]}) == 2
+    assert any("different config versions" in r.log for r in replicas)
 
 
 async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
-    stable = start_backend("m-stable")
-    try:
-        config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
-        with proxy_processes(config, config) as replicas:
-            deadline = time.monotonic() + 10
-            while len(held := await leaders(replicas)) != 1:
-                assert time.monotonic() < deadline, held
-                await asyncio.sleep(0.1)
-            leaving, staying = replicas[held[0]], replicas[1 - held[0]]
-            async with aiohttp.ClientSession() as session:
-                answers = [await send(session, leaving.url, f"user-{n}") for n in range(40)]
-            assert {code for code, _ in answers} == {200}
-            stopped = time.monotonic()
-            assert leaving.stop() == 0  # SIGTERM at once: the last slices are unpublished
-            # The lease is released, not left to expire.
-            while not await leaders([staying]):
-                assert time.monotonic() - stopped < LEASE_S - 1, "the lease was not handed on"
-                await asyncio.sleep(0.1)
-            deadline = time.monotonic() + 4
-            while True:
-                variants = (await staying.status())["routes"][0]["variants"]
-                seen = variants["stable"]["requests"] + variants["canary"]["requests"]
-                if seen == 40 or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-            assert seen == 40, "every request of the replica that left is counted"
-    finally:
-        stable.stop()
+    stable = backends.stable
+    config = fleet_config(tmp_path / "proxy.yaml", stable.url, stable.url, redis_server.url)
+    with proxy_processes(config, config) as replicas:
+        held = await the_leader(replicas)
+        leaving, staying = replicas[held], replicas[1 - held]
+        async with aiohttp.ClientSession() as session:
+            answers = [await send(session, leaving.url, f"user-{n}") for n in range(40)]
+        assert {code for code, _ in answers} == {200}
+        stopped = time.monotonic()
+        assert leaving.stop() == 0  # SIGTERM at once: the last slices are unpublished
+        # The lease is released, not left to expire.
+        while not await leaders([staying]):
+            assert time.monotonic() - stopped < LEASE_S - 1, "the lease was not handed on"
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 4
+        while True:
+            variants = (await staying.status())["routes"][0]["variants"]
+            seen = variants["stable"]["requests"] + variants["canary"]["requests"]
+            if seen == 40 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == 40, "every request of the replica that left is counted"
