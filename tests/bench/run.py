@@ -71,7 +71,13 @@ from scenarios import (
     measure_streams,
     measure_throughput,
 )
-from system import Children, CoreTimes, install_signal_exit, machine_info
+from system import (
+    Children,
+    install_signal_exit,
+    machine_info,
+    positive_int,
+    wait_until_quiet,
+)
 from targets import (
     BENCH_DIR,
     LOAD_CORE,
@@ -87,7 +93,6 @@ __all__ = ["main"]
 DOC: Final = BENCH_DIR.parent.parent / "docs" / "benchmarks.md"
 SCENARIOS: Final = ("a", "b", "c", "d")
 RELOAD_TARGET: Final = "canary-proxy"  # (d) runs against this target only
-_QUIET_BUSY: Final = 0.25
 _SINK_DRAIN_S: Final = 2.0  # the proxy exports its spans every second
 
 
@@ -99,13 +104,6 @@ def _choices(text: str, allowed: Sequence[str], flag: str) -> tuple[str, ...]:
             f"{flag}: unknown {', '.join(unknown) or 'empty list'}; choose from {','.join(allowed)}"
         )
     return chosen
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -128,7 +126,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rounds",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help=f"run the whole sequence N times (default {FULL.rounds}, {QUICK.rounds} with --quick)",
     )
@@ -145,21 +143,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.output is None and whole:
         args.output = DOC
     return args
-
-
-def _wait_until_quiet(settings: Settings) -> None:
-    """Wait (a little) for other people's work to leave the cores; the machine is shared."""
-    deadline = time.monotonic() + settings.quiet_wait_s
-    while True:
-        before = CoreTimes.now()
-        time.sleep(1.0)
-        busy = CoreTimes.now().busy_since(before)
-        if max(busy) < _QUIET_BUSY:
-            return
-        if time.monotonic() > deadline:
-            shares = "/".join(f"{share:.0%}" for share in busy)
-            print(f"  (the cores are busy with other work: {shares}; measuring anyway)")
-            return
 
 
 def _collect_spans(
@@ -188,7 +171,7 @@ def _measure_requests(
     with Children() as children:
         backend = start_backend(children, workdir, tokens_per_s=0)
         target = start_target(name, children, workdir, backend)
-        _wait_until_quiet(settings)
+        wait_until_quiet(settings.quiet_wait_s)
         if "a" in only:
             t = result.throughput[round_number] = measure_throughput(target, settings)
             cpu = "" if name == "direct" else f", {t.cpu_us_per_request:.1f} CPU µs/request"
@@ -211,7 +194,7 @@ def _measure_streams(
     with Children() as children:
         backend = start_backend(children, workdir, tokens_per_s=settings.stream_tokens_per_s)
         target = start_target(name, children, workdir, backend)
-        _wait_until_quiet(settings)
+        wait_until_quiet(settings.quiet_wait_s)
         s = result.streams[round_number] = measure_streams(target, settings)
         line = f"  (c) {result.label}: {s.completed}/{s.streams} streams"
         line += f", {s.events_per_s:,.0f} chunks/s"
@@ -229,9 +212,9 @@ def _measure_reload(settings: Settings, workdir: Path, result: TargetResult, n: 
     with Children() as children:
         backend = start_backend(children, workdir, tokens_per_s=0)
         target = start_target(result.name, children, workdir, backend)
-        _wait_until_quiet(settings)
+        wait_until_quiet(settings.quiet_wait_s)
         result.reload_serve[n] = measure_reload_serve(target, settings)
-        _wait_until_quiet(settings)
+        wait_until_quiet(settings.quiet_wait_s)
         result.reload_latency[n] = measure_reload_latency(target, settings, n)
         for line in reload_summary(result, n):
             print(line, flush=True)

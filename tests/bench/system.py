@@ -10,6 +10,7 @@ Rules:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -33,13 +34,18 @@ __all__ = [
     "cpu_seconds",
     "free_port",
     "machine_info",
+    "positive_int",
     "process_tree",
     "rss_kib",
+    "scrub_paths",
     "wait_for_port",
+    "wait_until_quiet",
 ]
 
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 _STOP_GRACE_S = 3.0
+_QUIET_BUSY = 0.25  # a core busier than this in a second is running other work
+_PATH = re.compile(r"(?<![\w.])/[^\s:;,)]+")
 
 
 # --- processes ---------------------------------------------------------------------------
@@ -251,3 +257,36 @@ def pinned_to(core: int) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, before)
+
+
+# --- shared by the benchmark scripts ---------------------------------------------------------
+
+
+def wait_until_quiet(wait_s: float) -> tuple[float, ...]:
+    """Wait up to `wait_s` for other people's work to leave the cores (the machine is
+    shared); each core's busy share in the last second waited."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        before = CoreTimes.now()
+        time.sleep(1.0)
+        busy = CoreTimes.now().busy_since(before)
+        if max(busy) < _QUIET_BUSY:
+            return busy
+        if time.monotonic() > deadline:
+            shares = "/".join(f"{share:.0%}" for share in busy)
+            print(f"  (the cores are busy with other work: {shares}; measuring anyway)")
+            return busy
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def scrub_paths(text: str) -> str:
+    """One line, with every absolute path cut to its last part (the pages name no
+    machine's directories)."""
+    return _PATH.sub(lambda match: Path(match.group(0)).name, " ".join(text.split()))

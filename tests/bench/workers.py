@@ -63,8 +63,11 @@ from system import (
     free_port,
     install_signal_exit,
     machine_info,
+    positive_int,
     process_tree,
+    scrub_paths,
     wait_for_port,
+    wait_until_quiet,
 )
 from targets import BENCH_DIR, CANARY_ROUTE, CANARY_SALT, CANARY_WEIGHT
 
@@ -84,13 +87,11 @@ _SERVE_TIMEOUT_S: Final = 10.0
 _START_TIMEOUT_S: Final = 30.0
 _HTTP_TIMEOUT_S: Final = 5.0
 _MARK: Final = "BENCH_JSON "
-_QUIET_BUSY: Final = 0.25
 _WEIGHT_LINE: Final = re.compile(r"^canary_weight_percent\{([^}]*)\} ([0-9.e+-]+)$", re.MULTILINE)
 _REQUESTS_LINE: Final = re.compile(
     r"^canary_upstream_requests_total\{([^}]*)\} ([0-9.e+-]+)$", re.MULTILINE
 )
 _LABEL: Final = re.compile(r'(\w+)="([^"]*)"')
-_PATH: Final = re.compile(r"(?<![\w.])/[^\s:;,)]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,18 +325,6 @@ def _wrk(url: str, duration_s: int) -> tuple[dict[str, Any], float]:
     raise MeasurementError(f"wrk printed no result: {done.stdout[-800:]}")
 
 
-def _quiet(settings: Settings) -> tuple[float, ...]:
-    """Wait (a little) for other people's work to leave the cores; the last second's
-    busy shares (the proxy is idle meanwhile, so they are other work)."""
-    deadline = time.monotonic() + settings.quiet_wait_s
-    while True:
-        before = CoreTimes.now()
-        time.sleep(1.0)
-        busy = CoreTimes.now().busy_since(before)
-        if max(busy) < _QUIET_BUSY or time.monotonic() >= deadline:
-            return busy
-
-
 def _worker_pids(proxy: Proxy, workers: int) -> list[int]:
     """The workers' pids, in worker order (from the supervisor's /api/status)."""
     if workers == 1:
@@ -364,7 +353,7 @@ def measure_throughput(workers: int, settings: Settings, workdir: Path) -> Throu
         backend_pids = process_tree(backend_pid)
         pids = process_tree(proxy.process.pid)
         worker_pids = _worker_pids(proxy, workers)
-        background = _quiet(settings)
+        background = wait_until_quiet(settings.quiet_wait_s)
         _wrk(proxy.url, settings.warmup_s)
         requests_before = _requests_by_worker(proxy, workers)
         cores_before = CoreTimes.now()
@@ -673,7 +662,7 @@ def section(
     median_ratio = f"{statistics.median(ratios):.2f}×" if ratios else "—"
     machine_table = markdown_table(("", ""), list(machine.items()), numbers=False)
     reading = _throughput_reading(runs)
-    failed = "".join(f"\n- {_scrub(line)}" for line in failures)
+    failed = "".join(f"\n- {scrub_paths(line)}" for line in failures)
     failed = f"\n\nFailed measurements:\n{failed}" if failures else ""
     return f"""{WORKERS_BEGIN}
 ## Workers and the fleet
@@ -781,12 +770,6 @@ def _throughput_reading(runs: dict[int, dict[int, Throughput]]) -> str:
     return "\n" + textwrap.fill(text + ".", width=88) + "\n"
 
 
-def _scrub(text: str) -> str:
-    """One line, with every absolute path cut to its last part (the page names no
-    machine's directories)."""
-    return _PATH.sub(lambda match: Path(match.group(0)).name, " ".join(text.split()))
-
-
 def _rounds_in_words(rounds: int) -> str:
     return "one round" if rounds == 1 else f"{rounds} rounds"
 
@@ -794,17 +777,12 @@ def _rounds_in_words(rounds: int) -> str:
 # --- the run -----------------------------------------------------------------------------
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, to check the harness")
-    parser.add_argument("--rounds", type=_positive, metavar="N", help="default 3, 1 with --quick")
+    parser.add_argument(
+        "--rounds", type=positive_int, metavar="N", help="default 3, 1 with --quick"
+    )
     parser.add_argument(
         "--output",
         type=Path,
