@@ -262,8 +262,8 @@ class Controller:
             except Exception as exc:
                 self._store_failed(exc)
         now = time.time()
+        self.held_because = _versions_differ(self.processes) if self._leader else None
         if self._leader:
-            self.held_because = _versions_differ(self.processes)
             async with self._lock:
                 for route in config.routes:
                     auto = route.rollout.auto

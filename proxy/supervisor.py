@@ -306,15 +306,12 @@ class Supervisor:
         )
 
     async def _status(self, request: web.Request) -> web.Response:
-        worker = self._any_worker()
-        if worker is None:
-            return _error(503, "no worker is running")
-        try:
-            status, body, _ = await self._call(worker, "GET", request.path_qs)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return _error(502, f"worker {worker.index} did not answer: {exc!r}")
+        answer = await self._ask_one(request)
+        if isinstance(answer, web.Response):
+            return answer
+        worker, status, body, content_type = answer
         if status != 200:
-            return web.Response(status=status, body=body, content_type="application/json")
+            return web.Response(status=status, body=body, content_type=content_type)
         document = json.loads(body)
         document["workers"] = [w.describe() for w in self.workers]
         document["answered_by_worker"] = worker.index
@@ -347,6 +344,14 @@ class Supervisor:
         return web.json_response(result, status=worst, dumps=lambda d: json.dumps(d, indent=2))
 
     async def _relay(self, request: web.Request) -> web.Response:
+        answer = await self._ask_one(request)
+        if isinstance(answer, web.Response):
+            return answer
+        _, status, body, content_type = answer
+        return web.Response(status=status, body=body, content_type=content_type)
+
+    async def _ask_one(self, request: web.Request) -> tuple[Worker, int, bytes, str] | web.Response:
+        """`request` as one live worker answers it, or the supervisor's error (rule 3)."""
         worker = self._any_worker()
         if worker is None:
             return _error(503, "no worker is running")
@@ -356,9 +361,7 @@ class Supervisor:
             )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             return _error(502, f"worker {worker.index} did not answer: {exc!r}")
-        response = web.Response(status=status, body=body)
-        response.content_type = content_type
-        return response
+        return worker, status, body, content_type
 
 
 def _forwarded(request: web.Request) -> dict[str, str]:
