@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config, summarize
+from proxy.config import ConfigError, EnvSecrets, load_config, summarize
 from proxy.config.model import Config, Route
 from proxy.fake_backend import add_arguments as add_fake_backend_arguments
 from proxy.routing import bucket_of, canary_from_weight, canary_threshold, choose_variant
@@ -50,9 +50,10 @@ def _os_reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
-def _load(path: str) -> Config:
+def _load(path: str, secrets: EnvSecrets = EnvSecrets.REQUIRE) -> Config:
+    """The config at `path`, or every problem on stderr and exit 1."""
     try:
-        return load_config(path)
+        return load_config(path, secrets=secrets)
     except ConfigError as error:
         for problem in error.problems:
             prefix = "" if problem.startswith(path) else f"{path}: "
@@ -97,14 +98,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    # A file is checked as a file (in CI, on a laptop): secrets that exist only where it
+    # runs are a warning, unless --env asks for the environment to be checked too.
+    config = _load(args.config, EnvSecrets.REQUIRE if args.env else EnvSecrets.WARN)
     print(summarize(config))
+    for warning in config.warnings:
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok")
     return 0
 
 
 def cmd_assign(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, EnvSecrets.IGNORE)
     route = config.route(args.route)
     if route is None:
         names = ", ".join(r.name for r in config.routes)
@@ -220,7 +225,7 @@ def _status_table(document: dict[str, Any]) -> str:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from proxy.simulate import Policy, Scenario, render, simulate, summarize
 
-    config = _load(args.config)
+    config = _load(args.config, EnvSecrets.IGNORE)
     route = config.route(args.route)
     if route is None:
         names = ", ".join(r.name for r in config.routes)
@@ -373,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config and print a summary")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
+    check.add_argument(
+        "--env",
+        action="store_true",
+        help="also require every environment variable the config names (as run does); "
+        "without it an unset one is a warning",
+    )
     check.set_defaults(handler=cmd_check)
 
     status = commands.add_parser("status", help="the rollout table of a running proxy")

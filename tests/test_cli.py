@@ -175,16 +175,76 @@ def test_check_accepts_the_example_and_never_prints_its_secrets() -> None:
     assert V1_API_KEY not in result.stdout + result.stderr
 
 
+def env_without_secrets() -> dict[str, str]:
+    """The test's environment as on a laptop or a CI runner: no production secrets."""
+    return {k: v for k, v in child_env().items() if k not in ("CANARY_ADMIN_TOKEN", "V1_API_KEY")}
+
+
+UNSET_SECRETS = (
+    "admin.token_env: environment variable CANARY_ADMIN_TOKEN is not set",
+    "backends.llama-v1.api_key_env: environment variable V1_API_KEY is not set",
+)
+
+
+@pytest.fixture(scope="module")
+def results_without_secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, CliResult]:
+    """Every config-reading command on the example, with its secrets unset."""
+    argvs = {
+        "check": ("check", "-c", str(EXAMPLE)),
+        "check --env": ("check", "--env", "-c", str(EXAMPLE)),
+        "run": ("run", "-c", str(EXAMPLE)),
+        "assign": ("assign", "-c", str(EXAMPLE), "--route", "chat", "alice"),
+        "simulate": ("simulate", "-c", str(EXAMPLE), "--route", "chat", "--runs", "2"),
+    }
+    results = run_many(list(argvs.values()), env=env_without_secrets())
+    return dict(zip(argvs, results, strict=True))
+
+
 @pytest.mark.timeout(30)
-def test_check_rejects_the_example_when_its_secrets_are_unset() -> None:
-    env = {k: v for k, v in child_env().items() if k not in ("CANARY_ADMIN_TOKEN", "V1_API_KEY")}
-    result = run_one("check", "-c", str(EXAMPLE), env=env)
+def test_check_warns_of_unset_secrets_and_passes(
+    results_without_secrets: dict[str, CliResult],
+) -> None:
+    result = results_without_secrets["check"]
+    assert result.returncode == 0, result
+    assert result.error_lines == [
+        f"{EXAMPLE}: warning: {problem} (`run` needs it)" for problem in UNSET_SECRETS
+    ]
+    assert result.stdout.rstrip().endswith(f"{EXAMPLE}: ok")
+    assert "token from $CANARY_ADMIN_TOKEN, not set here" in result.stdout
+    assert "api key from $V1_API_KEY, not set here" in result.stdout
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", ["check --env", "run"])
+def test_check_env_and_run_reject_unset_secrets(
+    command: str, results_without_secrets: dict[str, CliResult]
+) -> None:
+    result = results_without_secrets[command]
     assert result.returncode == 1, result
     assert result.stdout == ""
-    assert result.error_lines == [
-        f"{EXAMPLE}: admin.token_env: environment variable CANARY_ADMIN_TOKEN is not set",
-        f"{EXAMPLE}: backends.llama-v1.api_key_env: environment variable V1_API_KEY is not set",
-    ]
+    result.assert_no_traceback()
+    assert result.error_lines == [f"{EXAMPLE}: {problem}" for problem in UNSET_SECRETS]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", ["assign", "simulate"])
+def test_assign_and_simulate_never_need_a_secret(
+    command: str, results_without_secrets: dict[str, CliResult]
+) -> None:
+    result = results_without_secrets[command]
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert "route chat" in result.stdout
+
+
+@pytest.mark.timeout(30)
+def test_check_env_accepts_the_example_when_its_secrets_are_set() -> None:
+    result = run_one("check", "--env", "-c", str(EXAMPLE))
+    assert result.returncode == 0, result
+    assert result.stderr == ""
+    assert "not set here" not in result.stdout
+    assert ADMIN_TOKEN not in result.stdout
+    assert V1_API_KEY not in result.stdout
 
 
 # --- check: bad configs ----------------------------------------------------------------
@@ -201,6 +261,7 @@ class BadConfig:
     text: str | None
     problems: tuple[str, ...]  # what each stderr line says after "FILE: ", in order
     secret: str = ""  # a value from the file that must never be printed
+    flags: tuple[str, ...] = ()  # more flags for `check`
 
 
 BAD_CONFIGS = {
@@ -254,6 +315,7 @@ BAD_CONFIGS = {
             "'http://127.0.0.1:1'}", f"'http://127.0.0.1:1', api_key_env: {MISSING_ENV}}}"
         ),
         (f"backends.v1.api_key_env: environment variable {MISSING_ENV} is not set",),
+        flags=("--env",),
     ),
     "literal api_key in a backend": BadConfig(
         GOOD.replace("'http://127.0.0.1:1'}", f"'http://127.0.0.1:1', api_key: {LITERAL_KEY}}}"),
@@ -310,7 +372,7 @@ def bad_config_results(bad_config_paths: dict[str, Path]) -> dict[tuple[str, str
     """(command, case) -> result: `check` for every case, the other commands for a few."""
     jobs: dict[tuple[str, str], tuple[str, ...]] = {}
     for name, path in bad_config_paths.items():
-        jobs["check", name] = ("check", "-c", str(path))
+        jobs["check", name] = ("check", *BAD_CONFIGS[name].flags, "-c", str(path))
     for name in REJECTED_BY_EVERY_COMMAND:
         for command, template in CONFIG_COMMANDS.items():
             jobs[command, name] = tuple(

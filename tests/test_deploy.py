@@ -69,7 +69,8 @@ PROCESS_TIMEOUT_S = 30.0
 # The Kubernetes versions the manifests must be valid for: the oldest still commonly
 # run, and the newest that kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
-# Secrets that config/example.yaml and the ConfigMap name; `check` needs them set.
+# Secrets that config/example.yaml and the ConfigMap name: unset where `check` runs in
+# CI, as on a laptop; `check` warns of them and passes, `check --env` requires them.
 CHECK_ENV = {"CANARY_ADMIN_TOKEN": "admin-token-for-check", "V1_API_KEY": "sk-for-check"}
 PROXY_CONFIG_MOUNT = "/etc/canary-proxy/config.yaml"  # the image's documented path
 # Labels Prometheus adds to every scraped series.
@@ -342,16 +343,18 @@ class CheckResult:
     stderr: str
 
 
-def run_check(path: Path) -> CheckResult:
-    """`canary-proxy check -c PATH` through the command's own entry point, in this process."""
+def run_check(path: Path, *flags: str, secrets: bool = False) -> CheckResult:
+    """`canary-proxy check [FLAGS] -c PATH` through the command's own entry point, in this
+    process; with `secrets` the variables of CHECK_ENV are set, otherwise they are unset."""
     stdout, stderr = io.StringIO(), io.StringIO()
+    environ = {k: v for k, v in os.environ.items() if k not in CHECK_ENV}
     with (
         contextlib.redirect_stdout(stdout),
         contextlib.redirect_stderr(stderr),
-        mock.patch.dict(os.environ, CHECK_ENV),
+        mock.patch.dict(os.environ, {**environ, **(CHECK_ENV if secrets else {})}, clear=True),
     ):
         try:
-            returncode = cli_main(["check", "-c", str(path)])
+            returncode = cli_main(["check", *flags, "-c", str(path)])
         except SystemExit as exit_:
             returncode = exit_.code if isinstance(exit_.code, int) else 1
     return CheckResult(returncode, stdout.getvalue(), stderr.getvalue())
@@ -576,10 +579,25 @@ def test_dashboard_json_parses() -> None:
 
 @pytest.mark.parametrize("name", shipped_config_names())
 def test_shipped_proxy_config_passes_check(checked: dict[str, CheckResult], name: str) -> None:
+    """Without its secrets, as in CI: passes, warning only of the variables it names."""
     result = checked[name]
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().endswith(": ok"), result.stdout
-    assert "Traceback" not in result.stderr
+    for line in result.stderr.splitlines():
+        assert re.search(r": warning: .*: environment variable \w+ is not set", line), line
+
+
+@pytest.mark.parametrize("name", shipped_config_names())
+def test_shipped_proxy_config_passes_check_env_with_its_secrets(name: str, tmp_path: Path) -> None:
+    result = run_check(proxy_config_files(tmp_path)[name], "--env", secrets=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+def test_check_env_refuses_the_configmap_config_without_its_secrets(tmp_path: Path) -> None:
+    result = run_check(proxy_config_files(tmp_path)[CONFIGMAP_CONFIG], "--env")
+    assert result.returncode == 1
+    assert "token_env: environment variable CANARY_ADMIN_TOKEN is not set" in result.stderr
 
 
 def test_check_refuses_a_broken_config(checked: dict[str, CheckResult]) -> None:

@@ -16,7 +16,8 @@ The pieces, from the outside in:
 - **summary** (`proxy.config.summary`): the one-screen text `canary-proxy check` prints.
 
 Secrets never live in the file: it names environment variables (`api_key_env`,
-`token_env`), whose values are read at parse time and never printed.
+`token_env`), whose values are read at parse time and never printed; what an unset
+one means is the caller's choice (`EnvSecrets`).
 """
 
 from proxy.config.model import (
@@ -49,7 +50,13 @@ from proxy.config.model import (
     TimeWindow,
     Variant,
 )
-from proxy.config.parse import content_version, load_config, parse_config, parse_key_source
+from proxy.config.parse import (
+    EnvSecrets,
+    content_version,
+    load_config,
+    parse_config,
+    parse_key_source,
+)
 from proxy.config.summary import summarize
 from proxy.errors import ConfigError
 
@@ -63,6 +70,7 @@ __all__ = [
     "CohortRule",
     "Config",
     "ConfigError",
+    "EnvSecrets",
     "ErrorRateCheck",
     "KeyKind",
     "KeySource",

@@ -276,6 +276,7 @@ class Config:
     state: StateConfig = StateConfig()
     version: str = ""
     source: str = ""  # the file it was read from, for messages
+    warnings: tuple[str, ...] = ()  # `path: message` of what is fine to check, not to run
 
     def route(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)

@@ -7,8 +7,11 @@ Rules:
 2. Unknown keys are errors, and so are duplicate keys, which YAML itself would
    silently resolve to the last one.
 3. Secrets are read from the environment only: the file names the variable
-   (`api_key_env`, `token_env`), and a named variable that is unset is an error,
-   so a backend never goes out without its key and an admin port never half-secured.
+   (`api_key_env`, `token_env`). What an unset variable means is the caller's
+   `EnvSecrets` policy: to serve (`REQUIRE`) it is an error, so a backend never goes
+   out without its key and an admin port never half-secured; to check a file where
+   production secrets do not exist (`WARN`) it is a warning in `Config.warnings`; to
+   compute assignments or simulate (`IGNORE`) it is nothing at all.
 4. `Config.version` is the first 12 hex digits of the SHA-256 of the file's bytes.
 5. Mappings in the result are read-only (`types.MappingProxyType`).
 """
@@ -20,6 +23,8 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from types import MappingProxyType
 from urllib.parse import SplitResult, urlsplit
 
@@ -40,7 +45,7 @@ from proxy.config.routes import read_routes
 from proxy.config.yaml_tree import load_yaml
 from proxy.errors import ConfigError
 
-__all__ = ["content_version", "load_config", "parse_config", "parse_key_source"]
+__all__ = ["EnvSecrets", "content_version", "load_config", "parse_config", "parse_key_source"]
 
 TOP_KEYS = (
     "listen",
@@ -63,13 +68,33 @@ _DEFAULT_BACKEND = Backend(name="", url="", origin="", base_path="")
 _ANY_HOST = ("0.0.0.0", "::", "*")
 
 
+class EnvSecrets(Enum):
+    """What a secret's environment variable that is unset or empty means (rule 3)."""
+
+    REQUIRE = "require"  # an error: `run`, `check --env`
+    WARN = "warn"  # a warning in Config.warnings: `check`
+    IGNORE = "ignore"  # nothing: `assign`, `simulate`, which never use a secret
+
+
+@dataclass(slots=True)
+class _Environment:
+    """Where secrets come from, what an unset one means, and the warnings it gave."""
+
+    environ: Mapping[str, str]
+    policy: EnvSecrets
+    warnings: list[str] = field(default_factory=list)
+
+
 def content_version(data: bytes) -> str:
     """The version of a config: the first 12 hex digits of the SHA-256 of its bytes."""
     return hashlib.sha256(data).hexdigest()[:VERSION_HEX_DIGITS]
 
 
 def load_config(
-    path: str | os.PathLike[str], *, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    secrets: EnvSecrets = EnvSecrets.REQUIRE,
 ) -> Config:
     """Read and validate the config file at `path`.
 
@@ -83,7 +108,7 @@ def load_config(
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
         raise ConfigError(f"{os.fspath(path)}: cannot read the config file: {reason}") from exc
-    return parse_config(data, source=os.fspath(path), environ=environ)
+    return parse_config(data, source=os.fspath(path), environ=environ, secrets=secrets)
 
 
 def parse_config(
@@ -91,6 +116,7 @@ def parse_config(
     *,
     source: str = "<config>",
     environ: Mapping[str, str] | None = None,
+    secrets: EnvSecrets = EnvSecrets.REQUIRE,
 ) -> Config:
     """Validate a whole config given as YAML text; secrets come from `environ`.
 
@@ -99,6 +125,7 @@ def parse_config(
             (a str is hashed as UTF-8).
         source: where it came from, kept in `Config.source` for messages.
         environ: the environment to read `*_env` variables from (default `os.environ`).
+        secrets: what a named variable that is unset or empty means (rule 3).
 
     Raises:
         ConfigError: with every problem found, each `path: message`.
@@ -107,16 +134,17 @@ def parse_config(
     version = content_version(data)
     tree, problems = load_yaml(data)
     root = Reader(tree, problems=problems)
-    config = _read_config(root, os.environ if environ is None else environ)
+    env = _Environment(os.environ if environ is None else environ, secrets)
+    config = _read_config(root, env)
     if root.problems or config is None:
         raise ConfigError(root.problems)
-    return dataclasses.replace(config, version=version, source=source)
+    return dataclasses.replace(config, version=version, source=source, warnings=tuple(env.warnings))
 
 
 # -- top level ---------------------------------------------------------------------------
 
 
-def _read_config(root: Reader, environ: Mapping[str, str]) -> Config | None:
+def _read_config(root: Reader, env: _Environment) -> Config | None:
     if root.value is None:
         root.error("is empty (a config needs at least backends and routes)")
         return None
@@ -124,13 +152,13 @@ def _read_config(root: Reader, environ: Mapping[str, str]) -> Config | None:
     if fields is None:
         return None
     listen = fields.get("listen", Reader.listen, _DEFAULT_CONFIG.listen)
-    admin = fields.get("admin", lambda r: _read_admin(r, environ), AdminConfig())
+    admin = fields.get("admin", lambda r: _read_admin(r, env), AdminConfig())
     limits = fields.get("limits", _read_limits, Limits())
     trusted_proxies = fields.get("trusted_proxies", _read_networks, ())
     shutdown_grace_s = fields.get(
         "shutdown_grace", lambda r: r.duration(allow_zero=True), _DEFAULT_CONFIG.shutdown_grace_s
     )
-    backends = fields.get("backends", lambda r: _read_backends(r, environ), {})
+    backends = fields.get("backends", lambda r: _read_backends(r, env), {})
     backend_names = _backend_names(fields.at("backends"))
     config = Config(
         backends=MappingProxyType(backends),
@@ -162,11 +190,11 @@ def _check_admin_port(reader: Reader, config: Config) -> None:
         reader.error(f"must differ from listen ({public}): the admin port is never the public port")
 
 
-def _read_admin(reader: Reader, environ: Mapping[str, str]) -> AdminConfig | None:
+def _read_admin(reader: Reader, env: _Environment) -> AdminConfig | None:
     fields = reader.fields(("listen", "token_env"), secret_env="token_env")
     if fields is None:
         return None
-    secret = fields.get("token_env", lambda r: _read_secret_env(r, environ), None)
+    secret = fields.get("token_env", lambda r: _read_secret_env(r, env), None)
     return AdminConfig(
         listen=fields.get("listen", Reader.listen, AdminConfig().listen),
         token_env=None if secret is None else secret[0],
@@ -174,16 +202,21 @@ def _read_admin(reader: Reader, environ: Mapping[str, str]) -> AdminConfig | Non
     )
 
 
-def _read_secret_env(reader: Reader, environ: Mapping[str, str]) -> tuple[str, str] | None:
-    """The variable's name and its value, which must be set and non-empty."""
+def _read_secret_env(reader: Reader, env: _Environment) -> tuple[str, str | None] | None:
+    """The variable's name and its value; an unset or empty one is as `env.policy` says."""
     name = reader.env_name()
     if name is None:
         return None
-    value = environ.get(name)
-    if not value:
-        reader.error(f"environment variable {name} is {'not set' if value is None else 'empty'}")
+    value = env.environ.get(name)
+    if value:
+        return name, value
+    problem = f"environment variable {name} is {'not set' if value is None else 'empty'}"
+    if env.policy is EnvSecrets.REQUIRE:
+        reader.error(problem)
         return None
-    return name, value
+    if env.policy is EnvSecrets.WARN:
+        env.warnings.append(f"{reader.path}: {problem} (`run` needs it)")
+    return name, None
 
 
 def _read_limits(reader: Reader) -> Limits | None:
@@ -224,26 +257,26 @@ def _read_network(reader: Reader) -> Network | None:
 # -- backends ----------------------------------------------------------------------------
 
 
-def _read_backends(reader: Reader, environ: Mapping[str, str]) -> dict[str, Backend]:
+def _read_backends(reader: Reader, env: _Environment) -> dict[str, Backend]:
     entries = reader.entries()
     if entries is None:
         return {}
     backends: dict[str, Backend] = {}
     for name, child in entries:
-        backend = _read_backend(child, name, environ)
+        backend = _read_backend(child, name, env)
         if backend is not None:
             backends[name] = backend
     return backends
 
 
-def _read_backend(reader: Reader, name: str, environ: Mapping[str, str]) -> Backend | None:
+def _read_backend(reader: Reader, name: str, env: _Environment) -> Backend | None:
     if not is_name(name):
         reader.error(f"backend names use only letters, digits, '.', '_' and '-', got {name!r}")
     fields = reader.fields(BACKEND_KEYS, secret_env="api_key_env")
     if fields is None:
         return None
     url = fields.need("url", _read_backend_url)
-    secret = fields.get("api_key_env", lambda r: _read_secret_env(r, environ), None)
+    secret = fields.get("api_key_env", lambda r: _read_secret_env(r, env), None)
     timeouts = fields.get("timeouts", _read_timeouts, Timeouts())
     max_connections = fields.get("max_connections", _read_count, _DEFAULT_BACKEND.max_connections)
     if url is None:

@@ -72,8 +72,16 @@ def _row(label: str, text: str, indent: str = "") -> str:
 
 
 def _admin(admin: AdminConfig) -> str:
-    auth = f"token from ${admin.token_env}" if admin.token_env else "no token (POST /api/* open)"
+    if admin.token_env:
+        auth = f"token from ${admin.token_env}{_unset(admin.token)}"
+    else:
+        auth = "no token (POST /api/* open)"
     return f"{admin.listen}, {auth}"
+
+
+def _unset(secret: str | None) -> str:
+    """Said of a secret's variable that `check` found unset (never the secret itself)."""
+    return "" if secret else ", not set here"
 
 
 def _limits(limits: Limits) -> str:
@@ -92,7 +100,7 @@ def _backends(backends: Iterable[Backend]) -> list[str]:
     for backend in backends:
         timeouts = backend.timeouts
         key = (
-            f"api key from ${backend.api_key_env}"
+            f"api key from ${backend.api_key_env}{_unset(backend.api_key)}"
             if backend.api_key_env
             else "the client's Authorization passes through"
         )
