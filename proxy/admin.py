@@ -209,6 +209,7 @@ async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) ->
         "ready": view.ready,
         "config": {
             "version": config.version,
+            "fleet_version": config.fleet_version,
             "source": config.source,
             "loaded_at": _iso(view.loaded_at),
             "last_reload_at": _iso(view.last_reload_at) if view.last_reload_at else None,

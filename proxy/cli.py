@@ -179,10 +179,10 @@ def _fleet_lines(document: dict[str, Any]) -> list[str]:
     processes = document.get("processes", [])
     if processes:
         leaders = [str(p["source"]) for p in processes if p.get("leader")]
-        versions = sorted({str(p.get("config_version")) for p in processes})
+        versions = sorted({str(p.get("fleet_version")) for p in processes})
         lines.append(
             f"{len(processes)} process{'es' if len(processes) != 1 else ''} "
-            f"(leader {', '.join(leaders) or 'none yet'}; config "
+            f"(leader {', '.join(leaders) or 'none yet'}; shared config "
             f"{' and '.join(versions)})"
         )
     if controller.get("held_because"):

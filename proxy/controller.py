@@ -28,7 +28,9 @@ Rules:
    pause, and the outage shows in the log, `/api/status` and `canary.state_store.up`;
    when it answers again, the state is read back and reconciled with the config. A
    state the store lost meanwhile is written back from memory (the first writer wins).
-7. No step is advanced while the live processes run different config versions.
+7. No step is advanced while the live processes do not share one config: what they
+   share (`proxy.config.fleet`: backends, routes, rollout, schedule, the store), not
+   their per-process addresses. The log and `/api/status` name the settings that differ.
 8. The store holds the truth: a stored state that differs from the one in memory
    replaces it on the next tick.
 """
@@ -48,6 +50,7 @@ from dataclasses import replace
 from typing import Final, Protocol
 
 from proxy.analysis import Evidence, judge
+from proxy.config.fleet import disagreements, explain, shared_settings
 from proxy.config.model import Config, Route, StateStoreKind
 from proxy.rollout import (
     Decision,
@@ -120,6 +123,7 @@ class Controller:
         self._published_through: int | None = None  # the last stats slice published
         self.processes: list[ProcessInfo] = []
         self.held_because: str | None = None  # why no step may advance now (rule 7)
+        self._settings_of: tuple[Config, dict[str, object]] | None = None  # the fleet's part
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -262,7 +266,12 @@ class Controller:
             except Exception as exc:
                 self._store_failed(exc)
         now = time.time()
-        self.held_because = _versions_differ(self.processes) if self._leader else None
+        held_because = _fleet_differs(self.processes) if self._leader else None
+        if held_because is not None and held_because != self.held_because:
+            log.warning("rollout steps held: %s", held_because)
+        elif held_because is None and self.held_because is not None and self._leader:
+            log.info("the live processes share one config again: steps may advance")
+        self.held_because = held_because
         if self._leader:
             async with self._lock:
                 for route in config.routes:
@@ -286,6 +295,8 @@ class Controller:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "config_version": config.version,
+                "fleet_version": config.fleet_version,
+                "shared": self._shared_settings(config),
                 "leader": self._leader,
                 "started_at": self._started_at,
             },
@@ -476,16 +487,30 @@ class Controller:
         except Exception as exc:
             self._store_failed(exc)
 
+    def _shared_settings(self, config: Config) -> dict[str, object]:
+        """What the fleet shares of `config`, worked out once per config."""
+        if self._settings_of is None or self._settings_of[0] is not config:
+            self._settings_of = (config, dict(shared_settings(config)))
+        return self._settings_of[1]
+
     def _needs_store(self, config: Config) -> bool:
         if self._shared or any(route.rollout.auto is not None for route in config.routes):
             return True
         return config.state.store is not StateStoreKind.SQLITE or os.path.exists(config.state.path)
 
 
-def _versions_differ(processes: list[ProcessInfo]) -> str | None:
-    """Why no step may advance (rule 7), or None when every live process agrees."""
-    versions = Counter(str(p.get("config_version")) for p in processes)
+def _fleet_differs(processes: list[ProcessInfo]) -> str | None:
+    """Why no step may advance (rule 7), or None when every live process shares one config."""
+    versions = Counter(str(p.get("fleet_version")) for p in processes)
     if len(versions) <= 1:
         return None
-    running = ", ".join(f"{v} on {n}" for v, n in versions.most_common())
-    return f"the live processes run different config versions ({running})"
+    shared = [
+        (str(p.get("source")), settings)
+        for p in processes
+        if isinstance(settings := p.get("shared"), Mapping)
+    ]
+    found = disagreements(shared) if len(shared) == len(processes) else []
+    if not found:  # a process too old to say what it shares: name the versions
+        running = ", ".join(f"{v} on {n}" for v, n in versions.most_common())
+        return f"the live processes run different configs ({running})"
+    return f"the live processes do not share one config: {explain(found)}"

@@ -67,6 +67,7 @@ class Gauges:
 
     weights: Mapping[str, float]
     config_version: str
+    fleet_version: str = ""  # of what a fleet shares (proxy.config.fleet)
     store_up: bool | None = None  # None: no state store in use
     leader: bool = False
 
@@ -142,7 +143,7 @@ _CONFIG_INFO: Final = _Family(
     "canary_config_info",
     "gauge",
     "1",
-    "1, with the content hash of the config in force.",
+    "1, with the content hash of the config in force and of what a fleet shares of it.",
 )
 _STORE_UP: Final = _Family(
     "canary.state_store.up",
@@ -299,7 +300,18 @@ class Metrics:
             _RELOADS,
             [((("result", result),), float(n)) for result, n in sorted(self.reloads.items())],
         )
-        yield _CONFIG_INFO, [((("canary.config_version", gauges.config_version),), 1.0)]
+        yield (
+            _CONFIG_INFO,
+            [
+                (
+                    (
+                        ("canary.config_version", gauges.config_version),
+                        ("canary.fleet_version", gauges.fleet_version),
+                    ),
+                    1.0,
+                )
+            ],
+        )
         if gauges.store_up is not None:
             yield _STORE_UP, [((), 1.0 if gauges.store_up else 0.0)]
             yield _LEADER, [((), 1.0 if gauges.leader else 0.0)]

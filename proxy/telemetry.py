@@ -448,7 +448,7 @@ class Telemetry:
     def gauges(
         self, weights: dict[str, float], store_up: bool | None = None, leader: bool = False
     ) -> Gauges:
-        return Gauges(weights, self.config.version, store_up, leader)
+        return Gauges(weights, self.config.version, self.config.fleet_version, store_up, leader)
 
 
 def _retention_s(config: Config) -> float:

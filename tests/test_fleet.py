@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -49,10 +50,12 @@ def fleet_config(
     weight: float = 20,
     pass_intervals: int = 1000,
     comment: str = "",
+    steps: str = "[20, 50, 100]",
+    listen: tuple[int, int] = (0, 0),
 ) -> Path:
     rollout = (
         "      auto:\n"
-        "        steps: [20, 50, 100]\n"
+        f"        steps: {steps}\n"
         "        interval: 1s\n"
         "        min_requests: 30\n"
         f"        pass_intervals: {pass_intervals}\n"
@@ -61,8 +64,8 @@ def fleet_config(
     )
     path.write_text(
         f"# {comment}\n"
-        "listen: 127.0.0.1:0\n"
-        "admin: {listen: 127.0.0.1:0}\n"
+        f"listen: 127.0.0.1:{listen[0]}\n"
+        f"admin: {{listen: 127.0.0.1:{listen[1]}}}\n"
         "backends:\n"
         f"  v1: {{url: '{stable}'}}\n"
         f"  v2: {{url: '{canary}'}}\n"
@@ -281,29 +284,79 @@ async def test_a_replica_started_while_redis_is_down_serves_its_config_weights(
         assert document["routes"][0]["rollout"]["weight"] == 100
 
 
-async def test_no_step_advances_while_replicas_run_different_configs(
+async def test_replicas_on_one_host_with_their_own_ports_promote_a_healthy_canary(
+    tmp_path: Path, redis_server: RedisServer, backends: Backends
+) -> None:
+    """Two units on one host: their files differ in ports and comments, not in what
+    the fleet shares, so they act as one and the rollout goes all the way."""
+    stable = backends.stable
+    args = (stable.url, stable.url, redis_server.url)
+    first = fleet_config(
+        tmp_path / "a.yaml", *args, pass_intervals=1, comment="unit a", listen=free_ports(2)
+    )
+    second = fleet_config(
+        tmp_path / "b.yaml", *args, pass_intervals=1, comment="unit b", listen=free_ports(2)
+    )
+    with proxy_processes(first, second) as replicas:
+        async with traffic(replicas):
+            deadline = time.monotonic() + 45
+            while True:
+                documents = await asyncio.gather(*(r.status() for r in replicas))
+                if all(d["routes"][0]["rollout"]["status"] == "promoted" for d in documents):
+                    break
+                assert time.monotonic() < deadline, [d["routes"][0] for d in documents]
+                assert not any(d["controller"]["held_because"] for d in documents), documents
+                await asyncio.sleep(0.2)
+    assert [d["routes"][0]["weight"] for d in documents] == [100, 100]
+    assert len({d["config"]["version"] for d in documents}) == 2, "the files differ"
+    assert len({d["config"]["fleet_version"] for d in documents}) == 1, "what they share agrees"
+    assert len({p["fleet_version"] for p in documents[0]["processes"]}) == 1
+
+
+async def test_replicas_with_different_steps_hold_and_say_which_setting_differs(
     tmp_path: Path, redis_server: RedisServer, backends: Backends
 ) -> None:
     stable = backends.stable
     args = (stable.url, stable.url, redis_server.url)
-    first = fleet_config(tmp_path / "a.yaml", *args, pass_intervals=1, comment="one")
-    second = fleet_config(tmp_path / "b.yaml", *args, pass_intervals=1, comment="two")
+    first = fleet_config(tmp_path / "a.yaml", *args, pass_intervals=1)
+    second = fleet_config(tmp_path / "b.yaml", *args, pass_intervals=1, steps="[20, 60, 100]")
     with proxy_processes(first, second) as replicas:
         async with traffic(replicas):
             await asyncio.sleep(5)
             documents = await asyncio.gather(*(r.status() for r in replicas))
             held = [d["controller"]["held_because"] for d in documents if d["controller"]["leader"]]
-            # The same config everywhere: the rollout goes on (each replica reloads).
-            fleet_config(second, *args, pass_intervals=1, comment="one")
+            shown = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "proxy", "status", "--admin", replicas[0].admin_url],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            # The same steps everywhere: the rollout goes on (each replica reloads).
+            fleet_config(second, *args, pass_intervals=1, comment="fixed")
             deadline = time.monotonic() + 15
             while (await replicas[1].status())["routes"][0]["weight"] <= 20:
                 assert time.monotonic() < deadline, "the rollout never went on"
                 await asyncio.sleep(0.2)
     assert [d["routes"][0]["weight"] for d in documents] == [20, 20], "held at step one"
     assert held
-    assert "different config versions" in held[0]
-    assert len({p["config_version"] for p in documents[0]["processes"]}) == 2
-    assert any("different config versions" in r.log for r in replicas)
+    why = "the live processes do not share one config: routes.chat.rollout.auto.steps ("
+    assert held[0].startswith(why), held[0]
+    assert "[20.0, 50.0, 100.0] on " in held[0]
+    assert "[20.0, 60.0, 100.0] on " in held[0]
+    assert len({p["fleet_version"] for p in documents[0]["processes"]}) == 2
+    assert f"steps held: {why}" in shown.stdout, shown.stdout
+    assert any(f"rollout steps held: {why}" in r.log for r in replicas)
+    assert any("share one config again" in r.log for r in replicas)
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """Ports on 127.0.0.1 free right now, all different."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return tuple(int(sock.getsockname()[1]) for sock in sockets)
 
 
 async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(

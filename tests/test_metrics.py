@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import Gauges, Metrics, known_method
 
-GAUGES = Gauges(weights={"chat": 12.5}, config_version="abc123def456")
+GAUGES = Gauges(weights={"chat": 12.5}, config_version="abc123def456", fleet_version="0123456789ab")
 
 
 def recorded() -> Metrics:
@@ -66,7 +66,18 @@ def test_prometheus_text_parses_and_counts_what_was_recorded() -> None:
     assert values[("canary_upstream_ttft_seconds_count", canary)] == 1
     assert values[("canary_weight_percent", frozenset({("canary_route", "chat")}))] == 12.5
     assert (
-        values[("canary_config_info", frozenset({("canary_config_version", "abc123def456")}))] == 1
+        values[
+            (
+                "canary_config_info",
+                frozenset(
+                    {
+                        ("canary_config_version", "abc123def456"),
+                        ("canary_fleet_version", "0123456789ab"),
+                    }
+                ),
+            )
+        ]
+        == 1
     )
     assert values[("canary_config_reloads_total", frozenset({("result", "success")}))] == 1
     other = frozenset(

@@ -274,7 +274,8 @@ class Config:
     shutdown_grace_s: float = 30.0
     telemetry: Telemetry = Telemetry()
     state: StateConfig = StateConfig()
-    version: str = ""
+    version: str = ""  # the file's content hash
+    fleet_version: str = ""  # the hash of what a fleet shares (proxy.config.fleet)
     source: str = ""  # the file it was read from, for messages
     warnings: tuple[str, ...] = ()  # `path: message` of what is fine to check, not to run
 

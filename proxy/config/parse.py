@@ -12,7 +12,8 @@ Rules:
    out without its key and an admin port never half-secured; to check a file where
    production secrets do not exist (`WARN`) it is a warning in `Config.warnings`; to
    compute assignments or simulate (`IGNORE`) it is nothing at all.
-4. `Config.version` is the first 12 hex digits of the SHA-256 of the file's bytes.
+4. `Config.version` is the first 12 hex digits of the SHA-256 of the file's bytes;
+   `Config.fleet_version` the hash of the settings a fleet shares (`proxy.config.fleet`).
 5. Mappings in the result are read-only (`types.MappingProxyType`).
 """
 
@@ -28,6 +29,7 @@ from enum import Enum
 from types import MappingProxyType
 from urllib.parse import SplitResult, urlsplit
 
+from proxy.config.fleet import fleet_version, shared_settings
 from proxy.config.grammar import is_name, parse_key_source
 from proxy.config.model import (
     AdminConfig,
@@ -138,7 +140,13 @@ def parse_config(
     config = _read_config(root, env)
     if root.problems or config is None:
         raise ConfigError(root.problems)
-    return dataclasses.replace(config, version=version, source=source, warnings=tuple(env.warnings))
+    return dataclasses.replace(
+        config,
+        version=version,
+        fleet_version=fleet_version(shared_settings(config)),
+        source=source,
+        warnings=tuple(env.warnings),
+    )
 
 
 # -- top level ---------------------------------------------------------------------------
