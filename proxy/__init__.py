@@ -1,19 +1,24 @@
 """canary-proxy: a reverse proxy for LLM endpoints that does progressive delivery.
 
-The primitives, in the order a request meets them:
+The folders, from the bottom layer up; a folder imports only from the layers below it
+(and `proxy.errors`), never from above (`tests/test_layering.py` holds that line, and
+docs/architecture.md draws the paths through them):
 
-- **config** (`proxy.config`): YAML parsed and validated whole into a frozen `Config`.
-- **routing** (`proxy.routing`, `proxy.keys`): pure functions from a request's parts and
-  a `RouteTable` snapshot to a route, a variant (stable or canary) and a bucket.
-- **forwarding** (`proxy.forwarding`, `proxy.upstreams`, `proxy.headers`): the only
-  code that talks to backends; streams chunk by chunk, never buffers a stream.
-- **app** (`proxy.app`): the aiohttp server that ties them together, and its lifecycle.
-- **cli** (`proxy.cli`): the `canary-proxy` command.
-- **fake backend** (`proxy.fake_backend`): an OpenAI-compatible model server for demos,
-  tests and benchmarks.
+- **config**: YAML parsed and validated whole into a frozen `Config`.
+- **apis**: what the LLM APIs say on the wire (usage, finish, a stream's end).
+- **routing**: a request's route, user key and variant (stable or canary). Pure.
+- **judge**: the canary's numbers against stable's, and a verdict with reasons. Pure.
+- **rollout**: a route's rollout state and how events change it; the simulator. Pure.
+- **telemetry**: stats, metrics and spans of what requests and decisions did.
+- **store**: where rollout state and the fleet's stats live (SQLite, Redis).
+- **http**: the request path: the public port, the backends, streaming relay.
+- **server**: processes, ports, the admin API, reloads, the controller's I/O.
+- **cli**, **demo**: the `canary-proxy` command.
+- **fake_backend**: an OpenAI-compatible model server for demos, tests and benchmarks;
+  it uses nothing else of the package.
 
-Data flows one way: config → routing decision → forwarding. A module in the middle
-never imports one at the edge (`tests/test_layering.py` holds that line).
+Data flows one way: config → routing decision → forwarding → telemetry → judge and
+rollout decision → a new state served.
 """
 
 __version__ = "0.1.0"

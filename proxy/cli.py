@@ -24,7 +24,7 @@ from proxy import __version__
 from proxy.config import ConfigError, EnvSecrets, load_config, summarize
 from proxy.config.model import Config, Route
 from proxy.fake_backend import add_arguments as add_fake_backend_arguments
-from proxy.routing import bucket_of, canary_from_weight, canary_threshold, choose_variant
+from proxy.routing.assignment import bucket_of, canary_from_weight, canary_threshold, choose_variant
 
 __all__ = ["main"]
 
@@ -75,7 +75,7 @@ def _configure_logging(level: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from proxy.app import serve
+    from proxy.server.app import serve
 
     config = _load(args.config)
     _configure_logging(args.log_level)
@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workers == 1:
             uvloop.run(serve(config, watch=not args.no_watch))
         else:
-            from proxy.supervisor import supervise
+            from proxy.server.supervisor import supervise
 
             asyncio.run(
                 supervise(config, args.workers, watch=not args.no_watch, log_level=args.log_level)
@@ -223,7 +223,7 @@ def _status_table(document: dict[str, Any]) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.simulate import Policy, Scenario, render, simulate, summarize
+    from proxy.rollout.simulate import Policy, Scenario, render, simulate, summarize
 
     config = _load(args.config, EnvSecrets.IGNORE)
     route = config.route(args.route)

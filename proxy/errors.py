@@ -22,7 +22,7 @@ handler never decides a status itself (h11's `error_status_hint`)::
         └── Draining                503 draining (with Retry-After)
 
 Library exceptions (aiohttp, asyncio) are translated into this tree at one
-boundary, the backend attempt in `proxy.forwarding`, always with `raise ... from exc`.
+boundary, the backend attempt in `proxy.http.forwarding`, always with `raise ... from exc`.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ from typing import Any
 
 import aiohttp
 
-from proxy.app import ProxyServer
 from proxy.config import load_config, parse_config
+from proxy.server.app import ProxyServer
 
 _LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
 

@@ -1,4 +1,4 @@
-"""proxy.analysis.judge: per-check verdicts with their numbers, and the overall verdict.
+"""proxy.judge.analysis.judge: per-check verdicts with their numbers, and the overall verdict.
 
 The judge reads an `Evidence`: the canary's and stable's numbers since the rollout
 began (where checks fail) and since the current step began (where they pass).
@@ -15,10 +15,10 @@ from statistics import NormalDist
 
 import pytest
 
-from proxy.analysis import CheckResult, Evidence, Judgement, Verdict, judge
 from proxy.config.model import AutoRollout, Checks, ErrorRateCheck, LatencyCheck
-from proxy.sequential import log_mixture_ratio
-from proxy.stats import VariantStats
+from proxy.judge.analysis import CheckResult, Evidence, Judgement, Verdict, judge
+from proxy.judge.sequential import log_mixture_ratio
+from proxy.judge.stats import VariantStats
 
 STEPS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0)
 
@@ -600,7 +600,7 @@ def test_latency_ratio_is_inconclusive_while_stable_is_too_small(stable_requests
 
 
 def test_latency_ratio_can_fail_once_stable_has_min_requests() -> None:
-    # Stable's p95 is bounded at the route's confidence (rule 4 of proxy.analysis): with
+    # Stable's p95 is bounded at the route's confidence (rule 4 of proxy.judge.analysis): with
     # 100 values its high bound is read at rank 100, so min_requests is all it takes.
     judgement = judge(
         evidence(stats(500, latency=spread(2.0)), stats(100, latency=spread(1.0))),
@@ -729,7 +729,7 @@ def test_overall_verdict_fails_on_any_failure_and_passes_only_when_all_pass(
 
 
 def test_more_limits_make_failing_harder_and_steps_do_not() -> None:
-    # α is split over the limits (rule 2 of proxy.analysis), not over the steps: a breach
+    # α is split over the limits (rule 2 of proxy.judge.analysis), not over the steps: a breach
     # that fails one limit may be inconclusive among five, however many steps there are.
     canary, stable = stats(300, 22), stats(300, 3)  # 7.3% against 1% + 1%
     check = ErrorRateCheck(max_increase=0.01)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from proxy.answer import read_facts, request_model, stream_is_complete
+from proxy.apis.answer import read_facts, request_model, stream_is_complete
 
 CHUNK = b'data: {"model":"m1","choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
 FINISH = b'data: {"model":"m1","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'

@@ -396,4 +396,6 @@ async def test_the_status_command_prints_the_rollout_table(
     assert row.split()[:6] == ["chat", "v1", "v2", "20%", "progressing", "1/3"]
     assert "inconclusive: too little data" in row
     assert "state store sqlite: up" in result.stdout
-    assert re.search(r"^1 process \(leader [^;]+; config [0-9a-f]{12}\)$", result.stdout, re.M)
+    assert re.search(
+        r"^1 process \(leader [^;]+; shared config [0-9a-f]{12}\)$", result.stdout, re.M
+    )

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.deadlines import Deadlines, Watch
+from proxy.http.deadlines import Deadlines, Watch
 
 
 @pytest.fixture

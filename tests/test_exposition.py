@@ -1,12 +1,12 @@
-"""proxy.exposition: several workers' /metrics as one exposition, parsed by prometheus_client."""
+"""Several workers' /metrics as one exposition (proxy.telemetry.exposition), parsed back."""
 
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.exposition import merge_expositions
-from proxy.histogram import LogHistogram
-from proxy.metrics import Gauges, Metrics
+from proxy.judge.histogram import LogHistogram
+from proxy.telemetry.exposition import merge_expositions
+from proxy.telemetry.metrics import Gauges, Metrics
 
 
 def worker_text(requests: int, weight: float, version: str) -> str:

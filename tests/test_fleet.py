@@ -29,7 +29,7 @@ from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
 
-LEASE_S = 5.0  # proxy.controller.LEASE_S
+LEASE_S = 5.0  # proxy.server.controller.LEASE_S
 
 
 @pytest.fixture

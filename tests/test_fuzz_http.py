@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyServer
 from proxy.config import parse_config
+from proxy.server.app import ProxyServer
 from tests.conftest import Backends
 from tests.harness import proxy_yaml
 

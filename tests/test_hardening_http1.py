@@ -1,7 +1,7 @@
 """A backend that sends more than it answered never desynchronises a kept-alive connection.
 
 Scripted backends on 127.0.0.1 (see `test_http1_pool`) send exact bytes; the connection
-must never read them as the answer to the next request (`proxy.http1` Rule 5).
+must never read them as the answer to the next request (`proxy.http.http1` Rule 5).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config.model import KeyKind, KeySource
-from proxy.keys import FoundKey, find_key
-from proxy.routing import BUCKETS, bucket_of
+from proxy.routing.assignment import BUCKETS, bucket_of
+from proxy.routing.keys import FoundKey, find_key
 from tests.conftest import Backends
 from tests.harness import proxy_yaml, running_proxy
 from tests.otlp_receiver import otlp_receiver

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.headers import request_head, response_headers
+from proxy.http.headers import request_head, response_headers
 
 
 def head(*headers: tuple[bytes, bytes], **options: Any) -> bytes:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.histogram import EXPORT_BOUNDS_S, LogHistogram
+from proxy.judge.histogram import EXPORT_BOUNDS_S, LogHistogram
 
 durations = st.floats(min_value=1e-5, max_value=1000, allow_nan=False)
 

@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from proxy.config.model import Backend, Timeouts
-from proxy.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
-from proxy.pool import BackendPool, ConnectFailed
+from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
+from proxy.http.pool import BackendPool, ConnectFailed
 from tests.harness import closed_port, proxy_yaml, running_proxy
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

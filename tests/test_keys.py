@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from proxy.config.model import KeyKind, KeySource
-from proxy.keys import NEED_BODY, FoundKey, client_ip, find_key, is_trusted, read_source
+from proxy.routing.keys import NEED_BODY, FoundKey, client_ip, find_key, is_trusted, read_source
 from tests.parts import Parts
 
 HEADER = KeySource(KeyKind.HEADER, "x-user-id")

@@ -7,7 +7,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import Gauges, Metrics, known_method
+from proxy.telemetry.metrics import Gauges, Metrics, known_method
 
 GAUGES = Gauges(weights={"chat": 12.5}, config_version="abc123def456", fleet_version="0123456789ab")
 

@@ -311,7 +311,7 @@ async def test_an_invalid_config_changes_nothing_and_says_why_everywhere(
         "REMOVED": good.replace(f"  v2: {{url: '{backends.canary.url}'}}\n", ""),
         "LISTEN": good.replace("listen: 127.0.0.1:0\n", f"listen: 127.0.0.1:{closed_port()}\n", 1),
     }
-    caplog.set_level(logging.ERROR, logger="proxy.app")
+    caplog.set_level(logging.ERROR, logger="proxy.server.app")
     async with running_proxy_file(str(path)) as proxy:
         version = proxy.server.config.version
         path.write_text(replacements.get(broken, broken))

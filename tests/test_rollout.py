@@ -1,4 +1,4 @@
-"""proxy.rollout: the state machine as tables of (state, event) → state and decision.
+"""proxy.rollout.machine: the state machine as tables of (state, event) → state and decision.
 
 A state carries the judge's evidence: a new rollout (restart, adopt, resume after a
 rollback) starts it afresh from the slice after now, a new step (advance, resume after
@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.analysis import CheckResult, Evidence, Judgement, Verdict, judge
 from proxy.config.model import (
     AutoRollout,
     Backend,
@@ -27,7 +26,9 @@ from proxy.config.model import (
     Route,
     Variant,
 )
-from proxy.rollout import (
+from proxy.judge.analysis import CheckResult, Evidence, Judgement, Verdict, judge
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import (
     MAX_DECISIONS,
     Decision,
     OperatorAction,
@@ -41,7 +42,6 @@ from proxy.rollout import (
     reconcile,
     served_weight,
 )
-from proxy.stats import VariantStats
 from tests.factories import CANARY_BACKEND, make_config, make_route
 
 STEPS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0)

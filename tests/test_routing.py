@@ -17,8 +17,7 @@ from proxy.config.model import (
     Sticky,
     Variant,
 )
-from proxy.keys import NEED_BODY
-from proxy.routing import (
+from proxy.routing.assignment import (
     Assignment,
     AssignReason,
     RoutePlan,
@@ -30,6 +29,7 @@ from proxy.routing import (
     choose_variant,
     match_route,
 )
+from proxy.routing.keys import NEED_BODY
 from tests.factories import make_config, make_route
 from tests.parts import Parts
 

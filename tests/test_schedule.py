@@ -1,4 +1,4 @@
-"""proxy.schedule: when a canary may move (advance) and when it may be served (serve)."""
+"""proxy.routing.schedule: when a canary may move (advance) and when it may be served (serve)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from proxy.config import parse_config
 from proxy.config.grammar import parse_window
 from proxy.config.model import Schedule, ScheduleMode, TimeWindow
-from proxy.schedule import inside, may_advance, may_serve
+from proxy.routing.schedule import inside, may_advance, may_serve
 
 UTC = ZoneInfo("UTC")
 BERLIN = ZoneInfo("Europe/Berlin")

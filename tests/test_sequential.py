@@ -1,4 +1,4 @@
-"""proxy.sequential: confidence bounds, the always-valid mSPRT, histogram exceedances.
+"""proxy.judge.sequential: confidence bounds, the always-valid mSPRT, histogram exceedances.
 
 The Monte Carlo tests use a fixed seed and an exact binomial sampler by inversion
 (one uniform per batch), so they are deterministic and take a few seconds.
@@ -13,8 +13,8 @@ from statistics import NormalDist
 
 import pytest
 
-from proxy.histogram import LogHistogram
-from proxy.sequential import (
+from proxy.judge.histogram import LogHistogram
+from proxy.judge.sequential import (
     above,
     difference_bounds,
     log_mixture_ratio,

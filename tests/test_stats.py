@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.stats import VariantStats, WindowStats
+from proxy.judge.stats import VariantStats, WindowStats
 
 
 def test_a_window_sums_the_slices_it_covers() -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.analysis import CheckResult, Judgement, Verdict
 from proxy.config.model import StateConfig, StateStoreKind
-from proxy.histogram import LogHistogram
-from proxy.rollout import Decision, RouteState, Status
-from proxy.stats import VariantStats
+from proxy.judge.analysis import CheckResult, Judgement, Verdict
+from proxy.judge.histogram import LogHistogram
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import Decision, RouteState, Status
 from proxy.store import STORES, StateStore, StatsSlice, open_store
 from proxy.store.sqlite import SqliteStore
 

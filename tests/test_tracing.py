@@ -6,7 +6,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from proxy.tracing import (
+from proxy.telemetry.tracing import (
     SpanKind,
     encode_span,
     export_request,

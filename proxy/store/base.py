@@ -22,8 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from proxy.rollout import RouteState
-from proxy.stats import VariantStats
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import RouteState
 
 __all__ = ["ProcessInfo", "StateStore", "StatsSlice"]
 

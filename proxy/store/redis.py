@@ -34,8 +34,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from proxy.rollout import RouteState
-from proxy.stats import VariantStats
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
 
 __all__ = ["PREFIX", "TIMEOUT_S", "RedisStore", "stats_key"]

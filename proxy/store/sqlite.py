@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, TypeVar
 
-from proxy.rollout import RouteState
-from proxy.stats import VariantStats
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
 
 __all__ = ["SqliteStore"]

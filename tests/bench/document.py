@@ -36,7 +36,7 @@ from scenarios import THROUGHPUT_CONNECTIONS, Settings
 from stream_client import SETTLE_S, TAIL_S
 from targets import CANARY_WEIGHT, TARGETS
 
-from proxy.reload import POLL_S
+from proxy.server.reload import POLL_S
 
 __all__ = [
     "DOC",

@@ -42,7 +42,7 @@ from scenarios import MeasurementError, Settings, wrk_post
 from system import CoreTimes, cpu_seconds
 from targets import CANARY_SALT, CANARY_WEIGHT, Running, rewrite_weight
 
-from proxy.reload import POLL_S
+from proxy.server.reload import POLL_S
 
 __all__ = [
     "RELOAD_CONNECTIONS",

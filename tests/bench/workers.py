@@ -71,7 +71,7 @@ from system import (
 )
 from targets import BENCH_DIR, CANARY_ROUTE, CANARY_SALT, CANARY_WEIGHT
 
-from proxy.controller import TICK_S
+from proxy.server.controller import TICK_S
 
 __all__ = ["main"]
 

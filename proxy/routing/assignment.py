@@ -40,7 +40,7 @@ from proxy.config.model import (
     Route,
     Variant,
 )
-from proxy.keys import NEED_BODY, Body, NeedBody, RequestParts, find_key, read_source
+from proxy.routing.keys import NEED_BODY, Body, NeedBody, RequestParts, find_key, read_source
 
 __all__ = [
     "BUCKETS",

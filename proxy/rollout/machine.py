@@ -22,7 +22,7 @@ Rules:
 6. `rolled_back` stays until the canary changes, the weight is edited, or an
    operator resumes (from `steps[0]`). A resume, from `paused` too, judges the canary
    afresh: what paused, held or rolled it back is behind it.
-7. The judge's evidence (`proxy.analysis.Evidence`) starts again with every new
+7. The judge's evidence (`proxy.judge.analysis.Evidence`) starts again with every new
    rollout (a new canary, an adopted weight, a resume), and its step window with
    every step.
 8. Every change is a `Decision` saying when, what, why, and with which numbers.
@@ -37,9 +37,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Final
 
-from proxy.analysis import Evidence, Judgement, Verdict
 from proxy.config.model import AutoRollout, Backend, OnFailure, Route, Variant
-from proxy.stats import SLICE_S
+from proxy.judge.analysis import Evidence, Judgement, Verdict
+from proxy.judge.stats import SLICE_S
 
 __all__ = [
     "Decision",

@@ -23,7 +23,7 @@ Rules:
 1. Attributes are bounded: routes, variants and backends come from the config;
    methods outside the standard ones are `_OTHER` (HTTP semantic conventions); no
    model names and nothing else a client chooses.
-2. Durations use the powers-of-two buckets of `proxy.histogram` (3.9 ms to 512 s).
+2. Durations use the powers-of-two buckets of `proxy.judge.histogram` (3.9 ms to 512 s).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.histogram import EXPORT_BOUNDS_S, LogHistogram
-from proxy.otlp_wire import (
+from proxy.judge.histogram import EXPORT_BOUNDS_S, LogHistogram
+from proxy.telemetry.otlp_wire import (
     AttributeValue,
     attributes,
     field_bytes,

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Final
 
-from proxy.histogram import LogHistogram
+from proxy.judge.histogram import LogHistogram
 
 __all__ = ["RETENTION_S", "SLICE_S", "VariantStats", "WindowStats"]
 

@@ -9,7 +9,7 @@ Rules:
 1. Too little data is inconclusive, never a pass and never a failure: below
    `min_requests` canary requests, and wherever a test cannot yet tell.
 2. A check fails only on a breach that is significant over the whole rollout so far:
-   an always-valid sequential test (mSPRT, `proxy.sequential`) rejects "the canary
+   an always-valid sequential test (mSPRT, `proxy.judge.sequential`) rejects "the canary
    is within the limit" at α = (1 − confidence) / limits. Being always valid, it may
    be looked at every interval of the rollout; split over the limits, the chance
    that a canary as good as its limits is ever failed, by any check at any look,
@@ -38,8 +38,8 @@ from enum import StrEnum
 from typing import Final
 
 from proxy.config.model import AutoRollout, ErrorRateCheck, LatencyCheck
-from proxy.histogram import LogHistogram
-from proxy.sequential import (
+from proxy.judge.histogram import LogHistogram
+from proxy.judge.sequential import (
     above,
     difference_bounds,
     log_mixture_ratio,
@@ -47,7 +47,7 @@ from proxy.sequential import (
     quantile_bounds,
     wilson_bounds,
 )
-from proxy.stats import VariantStats
+from proxy.judge.stats import VariantStats
 
 __all__ = ["CheckResult", "Evidence", "Judgement", "Verdict", "judge"]
 

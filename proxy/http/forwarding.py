@@ -40,9 +40,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy.body import RequestBody
 from proxy.config.model import Backend, Variant
-from proxy.deadlines import Deadlines, Watch
 from proxy.errors import (
     Draining,
     HeadTooLarge,
@@ -57,19 +55,21 @@ from proxy.errors import (
     UpstreamUnreachable,
     error_body,
 )
-from proxy.headers import REQUEST_ID, VARIANT, request_head
-from proxy.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
-from proxy.keys import NEED_BODY, is_trusted
-from proxy.pool import ConnectFailed, ConnectTimeout
-from proxy.relay import Opened, relay
-from proxy.routing import RoutePlan, RouteTable, assign, match_route
-from proxy.telemetry import Exchange, Telemetry
-from proxy.tracing import format_traceparent
-from proxy.upstreams import Upstreams
+from proxy.http.body import RequestBody
+from proxy.http.deadlines import Deadlines, Watch
+from proxy.http.headers import REQUEST_ID, VARIANT, request_head
+from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
+from proxy.http.pool import ConnectFailed, ConnectTimeout
+from proxy.http.relay import Opened, relay
+from proxy.http.upstreams import Upstreams
+from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
+from proxy.routing.keys import NEED_BODY, is_trusted
+from proxy.telemetry.recorder import Exchange, Telemetry
+from proxy.telemetry.tracing import format_traceparent
 
 __all__ = ["FALLBACK", "MAX_HEAD_BYTES", "Forwarder", "Snapshot", "error_response"]
 
-log = logging.getLogger("proxy.forwarding")
+log = logging.getLogger("proxy.http.forwarding")
 
 FALLBACK: Final = "x-canary-fallback"
 # The status a request is recorded with when its client left before the answer

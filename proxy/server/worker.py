@@ -1,6 +1,6 @@
-"""One worker of `canary-proxy run --workers N`, started by `proxy.supervisor`.
+"""One worker of `canary-proxy run --workers N`, started by `proxy.server.supervisor`.
 
-    python -m proxy.worker CONFIG --index I --listen-fd F --admin-fd G [--no-watch]
+    python -m proxy.server.worker CONFIG --index I --listen-fd F --admin-fd G [--no-watch]
 
 It serves the public socket and the private admin socket its supervisor bound and
 handed down, exactly as `run` serves alone, and meets the other workers in the state
@@ -26,7 +26,7 @@ _PARENT_CHECK_S: Final = 1.0
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m proxy.worker")
+    parser = argparse.ArgumentParser(prog="python -m proxy.server.worker")
     parser.add_argument("config")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
@@ -37,8 +37,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    from proxy.app import serve
     from proxy.config import load_config
+    from proxy.server.app import serve
 
     config = load_config(args.config)
     sockets = (socket.socket(fileno=args.listen_fd), socket.socket(fileno=args.admin_fd))
@@ -48,7 +48,7 @@ async def _serve(args: argparse.Namespace) -> None:
         # A supervisor killed outright cannot stop its workers: they notice and drain.
         while os.getppid() == parent:  # noqa: ASYNC110  (no event tells of a parent's death)
             await asyncio.sleep(_PARENT_CHECK_S)
-        logging.getLogger("proxy.worker").warning("the supervisor is gone: stopping")
+        logging.getLogger("proxy.server.worker").warning("the supervisor is gone: stopping")
         os.kill(os.getpid(), signal.SIGTERM)
 
     watchdog = asyncio.get_running_loop().create_task(orphaned())
@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except (RuntimeError, OSError) as exc:  # the supervisor reports it and stops
-        logging.getLogger("proxy.worker").error("cannot start: %s", exc)
+        logging.getLogger("proxy.server.worker").error("cannot start: %s", exc)
         return 1
     return 0
 

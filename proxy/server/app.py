@@ -1,7 +1,7 @@
 """The proxy process: the public server, the admin server, the backends, and their lifecycle.
 
 Rules:
-1. The public port is aiohttp's low-level server (`proxy.inbound`: head timeout, bad
+1. The public port is aiohttp's low-level server (`proxy.http.inbound`: head timeout, bad
    HTTP refused): every path goes to the `Forwarder`; there is no router, no
    middleware and no access log on the hot path.
 2. A client that disconnects cancels its handler at once (`handler_cancellation`),
@@ -33,23 +33,23 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.admin import build_admin_app
 from proxy.config import ConfigError, content_version, load_config
 from proxy.config.model import Config, ListenAddress
-from proxy.controller import Controller
-from proxy.deadlines import Deadlines
-from proxy.exporter import OtlpExporter
-from proxy.forwarding import Forwarder, Snapshot
-from proxy.inbound import PublicServer
-from proxy.metrics import Gauges
-from proxy.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
-from proxy.routing import RouteTable
-from proxy.telemetry import Telemetry
-from proxy.upstreams import Upstreams
+from proxy.http.deadlines import Deadlines
+from proxy.http.forwarding import Forwarder, Snapshot
+from proxy.http.inbound import PublicServer
+from proxy.http.upstreams import Upstreams
+from proxy.routing.assignment import RouteTable
+from proxy.server.admin import build_admin_app
+from proxy.server.controller import Controller
+from proxy.server.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
+from proxy.telemetry.exporter import OtlpExporter
+from proxy.telemetry.metrics import Gauges
+from proxy.telemetry.recorder import Telemetry
 
 __all__ = ["ProxyServer", "serve"]
 
-log = logging.getLogger("proxy.app")
+log = logging.getLogger("proxy.server.app")
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
@@ -89,7 +89,7 @@ class ProxyServer:
         self._reloading = asyncio.Lock()
         self.controller = Controller(self, shared=worker is not None)
 
-    # --- what the admin port reads (proxy.admin.AdminView) --------------------------------
+    # --- what the admin port reads (proxy.server.admin.AdminView) --------------------------------
 
     @property
     def table(self) -> RouteTable:

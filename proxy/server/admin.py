@@ -19,12 +19,12 @@ from typing import Final, Protocol
 from aiohttp import web
 
 from proxy import __version__
-from proxy.controller import Controller, StoreUnavailable, UnknownRoute
-from proxy.metrics import Gauges
-from proxy.reload import ReloadOutcome, ReloadResult
-from proxy.rollout import OperatorAction, RouteState, TransitionRefused
-from proxy.routing import RouteTable, bucket_of, canary_from_weight, choose_variant
-from proxy.telemetry import Telemetry
+from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused
+from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
+from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
+from proxy.server.reload import ReloadOutcome, ReloadResult
+from proxy.telemetry.metrics import Gauges
+from proxy.telemetry.recorder import Telemetry
 
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
 

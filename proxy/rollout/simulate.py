@@ -4,7 +4,7 @@ Each run replays a route's automatic rollout interval by interval: requests arri
 a Poisson process at `rps`, the canary gets its weight's share, each variant's
 errors are binomial and its latencies log-normal (so their histograms are
 multinomial over the real histogram's buckets), and at every interval the real judge
-(`proxy.analysis`) and the real state machine (`proxy.rollout`) decide, over the
+(`proxy.judge.analysis`) and the real state machine (`proxy.rollout.machine`) decide, over the
 window since the step began, exactly as the controller does. Operators tune
 thresholds with it before a real rollout.
 
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Final
 
-from proxy.analysis import Evidence, judge
 from proxy.config.model import AutoRollout, Route
-from proxy.histogram import LogHistogram
-from proxy.rollout import RouteState, Status, on_judgement, reconcile
-from proxy.stats import VariantStats
+from proxy.judge.analysis import Evidence, judge
+from proxy.judge.histogram import LogHistogram
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import RouteState, Status, on_judgement, reconcile
 
 if TYPE_CHECKING:
     import numpy as np

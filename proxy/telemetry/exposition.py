@@ -7,7 +7,7 @@ series, marked with a `worker` label, and each family is declared once. Queries 
 them (`sum without (worker) (...)`), as they would sum the pods of a Deployment.
 
 Rules:
-1. The input is what `proxy.metrics` writes: every family's `# HELP` and `# TYPE`
+1. The input is what `proxy.telemetry.metrics` writes: every family's `# HELP` and `# TYPE`
    lines come before its samples, and a family's samples are contiguous.
 2. A family's description and type are the first worker's; its samples are every
    worker's, in worker order.

@@ -3,7 +3,7 @@
 Rules:
 1. One pool per backend per process (never a connection per request).
 2. Nothing is changed on the way through: no cookie jar, no decompression, no
-   redirects followed, no header the client did not send (see `proxy.headers`).
+   redirects followed, no header the client did not send (see `proxy.http.headers`).
 3. On a reload, a backend whose settings did not change keeps its pool; a retired
    pool is closed, and its connections still busy close when their exchange ends.
 """
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from proxy.config.model import Backend
-from proxy.pool import BackendPool
+from proxy.http.pool import BackendPool
 
 __all__ = ["Upstreams"]
 

@@ -21,7 +21,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from proxy.config.model import Backend
-from proxy.http1 import Connection
+from proxy.http.http1 import Connection
 
 __all__ = ["KEEPALIVE_S", "BackendPool", "ConnectFailed", "ConnectTimeout"]
 

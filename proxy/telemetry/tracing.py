@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from enum import IntEnum
 from typing import Final
 
-from proxy.otlp_wire import (
+from proxy.telemetry.otlp_wire import (
     AttributeValue,
     attribute,
     attributes,

@@ -3,12 +3,12 @@
 One Python process serves one core. The supervisor binds the public address N times
 with SO_REUSEPORT (the kernel spreads new connections over the N sockets) and one
 private admin socket per worker on loopback, then starts a worker process for each
-(`proxy.worker`), which inherits its two sockets. The workers agree through the state
+(`proxy.server.worker`), which inherits its two sockets. The workers agree through the state
 store like replicas do: one controller decides, every worker serves its decision.
 
 The supervisor's own admin port (`admin.listen`) answers for the set:
 - `/healthz`: the supervisor runs; `/readyz`: every worker is ready;
-- `/metrics`: every worker's series, each with a `worker` label (`proxy.exposition`);
+- `/metrics`: every worker's series, each with a `worker` label (`proxy.telemetry.exposition`);
 - `POST /api/reload`: every worker reloads; the answer says how each did;
 - `/api/status`: one worker's (which sees every worker's stats and heartbeat through
   the store), with the supervisor's list of workers added;
@@ -41,11 +41,11 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Config, ListenAddress
-from proxy.exposition import merge_expositions
+from proxy.telemetry.exposition import merge_expositions
 
 __all__ = ["Supervisor", "supervise"]
 
-log = logging.getLogger("proxy.supervisor")
+log = logging.getLogger("proxy.server.supervisor")
 
 _RESTART_FIRST_S: Final = 0.5
 _RESTART_MAX_S: Final = 10.0
@@ -137,7 +137,7 @@ class Supervisor:
         argv = [
             sys.executable,
             "-m",
-            "proxy.worker",
+            "proxy.server.worker",
             self.config.source,
             "--index",
             str(worker.index),

@@ -1,7 +1,7 @@
 """The rollout controller: judge, decide, apply, record, persist, for every route.
 
-Every `interval` it judges each progressing route (`proxy.analysis.judge`, over the
-window since its step began), lets the state machine decide (`proxy.rollout`),
+Every `interval` it judges each progressing route (`proxy.judge.analysis.judge`, over the
+window since its step began), lets the state machine decide (`proxy.rollout.machine`),
 stores the new state with compare-and-set, serves its weight from the next request
 on, and says why: a log line that reads as a sentence, `canary.rollout.decisions`,
 and a span when tracing is on. The decisions are pure functions; this module is the
@@ -49,10 +49,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Final, Protocol
 
-from proxy.analysis import Evidence, judge
 from proxy.config.fleet import disagreements, explain, shared_settings
 from proxy.config.model import Config, Route, StateStoreKind
-from proxy.rollout import (
+from proxy.judge.analysis import Evidence, judge
+from proxy.judge.stats import VariantStats
+from proxy.rollout.machine import (
     Decision,
     OperatorAction,
     RouteState,
@@ -64,14 +65,13 @@ from proxy.rollout import (
     reconcile,
     served_weight,
 )
-from proxy.schedule import may_advance, may_serve
-from proxy.stats import VariantStats
+from proxy.routing.schedule import may_advance, may_serve
 from proxy.store import ProcessInfo, StateStore, open_store
-from proxy.telemetry import Telemetry
+from proxy.telemetry.recorder import Telemetry
 
 __all__ = ["Controller", "ControllerHost", "StoreUnavailable", "UnknownRoute"]
 
-log = logging.getLogger("proxy.controller")
+log = logging.getLogger("proxy.server.controller")
 
 TICK_S: Final = 1.0
 LEASE_S: Final = 5.0  # a dead leader's lease passes to another within this

@@ -32,7 +32,7 @@ import math
 from statistics import NormalDist
 from typing import Final
 
-from proxy.histogram import LogHistogram
+from proxy.judge.histogram import LogHistogram
 
 __all__ = [
     "above",
@@ -47,7 +47,7 @@ __all__ = [
 _NORMAL: Final = NormalDist()
 _LOG_2: Final = math.log(2)
 _SPREADS: Final = (0.5, 1.0, 2.0, 4.0, 8.0)  # the mixture's spreads, in units of the scale
-_PER_DOUBLING: Final = 8  # proxy.histogram's buckets per doubling
+_PER_DOUBLING: Final = 8  # proxy.judge.histogram's buckets per doubling
 
 
 def z_score(confidence: float) -> float:

@@ -2,7 +2,7 @@
 
 The forwarding code fills one `Exchange` per request and one `Attempt` per backend
 attempt, and hands them over when they end; nothing here does I/O. Spans go to a
-bounded queue that the exporter (`proxy.exporter`) drains.
+bounded queue that the exporter (`proxy.telemetry.exporter`) drains.
 
 Rules:
 1. Every attempt feeds the window stats (what the status page and the rollout judge
@@ -27,14 +27,14 @@ from collections import deque
 from typing import Final
 
 from proxy import __version__
-from proxy.answer import AnswerFacts, read_facts, request_model
+from proxy.apis.answer import AnswerFacts, read_facts, request_model
 from proxy.config.model import Config, Variant
-from proxy.metrics import Gauges, Metrics
-from proxy.otlp_wire import AttributeValue, attributes
-from proxy.rollout import Decision
-from proxy.routing import Assignment
-from proxy.stats import RETENTION_S, WindowStats
-from proxy.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
+from proxy.judge.stats import RETENTION_S, WindowStats
+from proxy.rollout.machine import Decision
+from proxy.routing.assignment import Assignment
+from proxy.telemetry.metrics import Gauges, Metrics
+from proxy.telemetry.otlp_wire import AttributeValue, attributes
+from proxy.telemetry.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
 
 __all__ = ["SCOPE", "Attempt", "Exchange", "Telemetry", "operation_of"]
 

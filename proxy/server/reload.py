@@ -7,7 +7,7 @@ Rules:
    anyway. A change is reported once per new content, so an invalid file is not
    retried until it changes again.
 2. A reload is all or nothing: a new config is parsed and validated whole before
-   anything is swapped (`proxy.app.ProxyServer.reload`). What cannot change without a
+   anything is swapped (`proxy.server.app.ProxyServer.reload`). What cannot change without a
    restart (the addresses the proxy listens on) makes the reload fail, not apply in
    part.
 3. Content equal to what is serving is no change: the same version.
@@ -35,7 +35,7 @@ __all__ = [
     "changes_needing_restart",
 ]
 
-log = logging.getLogger("proxy.reload")
+log = logging.getLogger("proxy.server.reload")
 
 POLL_S: Final = 0.5
 REHASH_S: Final = 5.0

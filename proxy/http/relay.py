@@ -4,7 +4,7 @@ Rules:
 1. Nothing waits for the whole body: each chunk is written to the client as it
    arrives; only a body that arrived complete with its first read is sent in one piece.
 2. The response head goes out with the first body bytes, so until then a failed
-   attempt can still fall back to stable (see `proxy.forwarding`).
+   attempt can still fall back to stable (see `proxy.http.forwarding`).
 3. A backend stream cut mid-way (reset, bad framing, idle timeout, an event stream
    without its end marker) is never turned into a clean end: the client connection
    is closed without the terminating chunk, so the client sees a truncated answer.
@@ -25,12 +25,12 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.answer import stream_is_complete
-from proxy.deadlines import Deadlines, Watch
-from proxy.headers import response_headers
-from proxy.http1 import BackendCut, Connection, Head
-from proxy.pool import BackendPool
-from proxy.telemetry import Attempt
+from proxy.apis.answer import stream_is_complete
+from proxy.http.deadlines import Deadlines, Watch
+from proxy.http.headers import response_headers
+from proxy.http.http1 import BackendCut, Connection, Head
+from proxy.http.pool import BackendPool
+from proxy.telemetry.recorder import Attempt
 
 __all__ = ["Opened", "relay"]
 

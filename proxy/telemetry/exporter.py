@@ -24,13 +24,13 @@ from typing import Final
 import aiohttp
 
 from proxy import __version__
-from proxy.metrics import Gauges
-from proxy.telemetry import SCOPE, Telemetry
-from proxy.tracing import export_request
+from proxy.telemetry.metrics import Gauges
+from proxy.telemetry.recorder import SCOPE, Telemetry
+from proxy.telemetry.tracing import export_request
 
 __all__ = ["METRICS_INTERVAL_S", "OtlpExporter"]
 
-log = logging.getLogger("proxy.exporter")
+log = logging.getLogger("proxy.telemetry.exporter")
 
 METRICS_INTERVAL_S: Final = 10.0
 FLUSH_S: Final = 2.0

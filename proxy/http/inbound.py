@@ -36,11 +36,11 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.errors import BadHttp, ProxyError, error_body
-from proxy.forwarding import Forwarder
+from proxy.http.forwarding import Forwarder
 
 __all__ = ["ClientConnection", "PublicServer"]
 
-log = logging.getLogger("proxy.inbound")
+log = logging.getLogger("proxy.http.inbound")
 
 _MAX_REASON_CHARS: Final = 80
 _CONTENT_TYPE: Final = "application/json"
