@@ -20,6 +20,7 @@ from proxy.judge.histogram import LogHistogram
 from proxy.judge.stats import VariantStats
 from proxy.rollout.machine import Decision, RouteState, Status
 from proxy.store import STORES, StateStore, StatsSlice, open_store
+from proxy.store.memory import MemoryStore
 from proxy.store.sqlite import SqliteStore
 
 NOW = 1_800_000_000.0
@@ -35,8 +36,16 @@ def db_path(tmp_path: Path) -> str:
 Connect = Callable[[], AbstractAsyncContextManager[StateStore]]
 
 
-@pytest.fixture(params=list(StateStoreKind), ids=str)
+@pytest.fixture(params=[*StateStoreKind, "memory"], ids=str)
 def connect(request: pytest.FixtureRequest, db_path: str) -> Connect:
+    if request.param == "memory":  # one store in memory: every "process" opens the same
+        shared = MemoryStore()
+
+        @asynccontextmanager
+        async def in_memory() -> AsyncIterator[StateStore]:
+            yield shared
+
+        return in_memory
     if request.param is StateStoreKind.REDIS:
         config = StateConfig(StateStoreKind.REDIS, url=request.getfixturevalue("redis_server").url)
     else:

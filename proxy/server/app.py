@@ -39,6 +39,8 @@ from proxy.http.deadlines import Deadlines
 from proxy.http.forwarding import Forwarder, Snapshot
 from proxy.http.inbound import PublicServer
 from proxy.http.upstreams import Upstreams
+from proxy.judge.stats import WindowStats
+from proxy.rollout.machine import Decision
 from proxy.routing.assignment import RouteTable
 from proxy.server.admin import build_admin_app
 from proxy.server.controller import Controller
@@ -122,6 +124,18 @@ class ProxyServer:
     def gauges(self) -> Gauges:
         controller = self.controller
         return self.telemetry.gauges(self.table.weights, controller.store_up, controller.leader)
+
+    # --- what the rollout controller needs (proxy.server.controller.ControllerHost) ------
+
+    @property
+    def stats(self) -> WindowStats:
+        return self.telemetry.stats
+
+    def record_judgement(self, route: str, verdict: str) -> None:
+        self.telemetry.record_judgement(route, verdict)
+
+    def record_decision(self, route: str, decision: Decision) -> None:
+        self.telemetry.record_decision(route, decision)
 
     def describe(self) -> dict[str, object]:
         """What this process says of itself to the others (its heartbeat)."""

@@ -4,14 +4,18 @@ Every `interval` it judges each progressing route (`proxy.judge.analysis.judge`,
 window since its step began), lets the state machine decide (`proxy.rollout.machine`),
 stores the new state with compare-and-set, serves its weight from the next request
 on, and says why: a log line that reads as a sentence, `canary.rollout.decisions`,
-and a span when tracing is on. The decisions are pure functions; this module is the
-I/O around them.
+and a span when tracing is on.
 
 Every process runs one (each worker, each replica); they meet in the state store,
 and the store is the only thing that differs between one machine and a fleet. On
 every tick each one says it is alive (with its config version), publishes the stats
 slices it completed, tries to take or renew the lease, and reads the route states
 back, so a decision made anywhere is served everywhere within a tick or two.
+
+The decisions are `proxy.rollout.planner`'s, a pure function of the time, the states,
+the evidence and the config; this module is the I/O around them. The clock and the
+store are injected (`clock`, `store`), so tests drive whole rollouts with `tick()` on
+a fake clock and an in-memory store.
 
 Rules:
 1. One controller decides at a time: it holds the store's lease, renewed every tick.
@@ -45,29 +49,26 @@ import socket
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from proxy.config.fleet import disagreements, explain, shared_settings
 from proxy.config.model import Config, Route, StateStoreKind
-from proxy.judge.analysis import Evidence, judge
-from proxy.judge.stats import VariantStats
-from proxy.rollout.machine import (
-    Decision,
-    OperatorAction,
-    RouteState,
-    Status,
-    Transition,
-    canary_identity,
-    on_judgement,
-    on_operator,
-    reconcile,
-    served_weight,
+from proxy.judge.analysis import Evidence
+from proxy.judge.stats import VariantStats, WindowStats
+from proxy.rollout.machine import Decision, OperatorAction, RouteState, Transition, on_operator
+from proxy.rollout.planner import (
+    SETTLE_SLICES,
+    Fleet,
+    Judged,
+    due,
+    plan,
+    reconcile_all,
+    served_weights,
+    slices_to_gather,
+    timers_for,
 )
-from proxy.routing.schedule import may_advance, may_serve
 from proxy.store import ProcessInfo, StateStore, open_store
-from proxy.telemetry.recorder import Telemetry
 
 __all__ = ["Controller", "ControllerHost", "StoreUnavailable", "UnknownRoute"]
 
@@ -76,8 +77,9 @@ log = logging.getLogger("proxy.server.controller")
 TICK_S: Final = 1.0
 LEASE_S: Final = 5.0  # a dead leader's lease passes to another within this
 HEARTBEAT_S: Final = 5.0  # a process that stops beating drops out of the list after this
-SETTLE_SLICES: Final = 2  # rule 5
 _OPERATOR_ATTEMPTS: Final = 3
+
+Clock = Callable[[], float]  # epoch seconds
 
 
 class UnknownRoute(KeyError):
@@ -95,9 +97,15 @@ class ControllerHost(Protocol):
     def config(self) -> Config: ...
 
     @property
-    def telemetry(self) -> Telemetry: ...
+    def stats(self) -> WindowStats:
+        """This process's window stats, which the controller publishes and judges."""
+        ...
 
     def set_weights(self, weights: Mapping[str, float]) -> None: ...
+
+    def record_judgement(self, route: str, verdict: str) -> None: ...
+
+    def record_decision(self, route: str, decision: Decision) -> None: ...
 
     def describe(self) -> Mapping[str, object]:
         """What this process says of itself in its heartbeat (ports, worker number)."""
@@ -105,16 +113,37 @@ class ControllerHost(Protocol):
 
 
 class Controller:
-    def __init__(self, host: ControllerHost, *, shared: bool = False) -> None:
+    """The rollout controller of one process.
+
+    Args:
+        host: the running proxy.
+        shared: one of several workers: the store is how they agree (rule 3).
+        clock: epoch seconds (`time.time`; tests pass a fake one).
+        store: the state store to use; default: the one the config names, opened
+            when first needed.
+        source: this process's name in the fleet (default `host:pid`).
+    """
+
+    def __init__(
+        self,
+        host: ControllerHost,
+        *,
+        shared: bool = False,
+        clock: Clock = time.time,
+        store: StateStore | None = None,
+        source: str | None = None,
+    ) -> None:
         self._host = host
-        self._shared = shared  # one of several workers: the store is how they agree
-        self._store: StateStore | None = None
-        self.source = f"{socket.gethostname()}:{os.getpid()}"
+        self._shared = shared
+        self._clock = clock
+        self._store: StateStore | None = store
+        self._given_store = store is not None
+        self.source = source or f"{socket.gethostname()}:{os.getpid()}"
         self._holder = f"{self.source}:{id(self):x}"
-        self._started_at = time.time()
+        self._started_at = clock()
         self._leader = False
         self.states: dict[str, RouteState] = {}
-        self._next_judgement: dict[str, float] = {}
+        self._timers: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.store_error: str | None = None
@@ -127,7 +156,8 @@ class Controller:
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, run: bool = True) -> None:
+        """Load and reconcile the states, serve them, and (with `run`) tick every second."""
         config = self._host.config
         if self._needs_store(config):
             await self._open_store()
@@ -141,11 +171,11 @@ class Controller:
                 "decisions wait for it",
                 self.store_error,
             )
-        now = time.time()
-        for route in config.routes:
-            if route.rollout.auto is not None:
-                self._next_judgement[route.name] = now + route.rollout.auto.interval_s
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="rollout controller")
+        self._timers = timers_for(config, self._timers, self._clock())
+        if run:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name="rollout controller"
+            )
 
     async def step_down(self) -> None:
         """Decide nothing more, and hand the lease on at once (a process that drains)."""
@@ -166,8 +196,9 @@ class Controller:
             if self.store_down_since is None:
                 with contextlib.suppress(Exception):
                     await self._publish(self._store, final=True)
-            await self._store.close()
-            self._store = None
+            if not self._given_store:
+                await self._store.close()
+                self._store = None
 
     async def config_changed(self, config: Config) -> dict[str, float]:
         """Reconcile every route with a reloaded config; the weights to serve under it."""
@@ -180,13 +211,7 @@ class Controller:
     # --- what the proxy serves and shows ------------------------------------------------
 
     def served_weights(self, config: Config | None = None) -> dict[str, float]:
-        config = config or self._host.config
-        now = time.time()
-        return {
-            route.name: served_weight(self.states[route.name], may_serve(route.schedule, now))
-            for route in config.routes
-            if route.name in self.states
-        }
+        return served_weights(config or self._host.config, self.states, self._clock())
 
     @property
     def leader(self) -> bool:
@@ -204,7 +229,7 @@ class Controller:
         slices since then from its own memory. Without a store (or while it is down):
         this process's alone.
         """
-        local = self._host.telemetry.stats
+        local = self._host.stats
         published = self._published_through
         if self._store is None or self.store_down_since is not None or published is None:
             return local.between(route, variant, first, last)
@@ -217,8 +242,8 @@ class Controller:
         return total
 
     def next_judgement_in(self, route: str) -> float | None:
-        at = self._next_judgement.get(route)
-        return None if at is None else max(0.0, at - time.time())
+        at = self._timers.get(route)
+        return None if at is None else max(0.0, at - self._clock())
 
     # --- operators ----------------------------------------------------------------------
 
@@ -233,7 +258,7 @@ class Controller:
         async with self._lock:
             for _ in range(_OPERATOR_ATTEMPTS):
                 transition = on_operator(
-                    self.states[route_name], route.rollout.auto, action, time.time()
+                    self.states[route_name], route.rollout.auto, action, self._clock()
                 )
                 if await self._commit(route, transition):
                     break
@@ -250,13 +275,14 @@ class Controller:
     async def _run(self) -> None:
         while True:
             # Ticks fall just after each whole second, in every process alike.
-            await asyncio.sleep(TICK_S - time.time() % TICK_S + 0.05)
+            await asyncio.sleep(TICK_S - self._clock() % TICK_S + 0.05)
             try:
-                await self._tick()
+                await self.tick()
             except Exception as exc:  # the loop must outlive a bad tick
                 log.exception("rollout controller tick failed: %s", exc)
 
-    async def _tick(self) -> None:
+    async def tick(self) -> None:
+        """One tick: meet the store, judge what is due as the leader, serve the weights."""
         config = self._host.config
         if self._store is None and self._needs_store(config):
             await self._open_store()
@@ -265,26 +291,48 @@ class Controller:
                 await self._meet(self._store, config)
             except Exception as exc:
                 self._store_failed(exc)
-        now = time.time()
-        held_because = _fleet_differs(self.processes) if self._leader else None
+        now = self._clock()
+        self._hold(_fleet_differs(self.processes) if self._leader else None)
+        if self._leader:
+            async with self._lock:
+                evidence = {
+                    route.name: await self._gather(route.name, now)
+                    for route in due(config, self.states, self._timers, now)
+                }
+                planned = plan(
+                    now, self.states, evidence, config, Fleet(True, self.held_because), self._timers
+                )
+                self._timers = dict(planned.timers)
+                for judged in planned.judged:
+                    if not self.leader:  # the store failed under an earlier route's write
+                        break
+                    await self._apply(judged)
+        else:
+            self._timers = timers_for(config, self._timers, now)
+        self._host.set_weights(self.served_weights(config))
+
+    def _hold(self, held_because: str | None) -> None:
         if held_because is not None and held_because != self.held_because:
             log.warning("rollout steps held: %s", held_because)
         elif held_because is None and self.held_because is not None and self._leader:
             log.info("the live processes share one config again: steps may advance")
         self.held_because = held_because
-        if self._leader:
-            async with self._lock:
-                for route in config.routes:
-                    auto = route.rollout.auto
-                    state = self.states.get(route.name)
-                    if auto is None or state is None or not self._leader:
-                        continue
-                    due = self._next_judgement.setdefault(route.name, now + auto.interval_s)
-                    if now < due:
-                        continue
-                    self._next_judgement[route.name] = now + auto.interval_s
-                    await self._judge(route, state, now)
-        self._host.set_weights(self.served_weights(config))
+
+    async def _apply(self, judged: Judged) -> None:
+        route, judgement = judged.route, judged.judgement
+        if judged.held_because is not None:
+            log.warning(
+                "route %s stays at %g%%: %s",
+                route.name,
+                judged.transition.state.weight,
+                judged.held_because,
+            )
+        self._host.record_judgement(
+            route.name, judgement.verdict.value if judgement is not None else "advance"
+        )
+        if (note := judged.note) is not None:
+            log.info("%s", note)
+        await self._commit(route, judged.transition)
 
     async def _meet(self, store: StateStore, config: Config) -> None:
         """One tick's exchange with the store: beat, publish, lease, read the states."""
@@ -315,7 +363,7 @@ class Controller:
         if self.store_down_since is not None:
             log.warning(
                 "the state store answers again after %.0fs: decisions resume",
-                time.time() - self.store_down_since,
+                self._clock() - self.store_down_since,
             )
             self.store_down_since = None
         self.store_error = None
@@ -351,8 +399,8 @@ class Controller:
     async def _publish(self, store: StateStore, *, final: bool = False) -> None:
         """Publish the stats slices completed since the last publish (`final`: and the
         current one, which this process will not fill any further)."""
-        stats = self._host.telemetry.stats
-        current = stats.slice_of(time.time()) + (1 if final else 0)
+        stats = self._host.stats
+        current = stats.slice_of(self._clock()) + (1 if final else 0)
         first = (
             self._published_through + 1
             if self._published_through is not None
@@ -366,7 +414,7 @@ class Controller:
         self._leader = False  # rule 1: decide nothing from now on
         self.store_error = f"{exc.__class__.__name__}: {exc}"
         if self.store_down_since is None:
-            self.store_down_since = time.time()
+            self.store_down_since = self._clock()
             log.warning(
                 "the state store is unreachable (%s): requests go on at the last weights "
                 "known (%s); decisions pause",
@@ -374,61 +422,29 @@ class Controller:
                 ", ".join(f"{n} {w:g}%" for n, w in self.served_weights().items()) or "none",
             )
 
-    async def _judge(self, route: Route, state: RouteState, now: float) -> None:
-        auto = route.rollout.auto
-        assert auto is not None
-        if state.status is not Status.PROGRESSING:
-            return
-        state = replace(state, evidence=await self._gather(route.name, state.evidence, now))
-        judgement = judge(state.evidence, auto) if state.step >= 0 else None
-        advance = may_advance(route.schedule, now) and self.held_because is None
-        transition = on_judgement(state, auto, judgement, now, advance)
-        if self.held_because is not None and transition.state.passes >= auto.pass_intervals:
-            log.warning("route %s stays at %g%%: %s", route.name, state.weight, self.held_because)
-        self._host.telemetry.record_judgement(
-            route.name, judgement.verdict.value if judgement is not None else "advance"
-        )
-        if judgement is not None and transition.decision is None:
-            new = transition.state
-            log.info(
-                "route %s at %g%%: %s (%d/%d passes, %d/%d failures): %s",
-                route.name,
-                state.weight,
-                judgement.verdict.value,
-                new.passes,
-                auto.pass_intervals,
-                new.failures,
-                auto.failure_limit,
-                judgement.reason,
-            )
-        await self._commit(route, transition)
-
-    async def _gather(self, route: str, evidence: Evidence, now: float) -> Evidence:
-        """The evidence with the stats slices settled since it was last gathered."""
-        settled = self._host.telemetry.stats.slice_of(now) - SETTLE_SLICES + 1
-        if settled <= evidence.next_slice:
+    async def _gather(self, route: str, now: float) -> Evidence:
+        """A route's evidence with the stats slices settled since it was last gathered."""
+        evidence = self.states[route].evidence
+        span = slices_to_gather(evidence, now)
+        if span is None:
             return evidence
-        last = settled - 1
         return evidence.added(
-            await self.window(route, "canary", evidence.next_slice, last),
-            await self.window(route, "stable", evidence.next_slice, last),
-            settled,
+            await self.window(route, "canary", span.first, span.last),
+            await self.window(route, "stable", span.first, span.last),
+            span.next,
         )
 
     # --- state ----------------------------------------------------------------------------
 
     async def _reconcile(self, config: Config, stored: Mapping[str, RouteState]) -> None:
         """Bring every route's state in line with `config` (at start and on reload)."""
-        now = time.time()
         for name in set(self.states) - {route.name for route in config.routes}:
             del self.states[name]
-        for route in config.routes:
-            identity = canary_identity(route, config.backends)
-            transition = reconcile(stored.get(route.name), route, identity, now)
-            if transition.decision is not None or route.name not in stored:
-                await self._commit(route, transition)
+        for reconciled in reconcile_all(config, stored, self._clock()):
+            if reconciled.store:
+                await self._commit(reconciled.route, reconciled.transition)
             else:
-                self.states[route.name] = transition.state
+                self.states[reconciled.route.name] = reconciled.transition.state
 
     async def _commit(self, route: Route, transition: Transition) -> bool:
         """Store a transition's state (compare-and-set), then serve and explain it.
@@ -470,18 +486,28 @@ class Controller:
 
     def _explain(self, route: Route, decision: Decision) -> None:
         log.info("route %s: %s", route.name, decision.reason)
-        self._host.telemetry.record_decision(route.name, decision)
+        self._host.record_decision(route.name, decision)
 
     async def _open_store(self) -> None:
+        """Open the store the config names (unless one was given), and try for the lease."""
+        if self._store is None:
+            self._store = self._open_configured_store()
+        await self._take_lease()
+
+    def _open_configured_store(self) -> StateStore:
         config = self._host.config.state
         try:
-            self._store = open_store(config)
+            store = open_store(config)
         except (OSError, sqlite3.Error) as exc:  # a file that cannot be: a config mistake
             raise RuntimeError(f"cannot open the state store at {config.path}: {exc}") from exc
         log.info(
             "rollout state in %s",
             config.path if config.store is StateStoreKind.SQLITE else config.url,
         )
+        return store
+
+    async def _take_lease(self) -> None:
+        assert self._store is not None
         try:
             self._leader = await self._store.acquire_lease(self._holder, LEASE_S)
         except Exception as exc:
@@ -494,7 +520,9 @@ class Controller:
         return self._settings_of[1]
 
     def _needs_store(self, config: Config) -> bool:
-        if self._shared or any(route.rollout.auto is not None for route in config.routes):
+        if self._given_store or self._shared:
+            return True
+        if any(route.rollout.auto is not None for route in config.routes):
             return True
         return config.state.store is not StateStoreKind.SQLITE or os.path.exists(config.state.path)
 

@@ -1,0 +1,221 @@
+"""What the rollout controller decides on a tick: a pure function of the time, the route
+states, the judge's evidence, the config and what the fleet says.
+
+The controller (`proxy.server.controller`) does the I/O around it: it reads the states
+and the stats from the store, asks `due` which routes to judge, gathers their evidence
+over `slices_to_gather`, calls `plan`, then stores each transition (compare-and-set),
+serves `served_weights`, and logs and counts what the plan says. Nothing here reads a
+clock, a store or a socket, so whole rollouts run in tests on a fake clock.
+
+Rules:
+1. A route with `rollout.auto` is judged every `interval`, the first time one interval
+   after the route was first planned (at start, or when a reload added it).
+2. Only the leader judges; a process that does not lead plans weights only.
+3. Only a `progressing` route is judged; the timers of the others run on regardless.
+4. No step goes up outside an `advance` schedule window, nor while the live processes
+   do not share one config (`Fleet.held_because`); failures still count, and a
+   rollback is never held.
+5. The evidence grows by the stats slices settled since it was last gathered: up to
+   `SETTLE_SLICES` before the current slice, by when every live process has published.
+6. The weight served is the state's, or 0 outside a `serve` schedule window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Final
+
+from proxy.config.model import Config, Route
+from proxy.judge.analysis import Evidence, Judgement, judge
+from proxy.judge.stats import SLICE_S
+from proxy.rollout.machine import (
+    RouteState,
+    Status,
+    Transition,
+    canary_identity,
+    on_judgement,
+    reconcile,
+    served_weight,
+)
+from proxy.routing.schedule import may_advance, may_serve
+
+__all__ = [
+    "SETTLE_SLICES",
+    "Fleet",
+    "Judged",
+    "Plan",
+    "Reconciled",
+    "SliceRange",
+    "due",
+    "plan",
+    "reconcile_all",
+    "served_weights",
+    "slices_to_gather",
+    "timers_for",
+]
+
+SETTLE_SLICES: Final = 2  # rule 5
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What the fleet says to this process on this tick."""
+
+    leader: bool
+    held_because: str | None = None  # why no step may go up (rule 4); None: they agree
+
+
+@dataclass(frozen=True, slots=True)
+class SliceRange:
+    """The stats slices [first, last] to add to a route's evidence; then it runs to `next`."""
+
+    first: int
+    last: int
+
+    @property
+    def next(self) -> int:
+        return self.last + 1
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One route judged on this tick, and what that did to its state."""
+
+    route: Route
+    judgement: Judgement | None  # None: below the first step, taken without a judgement
+    transition: Transition  # its state is to be stored, whether or not it decided
+    held_because: str | None  # a step that would have gone up, and why it did not
+
+    @property
+    def note(self) -> str | None:
+        """A sentence for the log when the judgement counted but decided nothing."""
+        judgement, state = self.judgement, self.transition.state
+        auto = self.route.rollout.auto
+        if judgement is None or self.transition.decision is not None or auto is None:
+            return None
+        return (
+            f"route {self.route.name} at {state.weight:g}%: {judgement.verdict.value} "
+            f"({state.passes}/{auto.pass_intervals} passes, "
+            f"{state.failures}/{auto.failure_limit} failures): {judgement.reason}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    judged: tuple[Judged, ...]
+    timers: Mapping[str, float]  # when each route is next judged (epoch seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Reconciled:
+    """A route's state brought in line with the config; `store` when it must be written."""
+
+    route: Route
+    transition: Transition
+    store: bool
+
+
+def timers_for(config: Config, timers: Mapping[str, float], now: float) -> dict[str, float]:
+    """The judgement timers of the config's automatic routes (rule 1): kept where they
+    run, started for a route seen for the first time, dropped for a route gone."""
+    result: dict[str, float] = {}
+    for route in config.routes:
+        auto = route.rollout.auto
+        if auto is not None:
+            result[route.name] = timers.get(route.name, now + auto.interval_s)
+    return result
+
+
+def due(
+    config: Config, states: Mapping[str, RouteState], timers: Mapping[str, float], now: float
+) -> list[Route]:
+    """The routes to judge now (rules 1 and 3), whose evidence the caller gathers."""
+    return [
+        route
+        for route in config.routes
+        if route.rollout.auto is not None
+        and route.name in timers
+        and now >= timers[route.name]
+        and (state := states.get(route.name)) is not None
+        and state.status is Status.PROGRESSING
+    ]
+
+
+def slices_to_gather(evidence: Evidence, now: float) -> SliceRange | None:
+    """The settled slices the evidence has not seen yet (rule 5); None when there are none."""
+    settled = int(now // SLICE_S) - SETTLE_SLICES + 1
+    if settled <= evidence.next_slice:
+        return None
+    return SliceRange(evidence.next_slice, settled - 1)
+
+
+def plan(
+    now: float,
+    states: Mapping[str, RouteState],
+    evidence: Mapping[str, Evidence],
+    config: Config,
+    fleet: Fleet,
+    timers: Mapping[str, float],
+) -> Plan:
+    """Judge the routes that are due, with the evidence gathered for them (rules 1-4).
+
+    Args:
+        now: epoch seconds.
+        states: every route's state, as stored.
+        evidence: for each route to judge, its evidence with the settled slices added
+            (a route missing here is judged on the evidence its state holds).
+        config: the config in force.
+        fleet: whether this process leads, and whether the fleet agrees.
+        timers: when each route is next judged (`timers_for`).
+    """
+    timers = timers_for(config, timers, now)
+    if not fleet.leader:
+        return Plan((), timers)
+    judged: list[Judged] = []
+    for route in due(config, states, timers, now):
+        auto = route.rollout.auto
+        assert auto is not None  # due() judges automatic routes only
+        timers[route.name] = now + auto.interval_s
+        state = states[route.name]
+        state = replace(state, evidence=evidence.get(route.name, state.evidence))
+        judgement = judge(state.evidence, auto) if state.step >= 0 else None
+        advance = may_advance(route.schedule, now) and fleet.held_because is None
+        transition = on_judgement(state, auto, judgement, now, advance)
+        held = (
+            fleet.held_because
+            if fleet.held_because is not None and transition.state.passes >= auto.pass_intervals
+            else None
+        )
+        judged.append(Judged(route, judgement, transition, held))
+    return Plan(tuple(judged), timers)
+
+
+def served_weights(
+    config: Config, states: Mapping[str, RouteState], now: float
+) -> dict[str, float]:
+    """The weight each route serves now (rule 6)."""
+    return {
+        route.name: served_weight(states[route.name], may_serve(route.schedule, now))
+        for route in config.routes
+        if route.name in states
+    }
+
+
+def reconcile_all(config: Config, stored: Mapping[str, RouteState], now: float) -> list[Reconciled]:
+    """Every route's state in line with `config` (at start, on reload, after an outage).
+
+    A state is to be stored when reconciling decided something, or when none was stored.
+    """
+    return [
+        Reconciled(route, transition, transition.decision is not None or route.name not in stored)
+        for route, transition in _reconciled(config, stored, now)
+    ]
+
+
+def _reconciled(
+    config: Config, stored: Mapping[str, RouteState], now: float
+) -> Iterable[tuple[Route, Transition]]:
+    for route in config.routes:
+        identity = canary_identity(route, config.backends)
+        yield route, reconcile(stored.get(route.name), route, identity, now)
