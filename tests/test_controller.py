@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.config import Config, parse_config
-from proxy.judge.analysis import Evidence
+from proxy.judge.analysis import Evidence, Verdict
 from proxy.judge.stats import WindowStats
-from proxy.rollout.machine import Decision, OperatorAction, RouteState, Status
+from proxy.rollout.machine import Action, Decision, OperatorAction, RouteState, Status
 from proxy.rollout.planner import (
     SETTLE_SLICES,
     due,
@@ -79,14 +79,14 @@ class Host:
     config: Config
     stats: WindowStats = field(default_factory=WindowStats)
     weights: list[dict[str, float]] = field(default_factory=list)
-    judgements: list[tuple[str, str]] = field(default_factory=list)
+    judgements: list[tuple[str, Verdict | None]] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
         if not self.weights or self.weights[-1] != weights:
             self.weights.append(dict(weights))
 
-    def record_judgement(self, route: str, verdict: str) -> None:
+    def record_judgement(self, route: str, verdict: Verdict | None) -> None:
         self.judgements.append((route, verdict))
 
     def record_decision(self, route: str, decision: Decision) -> None:
@@ -165,7 +165,7 @@ async def test_a_healthy_canary_is_promoted_step_by_step() -> None:
     assert fleet.state.status is Status.PROMOTED
     assert fleet.actions() == ["restart", "advance", "promote"]
     assert [w["chat"] for w in host.weights] == [10.0, 50.0, 100.0]
-    assert {verdict for _, verdict in host.judgements} <= {"pass", "inconclusive"}
+    assert {verdict for _, verdict in host.judgements} <= {None, Verdict.PASS, Verdict.INCONCLUSIVE}
     assert fleet.clock.now - START < 600
 
 
@@ -225,7 +225,7 @@ async def test_a_lost_lease_passes_to_another_process_and_nothing_is_decided_twi
     assert survivor.leader
     await fleet.run(600, Traffic(), until=Status.PROMOTED)
     everything = fleet.hosts[0].decisions + fleet.hosts[1].decisions
-    assert [d.action for d in everything].count("promote") == 1
+    assert [d.action for d in everything].count(Action.PROMOTE) == 1
 
 
 async def test_a_restarted_process_takes_the_stored_state_up_where_it_was() -> None:

@@ -30,6 +30,8 @@ from proxy.judge.analysis import CheckResult, Evidence, Judgement, Verdict, judg
 from proxy.judge.stats import VariantStats
 from proxy.rollout.machine import (
     MAX_DECISIONS,
+    Action,
+    Cause,
     Decision,
     OperatorAction,
     RouteState,
@@ -848,7 +850,9 @@ def test_resuming_a_held_canary_judges_it_afresh() -> None:
 
 
 def test_decision_round_trips_through_its_mapping() -> None:
-    decision = Decision(NOW, "operator", "pause", 10.0, 10.0, Status.PAUSED, "paused", None)
+    decision = Decision(
+        NOW, Cause.OPERATOR, Action.PAUSE, 10.0, 10.0, Status.PAUSED, "paused", None
+    )
     assert Decision.from_mapping(decision.to_mapping()) == decision
 
 

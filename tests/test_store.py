@@ -18,7 +18,7 @@ from proxy.config.model import StateConfig, StateStoreKind
 from proxy.judge.analysis import CheckResult, Judgement, Verdict
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.stats import VariantStats
-from proxy.rollout.machine import Decision, RouteState, Status
+from proxy.rollout.machine import Action, Cause, Decision, RouteState, Status
 from proxy.store import STORES, StateStore, StatsSlice, open_store
 from proxy.store.memory import MemoryStore
 from proxy.store.sqlite import SqliteStore
@@ -72,8 +72,8 @@ def route_state(route: str = "chat", weight: float = 5.0, step: int = 1) -> Rout
     )
     decision = Decision(
         NOW,
-        "pass",
-        "advance",
+        Cause.PASS,
+        Action.ADVANCE,
         1.0,
         weight,
         Status.PROGRESSING,

@@ -42,6 +42,8 @@ from proxy.judge.analysis import Evidence, Judgement, Verdict
 from proxy.judge.stats import SLICE_S
 
 __all__ = [
+    "Action",
+    "Cause",
     "Decision",
     "OperatorAction",
     "RouteState",
@@ -73,6 +75,30 @@ class OperatorAction(StrEnum):
     ROLLBACK = "rollback"
 
 
+class Cause(StrEnum):
+    """What moved a rollout."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+    OPERATOR = "operator"
+    CONFIG = "config"
+
+
+class Action(StrEnum):
+    """What a decision did to a rollout."""
+
+    ADVANCE = "advance"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    HOLD = "hold"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ADOPT = "adopt"
+    RESTART = "restart"
+    MANUAL = "manual"
+
+
 class TransitionRefused(Exception):
     """An operator's action that does not apply to the route's state (HTTP 409)."""
 
@@ -82,8 +108,8 @@ class Decision:
     """One change of a route's rollout, explained."""
 
     at: float  # epoch seconds
-    cause: str  # pass | fail | inconclusive | operator | config
-    action: str  # advance | promote | rollback | hold | pause | resume | adopt | restart | ...
+    cause: Cause
+    action: Action
     weight_before: float
     weight_after: float
     status: Status
@@ -93,8 +119,8 @@ class Decision:
     def to_mapping(self) -> dict[str, object]:
         return {
             "at": self.at,
-            "cause": self.cause,
-            "action": self.action,
+            "cause": self.cause.value,
+            "action": self.action.value,
             "weight_before": self.weight_before,
             "weight_after": self.weight_after,
             "status": self.status.value,
@@ -107,8 +133,8 @@ class Decision:
         judgement = data.get("judgement")
         return cls(
             at=float(data["at"]),  # type: ignore[arg-type]
-            cause=str(data["cause"]),
-            action=str(data["action"]),
+            cause=Cause(str(data["cause"])),
+            action=Action(str(data["action"])),
             weight_before=float(data["weight_before"]),  # type: ignore[arg-type]
             weight_after=float(data["weight_after"]),  # type: ignore[arg-type]
             status=Status(str(data["status"])),
@@ -302,8 +328,8 @@ def _manual(
         new,
         state,
         now,
-        "config",
-        "manual",
+        Cause.CONFIG,
+        Action.MANUAL,
         f"weight {weight:g}% from the config (no automatic rollout)",
     )
 
@@ -319,7 +345,7 @@ def _restart(
 ) -> Transition:
     """A rollout of its own from the first step."""
     return _adopt(
-        state, route, auto, auto.steps[0], config_weight, identity, now, why, action="restart"
+        state, route, auto, auto.steps[0], config_weight, identity, now, why, action=Action.RESTART
     )
 
 
@@ -332,7 +358,7 @@ def _adopt(
     identity: str,
     now: float,
     why: str,
-    action: str = "adopt",
+    action: Action = Action.ADOPT,
 ) -> Transition:
     """A rollout of its own from `weight`, ramping from the step at or below it."""
     new = RouteState(
@@ -348,7 +374,7 @@ def _adopt(
         decisions=state.decisions if state is not None else (),
         version=state.version if state is not None else 0,
     )
-    return _record(new, state, now, "config", action, f"weight {weight:g}%: {why}")
+    return _record(new, state, now, Cause.CONFIG, action, f"weight {weight:g}%: {why}")
 
 
 def _next_slice(now: float) -> int:
@@ -373,7 +399,9 @@ def on_judgement(
     if state.step < 0 or judgement is None:
         if not may_advance:
             return Transition(state, None)
-        return _advance(state, auto, now, "pass", None, "no canary traffic below the first step")
+        return _advance(
+            state, auto, now, Cause.PASS, None, "no canary traffic below the first step"
+        )
     judged = replace(state, verdict={**judgement.to_mapping(), "at": now})
     handler = _JUDGEMENT_TABLE[judgement.verdict]
     return handler(judged, auto, judgement, now, may_advance)
@@ -388,7 +416,7 @@ def _on_pass(
         return Transition(counted, None)
     if not may_advance:
         return Transition(counted, None)
-    return _advance(counted, auto, now, "pass", judgement, judgement.reason)
+    return _advance(counted, auto, now, Cause.PASS, judgement, judgement.reason)
 
 
 def _on_fail(
@@ -405,8 +433,8 @@ def _on_fail(
             new,
             state,
             now,
-            "fail",
-            "rollback",
+            Cause.FAIL,
+            Action.ROLLBACK,
             f"rolled back after {judgements}: {judgement.reason}",
             judgement,
         )
@@ -415,8 +443,8 @@ def _on_fail(
         new,
         state,
         now,
-        "fail",
-        "hold",
+        Cause.FAIL,
+        Action.HOLD,
         f"held at {state.weight:g}% after {judgements}: {judgement.reason}",
         judgement,
     )
@@ -441,7 +469,7 @@ def _advance(
     state: RouteState,
     auto: AutoRollout,
     now: float,
-    cause: str,
+    cause: Cause,
     judgement: Judgement | None,
     why: str,
 ) -> Transition:
@@ -456,7 +484,9 @@ def _advance(
             failures=0,
             step_started_at=now,
         )
-        return _record(new, state, now, cause, "promote", f"promoted to 100%: {why}", judgement)
+        return _record(
+            new, state, now, cause, Action.PROMOTE, f"promoted to 100%: {why}", judgement
+        )
     weight = auto.steps[step]
     new = replace(
         state,
@@ -472,7 +502,7 @@ def _advance(
         state,
         now,
         cause,
-        "advance",
+        Action.ADVANCE,
         f"weight {state.weight:g}% → {weight:g}%: {why}",
         judgement,
     )
@@ -496,7 +526,7 @@ def on_operator(
 def _pause(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
     new = replace(state, status=Status.PAUSED)
     return _record(
-        new, state, now, "operator", "pause", f"paused by an operator at {state.weight:g}%"
+        new, state, now, Cause.OPERATOR, Action.PAUSE, f"paused by an operator at {state.weight:g}%"
     )
 
 
@@ -519,8 +549,8 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
             new,
             state,
             now,
-            "operator",
-            "resume",
+            Cause.OPERATOR,
+            Action.RESUME,
             f"resumed by an operator from the first step, {weight:g}%",
         )
     # The judge starts again from here: what paused or held the canary is behind it.
@@ -534,7 +564,12 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
         evidence=Evidence.fresh(_next_slice(now)),
     )
     return _record(
-        new, state, now, "operator", "resume", f"resumed by an operator at {state.weight:g}%"
+        new,
+        state,
+        now,
+        Cause.OPERATOR,
+        Action.RESUME,
+        f"resumed by an operator at {state.weight:g}%",
     )
 
 
@@ -544,7 +579,9 @@ def _promote(state: RouteState, auto: AutoRollout | None, now: float) -> Transit
     new = replace(
         state, status=status, weight=100.0, step=step, passes=0, failures=0, step_started_at=now
     )
-    return _record(new, state, now, "operator", "promote", "promoted to 100% by an operator")
+    return _record(
+        new, state, now, Cause.OPERATOR, Action.PROMOTE, "promoted to 100% by an operator"
+    )
 
 
 def _rollback(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
@@ -552,7 +589,9 @@ def _rollback(state: RouteState, auto: AutoRollout | None, now: float) -> Transi
     new = replace(
         state, status=status, weight=0.0, step=-1, passes=0, failures=0, step_started_at=now
     )
-    return _record(new, state, now, "operator", "rollback", "rolled back to 0% by an operator")
+    return _record(
+        new, state, now, Cause.OPERATOR, Action.ROLLBACK, "rolled back to 0% by an operator"
+    )
 
 
 _AUTO_STATES: Final = (Status.PROGRESSING, Status.PAUSED, Status.PROMOTED, Status.ROLLED_BACK)
@@ -573,8 +612,8 @@ def _record(
     new: RouteState,
     old: RouteState | None,
     now: float,
-    cause: str,
-    action: str,
+    cause: Cause,
+    action: Action,
     reason: str,
     judgement: Judgement | None = None,
 ) -> Transition:

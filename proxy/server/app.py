@@ -39,6 +39,7 @@ from proxy.http.deadlines import Deadlines
 from proxy.http.forwarding import Forwarder, Snapshot
 from proxy.http.inbound import PublicServer
 from proxy.http.upstreams import Upstreams
+from proxy.judge.analysis import Verdict
 from proxy.judge.stats import WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import RouteTable
@@ -131,8 +132,8 @@ class ProxyServer:
     def stats(self) -> WindowStats:
         return self.telemetry.stats
 
-    def record_judgement(self, route: str, verdict: str) -> None:
-        self.telemetry.record_judgement(route, verdict)
+    def record_judgement(self, route: str, verdict: Verdict | None) -> None:
+        self.telemetry.record_judgement(route, verdict.value if verdict else "advance")
 
     def record_decision(self, route: str, decision: Decision) -> None:
         self.telemetry.record_decision(route, decision)

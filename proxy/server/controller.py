@@ -54,7 +54,7 @@ from typing import Final, Protocol
 
 from proxy.config.fleet import disagreements, explain, shared_settings
 from proxy.config.model import Config, Route, StateStoreKind
-from proxy.judge.analysis import Evidence
+from proxy.judge.analysis import Evidence, Verdict
 from proxy.judge.stats import VariantStats, WindowStats
 from proxy.rollout.machine import Decision, OperatorAction, RouteState, Transition, on_operator
 from proxy.rollout.planner import (
@@ -103,7 +103,9 @@ class ControllerHost(Protocol):
 
     def set_weights(self, weights: Mapping[str, float]) -> None: ...
 
-    def record_judgement(self, route: str, verdict: str) -> None: ...
+    def record_judgement(self, route: str, verdict: Verdict | None) -> None:
+        """A judgement made (None: the first step, taken without one)."""
+        ...
 
     def record_decision(self, route: str, decision: Decision) -> None: ...
 
@@ -327,9 +329,7 @@ class Controller:
                 judged.transition.state.weight,
                 judged.held_because,
             )
-        self._host.record_judgement(
-            route.name, judgement.verdict.value if judgement is not None else "advance"
-        )
+        self._host.record_judgement(route.name, judgement.verdict if judgement else None)
         if (note := judged.note) is not None:
             log.info("%s", note)
         await self._commit(route, judged.transition)
