@@ -42,7 +42,7 @@ __all__ = [
     "StateConfig",
     "StateStoreKind",
     "Sticky",
-    "Telemetry",
+    "TelemetryConfig",
     "TimeWindow",
     "Timeouts",
     "Variant",
@@ -247,7 +247,7 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
-class Telemetry:
+class TelemetryConfig:
     service_name: str = "canary-proxy"
     otlp_endpoint: str | None = None
     trace_sample_ratio: float = 1.0
@@ -272,7 +272,7 @@ class Config:
     limits: Limits = Limits()
     trusted_proxies: tuple[Network, ...] = ()
     shutdown_grace_s: float = 30.0
-    telemetry: Telemetry = Telemetry()
+    telemetry: TelemetryConfig = TelemetryConfig()
     state: StateConfig = StateConfig()
     version: str = ""  # the file's content hash
     fleet_version: str = ""  # the hash of what a fleet shares (proxy.config.fleet)

@@ -39,7 +39,7 @@ from proxy.config.model import (
     Network,
     StateConfig,
     StateStoreKind,
-    Telemetry,
+    TelemetryConfig,
     Timeouts,
 )
 from proxy.config.reader import Reader
@@ -176,7 +176,7 @@ def _read_config(root: Reader, env: _Environment) -> Config | None:
         limits=limits,
         trusted_proxies=trusted_proxies,
         shutdown_grace_s=shutdown_grace_s,
-        telemetry=fields.get("telemetry", _read_telemetry, Telemetry()),
+        telemetry=fields.get("telemetry", _read_telemetry, TelemetryConfig()),
         state=fields.get("state", _read_state, StateConfig()),
     )
     _check_admin_port(fields.at("admin").key("listen"), config)
@@ -366,14 +366,14 @@ def _read_timeouts(reader: Reader) -> Timeouts | None:
 # -- telemetry and state -----------------------------------------------------------------
 
 
-def _read_telemetry(reader: Reader) -> Telemetry | None:
+def _read_telemetry(reader: Reader) -> TelemetryConfig | None:
     keys = ("service_name", "otlp_endpoint", "trace_sample_ratio", "prometheus")
     fields = reader.fields(keys)
     if fields is None:
         return None
-    defaults = Telemetry()
+    defaults = TelemetryConfig()
     endpoint = fields.get("otlp_endpoint", _read_http_url, None)
-    return Telemetry(
+    return TelemetryConfig(
         service_name=fields.get("service_name", Reader.string, defaults.service_name),
         otlp_endpoint=None if endpoint is None else endpoint.geturl(),
         trace_sample_ratio=fields.get(

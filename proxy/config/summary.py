@@ -24,7 +24,7 @@ from proxy.config.model import (
     Schedule,
     StateConfig,
     StateStoreKind,
-    Telemetry,
+    TelemetryConfig,
     Variant,
 )
 
@@ -209,7 +209,7 @@ def _latency(check: LatencyCheck) -> str:
     return ", ".join(limits)
 
 
-def _telemetry(telemetry: Telemetry) -> str:
+def _telemetry(telemetry: TelemetryConfig) -> str:
     export = f"OTLP to {telemetry.otlp_endpoint}" if telemetry.otlp_endpoint else "no OTLP export"
     metrics = "/metrics on" if telemetry.prometheus else "/metrics off"
     return (

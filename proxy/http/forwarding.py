@@ -64,7 +64,7 @@ from proxy.http.relay import Opened, relay
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
 from proxy.routing.keys import NEED_BODY, is_trusted
-from proxy.telemetry.recorder import Exchange, Telemetry
+from proxy.telemetry.recorder import Exchange, Recorder
 from proxy.telemetry.tracing import format_traceparent
 
 __all__ = ["FALLBACK", "MAX_HEAD_BYTES", "Forwarder", "Snapshot", "error_response"]
@@ -98,7 +98,7 @@ class Snapshot:
 class Forwarder:
     """The request handler of the public port. `snapshot` is swapped whole to change routing."""
 
-    def __init__(self, snapshot: Snapshot, deadlines: Deadlines, telemetry: Telemetry) -> None:
+    def __init__(self, snapshot: Snapshot, deadlines: Deadlines, telemetry: Recorder) -> None:
         self.snapshot = snapshot
         self.deadlines = deadlines
         self.telemetry = telemetry

@@ -24,7 +24,7 @@ from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, 
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
 from proxy.server.reload import ReloadOutcome, ReloadResult
 from proxy.telemetry.metrics import Gauges
-from proxy.telemetry.recorder import Telemetry
+from proxy.telemetry.recorder import Recorder
 
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
 
@@ -40,7 +40,7 @@ class AdminView(Protocol):
     def table(self) -> RouteTable: ...
 
     @property
-    def telemetry(self) -> Telemetry: ...
+    def telemetry(self) -> Recorder: ...
 
     @property
     def loaded_at(self) -> float: ...

@@ -48,7 +48,7 @@ from proxy.server.controller import Controller
 from proxy.server.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
 from proxy.telemetry.exporter import OtlpExporter
 from proxy.telemetry.metrics import Gauges
-from proxy.telemetry.recorder import Telemetry
+from proxy.telemetry.recorder import Recorder
 
 __all__ = ["ProxyServer", "serve"]
 
@@ -76,7 +76,7 @@ class ProxyServer:
         self.config = config
         self.worker = worker
         self._sockets = sockets
-        self.telemetry = Telemetry(config)
+        self.telemetry = Recorder(config)
         self.loaded_at = time.time()
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None

@@ -7,7 +7,7 @@ Rules:
 2. A collector that is down or slow costs requests nothing: the task never holds
    the event loop for a request, every POST has a timeout, and after a failure the
    task backs off (1 s doubling to 30 s) while the bounded span queue drops what does
-   not fit and counts it (`Telemetry.spans_dropped`).
+   not fit and counts it (`Recorder.spans_dropped`).
 3. A failed batch is dropped, not retried: telemetry must not pile up behind an outage.
 4. On shutdown, what is queued gets one last try, within `FLUSH_S`.
 """
@@ -25,7 +25,7 @@ import aiohttp
 
 from proxy import __version__
 from proxy.telemetry.metrics import Gauges
-from proxy.telemetry.recorder import SCOPE, Telemetry
+from proxy.telemetry.recorder import SCOPE, Recorder
 from proxy.telemetry.tracing import export_request
 
 __all__ = ["METRICS_INTERVAL_S", "OtlpExporter"]
@@ -43,12 +43,12 @@ _NOT_TAKEN: Final = frozenset({404, 405, 501})
 
 
 class OtlpExporter:
-    """Drains a `Telemetry`'s spans and metrics to `endpoint` (`http://host:4318`)."""
+    """Drains a `Recorder`'s spans and metrics to `endpoint` (`http://host:4318`)."""
 
     def __init__(
         self,
         endpoint: str,
-        telemetry: Telemetry,
+        telemetry: Recorder,
         gauges: Callable[[], Gauges],
         metrics_interval_s: float = METRICS_INTERVAL_S,
     ) -> None:

@@ -36,7 +36,7 @@ from proxy.telemetry.metrics import Gauges, Metrics
 from proxy.telemetry.otlp_wire import AttributeValue, attributes
 from proxy.telemetry.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
 
-__all__ = ["SCOPE", "Attempt", "Exchange", "Telemetry", "operation_of"]
+__all__ = ["SCOPE", "Attempt", "Exchange", "Recorder", "operation_of"]
 
 SCOPE: Final = "canary-proxy"
 _SPAN_QUEUE: Final = 8192
@@ -127,7 +127,7 @@ class Exchange:
         self.user_agent: str | None = None
 
 
-class Telemetry:
+class Recorder:
     """Stats, metrics and spans of one process."""
 
     def __init__(self, config: Config) -> None:
