@@ -188,7 +188,7 @@ async def test_a_faulty_canary_is_rolled_back_with_an_explained_decision(tmp_pat
         sample.value
         for family in text_string_to_metric_families(metrics)
         for sample in family.samples
-        if sample.name == "canary_weight_percent"
+        if sample.name == "canary_weight_ratio"
     ]
     assert weights == [0]
 

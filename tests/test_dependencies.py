@@ -11,8 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "proxy"
-# Import name -> distribution name, where they differ.
-DISTRIBUTIONS = {"yaml": "pyyaml"}
+# Import name -> distribution name, where they differ. `opentelemetry` is a namespace that
+# several distributions share (the SDK and the exporters are declared beside it).
+DISTRIBUTIONS = {"yaml": "pyyaml", "opentelemetry": "opentelemetry-api"}
 
 
 def third_party_imports() -> set[str]:

@@ -782,7 +782,7 @@ def test_kubernetes_readme_names_what_the_manifests_have() -> None:
     for name in re.findall(r"configmap ([\w-]+)", readme):
         manifest("ConfigMap", name)
     (secret, key) = re.findall(r"create secret generic ([\w-]+) --from-literal=(\w+)=", readme)[0]
-    (variable,) = [e for e in proxy_container()["env"] if "secretKeyRef" in e["valueFrom"]]
+    (variable,) = [e for e in proxy_container()["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert variable["valueFrom"]["secretKeyRef"] == {"name": secret, "key": key}
 
 
@@ -932,7 +932,7 @@ def test_dashboard_shows_the_canary_weight_over_time() -> None:
         p
         for p in dashboard()["panels"]
         if p["type"] == "timeseries"
-        and any("canary_weight_percent" in t["expr"] for t in p["targets"])
+        and any("canary_weight_ratio" in t["expr"] for t in p["targets"])
     ]
     assert panels
 
@@ -961,7 +961,7 @@ def test_the_scraped_proxy_exposed_what_the_dashboard_needs(exposed: Exposed) ->
         "canary_upstream_requests_total",
         "canary_upstream_duration_seconds_bucket",
         "canary_upstream_ttft_seconds_bucket",
-        "canary_weight_percent",
+        "canary_weight_ratio",
         "canary_config_info",
     ):
         assert name in exposed.labels, f"no sample of {name}"

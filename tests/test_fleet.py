@@ -147,7 +147,7 @@ async def test_one_rollback_decided_once_and_served_by_every_replica(
             seen = time.monotonic()
             while True:
                 weights = [
-                    value for r in replicas for _, value in await r.samples("canary_weight_percent")
+                    value for r in replicas for _, value in await r.samples("canary_weight_ratio")
                 ]
                 if weights == [0.0, 0.0, 0.0] or time.monotonic() - seen > 5:
                     break

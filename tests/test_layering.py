@@ -41,8 +41,9 @@ PURE_MODULES = (
     "proxy/http/headers.py",
     "proxy/telemetry/metrics.py",
     "proxy/telemetry/tracing.py",
-    "proxy/telemetry/otlp_wire.py",
     "proxy/telemetry/exposition.py",
+    "proxy/telemetry/prometheus.py",
+    "proxy/telemetry/settings.py",
 )
 IO_LIBRARIES = frozenset(
     {"aiohttp", "uvloop", "asyncio", "socket", "redis", "sqlite3", "subprocess", "urllib.request"}

@@ -1,23 +1,37 @@
-"""The metrics as Prometheus text (parsed by prometheus_client) and as OTLP (decoded)."""
+"""The metrics as /metrics text (parsed by prometheus_client) and as the SDK's MetricsData,
+encoded by the SDK's OTLP encoder and decoded with the official classes."""
 
 from __future__ import annotations
 
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
 )
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.telemetry.metrics import Gauges, Metrics, known_method
+from proxy.telemetry.metrics import Gauges, Metrics, known_method, metrics_data
+from proxy.telemetry.prometheus import render
 
 GAUGES = Gauges(weights={"chat": 12.5}, config_version="abc123def456", fleet_version="0123456789ab")
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+def prometheus_text(metrics: Metrics, gauges: Gauges = GAUGES, accept: str = "") -> str:
+    body, _ = render(lambda: metrics.snapshot(gauges), accept)
+    return body.decode()
 
 
 def recorded() -> Metrics:
     metrics = Metrics(start_time_ns=1_000)
     for _ in range(3):
-        metrics.record_attempt("chat", "stable", "v1", "ok", "", 0.2, None)
-    metrics.record_attempt("chat", "canary", "v2", "error", "timeout", 60.0, None)
-    metrics.record_attempt("chat", "canary", "v2", "ok", "", 1.5, 0.3)
+        metrics.record_attempt("chat", "stable", "v1", "chat", "ok", "", 0.2, None)
+    metrics.record_attempt("chat", "canary", "v2", "chat", "error", "timeout", 60.0, None)
+    metrics.record_attempt("chat", "canary", "v2", "chat", "ok", "", 1.5, 0.3, (7, 8))
     metrics.record_tokens("chat", "canary", "chat", 12, 300)
     metrics.record_request("POST", 200, "/v1/", 0.25)
     metrics.record_request("BREW", 404, "", 0.001)
@@ -35,7 +49,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def test_prometheus_text_parses_and_counts_what_was_recorded() -> None:
-    text = recorded().prometheus_text(GAUGES)
+    text = prometheus_text(recorded())
     values = samples(text)
     stable_ok = frozenset(
         {
@@ -64,7 +78,7 @@ def test_prometheus_text_parses_and_counts_what_was_recorded() -> None:
     assert values[("canary_upstream_duration_seconds_bucket", canary | {("le", "32.0")})] == 1
     assert values[("canary_upstream_duration_seconds_bucket", canary | {("le", "512.0")})] == 2
     assert values[("canary_upstream_ttft_seconds_count", canary)] == 1
-    assert values[("canary_weight_percent", frozenset({("canary_route", "chat")}))] == 12.5
+    assert values[("canary_weight_ratio", frozenset({("canary_route", "chat")}))] == 0.125
     assert (
         values[
             (
@@ -93,6 +107,7 @@ def test_prometheus_text_parses_and_counts_what_was_recorded() -> None:
             ("canary_route", "chat"),
             ("canary_variant", "canary"),
             ("gen_ai_operation_name", "chat"),
+            ("gen_ai_provider_name", "openai"),
             ("gen_ai_token_type", "output"),
         }
     )
@@ -100,7 +115,7 @@ def test_prometheus_text_parses_and_counts_what_was_recorded() -> None:
 
 
 def test_histogram_buckets_reach_llm_time_scales() -> None:
-    text = recorded().prometheus_text(GAUGES)
+    text = prometheus_text(recorded())
     bounds = {
         float(sample.labels["le"])
         for family in text_string_to_metric_families(text)
@@ -113,8 +128,8 @@ def test_histogram_buckets_reach_llm_time_scales() -> None:
 
 def test_label_values_are_escaped() -> None:
     metrics = Metrics(0)
-    metrics.record_attempt('we"ird\\route', "stable", "v1", "ok", "", 0.1, None)
-    text = metrics.prometheus_text(Gauges({}, "v"))
+    metrics.record_attempt('we"ird\\route', "stable", "v1", None, "ok", "", 0.1, None)
+    text = prometheus_text(metrics, Gauges({}, "v"))
     routes = {
         sample.labels.get("canary_route")
         for family in text_string_to_metric_families(text)
@@ -124,9 +139,12 @@ def test_label_values_are_escaped() -> None:
 
 
 def test_otlp_request_decodes_with_the_official_classes() -> None:
-    raw = recorded().otlp_request(
-        GAUGES, [("service.name", "canary-proxy")], "canary-proxy", "0.1", 5_000
+    data = metrics_data(
+        recorded().snapshot(GAUGES, now_ns=5_000),
+        Resource({"service.name": "canary-proxy"}),
+        InstrumentationScope("canary-proxy", "0.1"),
     )
+    raw = encode_metrics(data).SerializeToString()
     request = ExportMetricsServiceRequest.FromString(raw)
     (resource_metrics,) = request.resource_metrics
     assert resource_metrics.resource.attributes[0].value.string_value == "canary-proxy"
@@ -137,6 +155,8 @@ def test_otlp_request_decodes_with_the_official_classes() -> None:
         "canary.upstream.duration",
         "canary.upstream.ttft",
         "canary.upstream.requests",
+        "gen_ai.client.operation.duration",
+        "gen_ai.client.operation.time_to_first_chunk",
         "gen_ai.client.token.usage",
         "canary.weight",
         "canary.rollout.decisions",
@@ -147,7 +167,7 @@ def test_otlp_request_decodes_with_the_official_classes() -> None:
     assert requests.is_monotonic
     assert requests.aggregation_temporality == 2
     counts = {
-        tuple(sorted((kv.key, kv.value.string_value) for kv in point.attributes)): point.as_double
+        tuple(sorted((kv.key, kv.value.string_value) for kv in point.attributes)): point.as_int
         for point in requests.data_points
     }
     assert (
@@ -176,9 +196,37 @@ def test_otlp_request_decodes_with_the_official_classes() -> None:
     assert canary.sum == 61.5
     assert canary.start_time_unix_nano == 1_000
     assert canary.time_unix_nano == 5_000
+    assert (canary.min, canary.max) == (1.5, 60.0)
+    (exemplar,) = canary.exemplars
+    assert (exemplar.trace_id.hex(), exemplar.span_id.hex()) == (f"{7:032x}", f"{8:016x}")
     (info,) = by_name["canary.config.info"].gauge.data_points
     assert info.as_double == 1
     assert info.attributes[0].value.string_value == "abc123def456"
+    (weight,) = by_name["canary.weight"].gauge.data_points
+    assert (by_name["canary.weight"].unit, weight.as_double) == ("1", 0.125)
+
+
+def test_counters_are_typed_with_total() -> None:
+    # Parsers read a counter whose TYPE line lacks `_total` as untyped.
+    lines = prometheus_text(recorded()).splitlines()
+    assert "# TYPE canary_upstream_requests_total counter" in lines
+    assert "# TYPE canary_config_reloads_total counter" in lines
+
+
+def test_openmetrics_carries_exemplars_with_trace_ids() -> None:
+    text = prometheus_text(recorded(), accept=OPENMETRICS)
+    assert text.endswith("# EOF\n")
+    exemplars = [
+        sample.exemplar
+        for family in openmetrics_families(text)
+        if family.name == "canary_upstream_duration_seconds"
+        for sample in family.samples
+        if sample.exemplar is not None
+    ]
+    # One sampled attempt (1.5 s): its trace is the exemplar of the 2 s bucket only.
+    (exemplar,) = exemplars
+    assert exemplar.labels == {"trace_id": f"{7:032x}", "span_id": f"{8:016x}"}
+    assert exemplar.value == 1.5
 
 
 def test_known_methods_keep_their_name() -> None:

@@ -19,19 +19,25 @@ import mmh3
 import openai
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
 from tests.harness import RunningProxy, closed_port, proxy_yaml, running_proxy
-from tests.otlp_receiver import attributes, otlp_receiver
+from tests.otlp_receiver import attributes, grpc_receiver, otlp_receiver
 
 CHAT = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 SECRET_USER = "secret-user-4711"
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def telemetry_yaml(endpoint: str, ratio: float = 1.0) -> str:
-    return f"telemetry: {{otlp_endpoint: '{endpoint}', trace_sample_ratio: {ratio}}}"
+def telemetry_yaml(endpoint: str, ratio: float = 1.0, protocol: str = "http/protobuf") -> str:
+    return (
+        f"telemetry: {{otlp_endpoint: '{endpoint}', trace_sample_ratio: {ratio}, "
+        f"otlp_protocol: {protocol}}}"
+    )
 
 
 def by_kind(spans: list[Span], kind: int) -> list[Span]:
@@ -100,6 +106,7 @@ async def test_a_request_is_a_server_span_with_a_client_span_per_attempt(
         "feature_flag.result.variant": "canary",
         "http.response.status_code": 200,
         "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",
         "gen_ai.request.model": "llama-3-8b",
         "gen_ai.request.stream": False,
         "gen_ai.response.model": "m-canary",
@@ -152,6 +159,7 @@ async def test_a_stream_has_a_first_token_event_and_its_usage(backends: Backends
         "gen_ai.response.time_to_first_chunk"
     ]
     assert 0.2 <= ttft < 2.0
+    assert values["gen_ai.response.time_to_first_chunk"] == ttft
     assert client_span.start_time_unix_nano < event.time_unix_nano <= client_span.end_time_unix_nano
 
 
@@ -348,7 +356,7 @@ async def test_metrics_count_the_traffic_per_route_and_variant(backends: Backend
         )
     )
     assert samples[("canary_upstream_requests_total", error_labels)] == 1
-    assert samples[("canary_weight_percent", (("canary_route", "chat"),))] == 50
+    assert samples[("canary_weight_ratio", (("canary_route", "chat"),))] == 0.5
     streamed = sum(1 for u in users if u.endswith("7"))
     ttft_count = sum(
         value
@@ -378,7 +386,7 @@ async def test_metrics_reach_the_collector_over_otlp(backends: Backends) -> None
         info = receiver.metric("canary.config.info")
         duration = receiver.metric("http.server.request.duration")
     assert requests is not None
-    assert sum(point.as_double for point in requests.sum.data_points) == 3
+    assert sum(point.as_int for point in requests.sum.data_points) == 3
     assert info.gauge.data_points[0].attributes[0].value.string_value == version
     assert duration.histogram.data_points[0].explicit_bounds[-1] >= 300
 
@@ -473,9 +481,11 @@ async def wait_for_export_failure(proxy: RunningProxy) -> dict[str, Any]:
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("collector", ["down", "slow"])
 async def test_a_collector_down_or_slow_costs_requests_nothing(
-    backends: Backends, collector: str
+    backends: Backends, collector: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The slow collector answers after 10 s: past the exporter's 5 s timeout.
+    # The slow collector answers after 10 s: past the exporter's timeout (the SDK's
+    # default is 10 s; 2 s here, in seconds as the Python SDK reads it).
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
     async with otlp_receiver(delay_s=10.0) as slow:
         endpoint = slow.endpoint if collector == "slow" else f"http://127.0.0.1:{closed_port()}"
         reference = proxy_yaml(backends.stable.url, backends.canary.url)
@@ -524,3 +534,99 @@ async def test_an_endpoint_that_takes_only_traces_is_not_an_export_failure(
     telemetry = json.loads(body)["telemetry"]
     assert telemetry["export_failures"] == 0
     assert telemetry["spans_dropped"] == 0
+
+
+async def test_traces_and_metrics_over_grpc(backends: Backends) -> None:
+    with grpc_receiver() as receiver:
+        config = proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            top=telemetry_yaml(receiver.endpoint, protocol="grpc"),
+        )
+        async with running_proxy(config) as proxy:
+            status, _, _ = await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
+            spans = await receiver.wait_for_spans(2)
+        requests = receiver.metric("canary.upstream.requests")
+    assert status == 200
+    (server,) = by_kind(spans, Span.SPAN_KIND_SERVER)
+    (client,) = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert client.parent_span_id == server.span_id
+    assert attributes(client)["gen_ai.usage.output_tokens"] == 3
+    assert sum(point.as_int for point in requests.sum.data_points) == 1
+
+
+async def test_a_grpc_endpoint_that_takes_only_traces_is_not_an_export_failure(
+    backends: Backends,
+) -> None:
+    # Jaeger's OTLP/gRPC receiver answers UNIMPLEMENTED to the metrics service.
+    with grpc_receiver() as receiver:
+        receiver.refuse_metrics = True
+        config = proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            top=telemetry_yaml(receiver.endpoint, protocol="grpc"),
+        )
+        async with running_proxy(config) as proxy:
+            await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
+            spans = await receiver.wait_for_spans(2)
+        telemetry = proxy.server.telemetry_status()
+    assert len(spans) == 2
+    assert receiver.metric_posts == 1
+    assert telemetry["export_failures"] == 0, telemetry["last_export_error"]
+    assert telemetry["metrics_taken"] is False
+
+
+async def test_metrics_in_openmetrics_have_exemplars_naming_the_trace(backends: Backends) -> None:
+    async with otlp_receiver() as receiver:
+        config = proxy_yaml(
+            backends.stable.url, backends.canary.url, top=telemetry_yaml(receiver.endpoint)
+        )
+        async with running_proxy(config) as proxy:
+            await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
+            url = f"http://127.0.0.1:{proxy.server.admin_port}/metrics"
+            accept = {"Accept": "application/openmetrics-text; version=1.0.0"}
+            async with aiohttp.ClientSession() as session, session.get(url, headers=accept) as r:
+                content_type = r.headers["Content-Type"]
+                text = await r.text()
+            spans = await receiver.wait_for_spans(2)
+    assert content_type.startswith("application/openmetrics-text")
+    (server,) = by_kind(spans, Span.SPAN_KIND_SERVER)
+    (client,) = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    exemplars = {
+        family.name: sample.exemplar.labels
+        for family in openmetrics_families(text)
+        for sample in family.samples
+        if sample.exemplar is not None
+    }
+    assert exemplars["http_server_request_duration_seconds"] == {
+        "trace_id": server.trace_id.hex(),
+        "span_id": server.span_id.hex(),
+    }
+    assert exemplars["canary_upstream_duration_seconds"] == {
+        "trace_id": client.trace_id.hex(),
+        "span_id": client.span_id.hex(),
+    }
+
+
+async def test_paths_outside_the_genai_operations_are_plain_http_client_spans(
+    backends: Backends,
+) -> None:
+    async with otlp_receiver() as receiver:
+        config = proxy_yaml(
+            backends.stable.url, backends.canary.url, top=telemetry_yaml(receiver.endpoint)
+        )
+        async with running_proxy(config) as proxy:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"{proxy.url}/v1/models") as response:
+                    await response.read()
+                async with session.post(
+                    f"{proxy.url}/v1/responses", json={"model": "m", "input": "hi"}
+                ) as response:
+                    await response.read()
+            spans = await receiver.wait_for_spans(4)
+            _, body = await admin_get(proxy, "/metrics")
+    clients = by_kind(spans, Span.SPAN_KIND_CLIENT)
+    assert sorted(span.name for span in clients) == ["GET", "POST"]
+    for span in clients:
+        assert not any(key.startswith("gen_ai.") for key in attributes(span))
+    assert "gen_ai_client_operation_duration_seconds_count" not in body.decode()

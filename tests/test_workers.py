@@ -123,7 +123,7 @@ async def test_an_operator_decision_reaches_both_workers_within_2s(
     assert code == 200, answer
     decided = time.monotonic()
     while True:
-        weights = await per_worker(proxy, "canary_weight_percent")
+        weights = await per_worker(proxy, "canary_weight_ratio")
         if weights == {"0": 0.0, "1": 0.0} or time.monotonic() - decided > 5:
             break
         await asyncio.sleep(0.05)
@@ -169,10 +169,10 @@ async def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(
         pids = [w["pid"] for w in (await proxy.status())["workers"]]
         write_config(config, backends, weight=100)
         await asyncio.sleep(1.5)
-        assert await per_worker(proxy, "canary_weight_percent") == {"0": 0.0, "1": 0.0}
+        assert await per_worker(proxy, "canary_weight_ratio") == {"0": 0.0, "1": 0.0}
         proxy.signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
-        while await per_worker(proxy, "canary_weight_percent") != {"0": 100.0, "1": 100.0}:
+        while await per_worker(proxy, "canary_weight_ratio") != {"0": 1.0, "1": 1.0}:
             assert time.monotonic() < deadline, "a worker did not reload on SIGHUP"
             await asyncio.sleep(0.1)
         versions = {

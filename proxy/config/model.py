@@ -35,6 +35,7 @@ __all__ = [
     "Match",
     "Network",
     "OnFailure",
+    "OtlpProtocol",
     "Rollout",
     "Route",
     "Schedule",
@@ -246,11 +247,20 @@ class Route:
         return self.canary if variant is Variant.CANARY else self.stable
 
 
+class OtlpProtocol(StrEnum):
+    GRPC = "grpc"
+    HTTP_PROTOBUF = "http/protobuf"
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
-    service_name: str = "canary-proxy"
+    """The `telemetry:` section. A key left unset (None) lets the standard OTEL_*
+    variable decide (proxy.telemetry.settings)."""
+
+    service_name: str | None = None
     otlp_endpoint: str | None = None
-    trace_sample_ratio: float = 1.0
+    otlp_protocol: OtlpProtocol | None = None
+    trace_sample_ratio: float | None = None
     prometheus: bool = True
 
 

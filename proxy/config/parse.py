@@ -37,6 +37,7 @@ from proxy.config.model import (
     Config,
     Limits,
     Network,
+    OtlpProtocol,
     StateConfig,
     StateStoreKind,
     TelemetryConfig,
@@ -367,19 +368,24 @@ def _read_timeouts(reader: Reader) -> Timeouts | None:
 
 
 def _read_telemetry(reader: Reader) -> TelemetryConfig | None:
-    keys = ("service_name", "otlp_endpoint", "trace_sample_ratio", "prometheus")
+    keys = (
+        "service_name",
+        "otlp_endpoint",
+        "otlp_protocol",
+        "trace_sample_ratio",
+        "prometheus",
+    )
     fields = reader.fields(keys)
     if fields is None:
         return None
     defaults = TelemetryConfig()
     endpoint = fields.get("otlp_endpoint", _read_http_url, None)
     return TelemetryConfig(
-        service_name=fields.get("service_name", Reader.string, defaults.service_name),
+        service_name=fields.get("service_name", Reader.string, None),
         otlp_endpoint=None if endpoint is None else endpoint.geturl(),
+        otlp_protocol=fields.get("otlp_protocol", lambda r: r.choice(OtlpProtocol), None),
         trace_sample_ratio=fields.get(
-            "trace_sample_ratio",
-            lambda r: r.number(minimum=0.0, maximum=1.0),
-            defaults.trace_sample_ratio,
+            "trace_sample_ratio", lambda r: r.number(minimum=0.0, maximum=1.0), None
         ),
         prometheus=fields.get("prometheus", Reader.boolean, defaults.prometheus),
     )

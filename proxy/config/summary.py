@@ -20,6 +20,7 @@ from proxy.config.model import (
     LatencyCheck,
     Limits,
     Match,
+    OtlpProtocol,
     Route,
     Schedule,
     StateConfig,
@@ -210,12 +211,15 @@ def _latency(check: LatencyCheck) -> str:
 
 
 def _telemetry(telemetry: TelemetryConfig) -> str:
-    export = f"OTLP to {telemetry.otlp_endpoint}" if telemetry.otlp_endpoint else "no OTLP export"
+    # Unset keys show their defaults; OTEL_* variables may set them when the proxy runs.
+    otlp = "OTLP/gRPC" if telemetry.otlp_protocol is OtlpProtocol.GRPC else "OTLP"
+    export = f"{otlp} to {telemetry.otlp_endpoint}" if telemetry.otlp_endpoint else "no OTLP export"
     metrics = "/metrics on" if telemetry.prometheus else "/metrics off"
-    return (
-        f"service {telemetry.service_name}, {export}, "
-        f"sample {telemetry.trace_sample_ratio:g}, {metrics}"
+    ratio = 1.0 if telemetry.trace_sample_ratio is None else telemetry.trace_sample_ratio
+    text = (
+        f"service {telemetry.service_name or 'canary-proxy'}, {export}, sample {ratio:g}, {metrics}"
     )
+    return text
 
 
 def _state(state: StateConfig) -> str:

@@ -116,8 +116,9 @@ class Forwarder:
         snapshot = self.snapshot
         telemetry = self.telemetry
         headers = request.headers
+        traceparent = headers.get("traceparent")
         exchange = Exchange(
-            request.method, request.path, self._time(), telemetry.begin(headers.get("traceparent"))
+            request.method, request.path, self._time(), telemetry.begin(traceparent), traceparent
         )
         exchange.config_version = snapshot.table.config.version
         request_id = headers.get(REQUEST_ID)

@@ -23,14 +23,14 @@ from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused
 from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
 from proxy.server.reload import ReloadOutcome, ReloadResult
-from proxy.telemetry.metrics import Gauges
+from proxy.telemetry.metrics import Gauges, Snapshot
+from proxy.telemetry.prometheus import render
 from proxy.telemetry.recorder import Recorder
 
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
 
 STATUS_WINDOW_S: Final = 60.0
 _MAX_WINDOW_S: Final = 3600.0
-_PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class AdminView(Protocol):
@@ -66,6 +66,10 @@ class AdminView(Protocol):
 
     def gauges(self) -> Gauges: ...
 
+    def metrics_snapshot(self) -> Snapshot: ...
+
+    def telemetry_status(self) -> dict[str, object]: ...
+
 
 def build_admin_app(view: AdminView) -> web.Application:
     app = web.Application()
@@ -81,12 +85,12 @@ def build_admin_app(view: AdminView) -> web.Application:
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     @routes.get("/metrics")
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
         config = view.table.config
         if not config.telemetry.prometheus:
             raise web.HTTPNotFound(text="telemetry.prometheus is off in the config\n")
-        text = view.telemetry.metrics.prometheus_text(view.gauges())
-        return web.Response(body=text.encode(), headers={"Content-Type": _PROMETHEUS_TEXT})
+        body, content_type = render(view.metrics_snapshot, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     @routes.get("/api/status")
     async def status(request: web.Request) -> web.Response:
@@ -215,15 +219,7 @@ async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) ->
             "last_reload_at": _iso(view.last_reload_at) if view.last_reload_at else None,
             "last_reload_error": view.last_reload_error,
         },
-        "telemetry": {
-            "otlp_endpoint": config.telemetry.otlp_endpoint,
-            "trace_sample_ratio": config.telemetry.trace_sample_ratio,
-            "spans_exported": telemetry.spans_exported,
-            "spans_dropped": telemetry.spans_dropped,
-            "spans_queued": telemetry.queued_spans,
-            "export_failures": telemetry.export_failures,
-            "last_export_error": telemetry.last_export_error,
-        },
+        "telemetry": view.telemetry_status(),
         "controller": {
             "leader": controller.leader,
             "state_store": config.state.store.value,

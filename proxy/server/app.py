@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
@@ -46,9 +47,11 @@ from proxy.routing.assignment import RouteTable
 from proxy.server.admin import build_admin_app
 from proxy.server.controller import Controller
 from proxy.server.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
-from proxy.telemetry.exporter import OtlpExporter
+from proxy.telemetry.export import ExportStatus, OtelExport
 from proxy.telemetry.metrics import Gauges
+from proxy.telemetry.metrics import Snapshot as MetricsSnapshot
 from proxy.telemetry.recorder import Recorder
+from proxy.telemetry.settings import resolve
 
 __all__ = ["ProxyServer", "serve"]
 
@@ -86,7 +89,9 @@ class ProxyServer:
         self._watcher: ConfigWatcher | None = None
         self._forwarder: Forwarder | None = None
         self._deadlines: Deadlines | None = None
-        self._exporter: OtlpExporter | None = None
+        self.telemetry_settings = resolve(config.telemetry, os.environ)
+        self._export: OtelExport | None = None
+        self._export_status: ExportStatus | None = None  # the newest export's, kept after it
         self._runners: list[web.BaseRunner] = []
         self._draining = False
         self._reloading = asyncio.Lock()
@@ -138,6 +143,32 @@ class ProxyServer:
     def record_decision(self, route: str, decision: Decision) -> None:
         self.telemetry.record_decision(route, decision)
 
+    # --- what the admin port reads of telemetry ------------------------------------------
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        return self.telemetry.snapshot(self.gauges())
+
+    def telemetry_status(self) -> dict[str, object]:
+        """The status page's `telemetry` section: what is exported where, and how it goes."""
+        settings = self.telemetry_settings
+        status = self._export_status
+        signal = settings.traces or settings.metrics
+        return {
+            "sdk_disabled": settings.disabled,
+            "service_name": settings.service_name,
+            "traces_endpoint": settings.traces.shown if settings.traces else None,
+            "metrics_endpoint": settings.metrics.shown if settings.metrics else None,
+            "protocol": signal.protocol.value if signal is not None else None,
+            "trace_sample_ratio": settings.sampling.ratio if settings.traces else 0.0,
+            "parent_based": settings.sampling.parent_based,
+            "spans_exported": status.spans_exported if status else 0,
+            "spans_dropped": status.spans_dropped if status else 0,
+            "spans_queued": status.spans_queued if status else 0,
+            "export_failures": status.export_failures if status else 0,
+            "last_export_error": status.last_export_error if status else None,
+            "metrics_taken": status.metrics_taken if status else None,
+        }
+
     def describe(self) -> dict[str, object]:
         """What this process says of itself to the others (its heartbeat)."""
         return {"port": self.port, "admin_port": self.admin_port, "worker": self.worker}
@@ -158,7 +189,7 @@ class ProxyServer:
         snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
         self._forwarder = Forwarder(snapshot, self._deadlines, self.telemetry)
         await self.controller.start()
-        self._start_exporter(config)
+        await self._start_export(config)
         admin = web.AppRunner(build_admin_app(self), access_log=None)
         inherited = self._sockets or (None, None)
         self.admin_port = await self._listen(admin, config.admin.listen, inherited[1])
@@ -177,11 +208,25 @@ class ProxyServer:
             self._watcher.start()
         return self.port
 
-    def _start_exporter(self, config: Config) -> None:
-        endpoint = config.telemetry.otlp_endpoint
-        if endpoint is not None:
-            self._exporter = OtlpExporter(endpoint, self.telemetry, self.gauges)
-            self._exporter.start()
+    async def _start_export(self, config: Config) -> None:
+        """Export as the config and the OTEL_* variables say, replacing any export before."""
+        await self._stop_export()
+        settings = self.telemetry_settings = resolve(config.telemetry, os.environ)
+        for problem in settings.problems:
+            log.warning("telemetry: %s", problem)
+        if settings.traces is None and settings.metrics is None:
+            self.telemetry.trace_to(None, settings.sampling)
+            return
+        export = self._export = OtelExport(settings, self.metrics_snapshot)
+        self._export_status = export.status
+        export.start()
+        self.telemetry.trace_to(export if export.tracing else None, settings.sampling)
+
+    async def _stop_export(self) -> None:
+        export, self._export = self._export, None
+        self.telemetry.trace_to(None, self.telemetry_settings.sampling)
+        if export is not None:
+            await export.stop()
 
     async def _listen(
         self, runner: web.BaseRunner, address: ListenAddress, sock: socket.socket | None
@@ -213,9 +258,7 @@ class ProxyServer:
         if self._deadlines is not None:
             await self._deadlines.stop()
             self._deadlines = None
-        if self._exporter is not None:
-            await self._exporter.stop()
-            self._exporter = None
+        await self._stop_export()
 
     # --- reload -------------------------------------------------------------------------
 
@@ -253,7 +296,7 @@ class ProxyServer:
         old = forwarder.snapshot
         upstreams, retired = old.upstreams.rebuilt(new.backends)
         table = RouteTable.build(new, await self.controller.config_changed(new))
-        endpoint_changed = new.telemetry.otlp_endpoint != self.config.telemetry.otlp_endpoint
+        telemetry_changed = new.telemetry != self.config.telemetry
         self.telemetry.reconfigure(new)
         forwarder.snapshot = Snapshot(table, upstreams)  # the swap: requests from now on
         self.config = new
@@ -262,11 +305,8 @@ class ProxyServer:
         self.telemetry.metrics.record_reload("success")
         for pool in retired:
             await pool.close()  # busy connections close when their exchange ends
-        if endpoint_changed:
-            if self._exporter is not None:
-                await self._exporter.stop()
-                self._exporter = None
-            self._start_exporter(new)
+        if telemetry_changed:
+            await self._start_export(new)
 
     def _reload_failed(self, reason: str, problems: Sequence[str]) -> ReloadResult:
         self.last_reload_error = "; ".join(problems)

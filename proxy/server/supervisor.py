@@ -41,7 +41,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Config, ListenAddress
-from proxy.telemetry.exposition import merge_expositions
+from proxy.telemetry.exposition import WORKER_ACCEPT, merge_expositions
 
 __all__ = ["Supervisor", "supervise"]
 
@@ -56,7 +56,6 @@ _READY_TIMEOUT_S: Final = 30.0
 # A worker's admin socket outlives the worker (rule 1): a probe must not wait long on it.
 _PROBE_TIMEOUT_S: Final = 1.0
 _FORWARDED_HEADERS: Final = ("Authorization", "Content-Type", "Accept")
-_PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass
@@ -288,22 +287,22 @@ class Supervisor:
         )
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
-    async def _metrics(self, _: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        alive = [w for w in self.workers if w.alive]
         answers = await asyncio.gather(
-            *(self._call(w, "GET", "/metrics") for w in self.workers if w.alive),
+            *(self._call(w, "GET", "/metrics", {"Accept": WORKER_ACCEPT}) for w in alive),
             return_exceptions=True,
         )
         texts = []
-        for worker, answer in zip([w for w in self.workers if w.alive], answers, strict=True):
+        for worker, answer in zip(alive, answers, strict=True):
             if isinstance(answer, BaseException):
                 continue  # a worker restarting: its series come back with it
             status, body, _type = answer
             if status != 200:
                 return web.Response(status=status, body=body)
             texts.append((str(worker.index), body.decode()))
-        return web.Response(
-            body=merge_expositions(texts).encode(), headers={"Content-Type": _PROMETHEUS_TEXT}
-        )
+        body, content_type = merge_expositions(texts, request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _status(self, request: web.Request) -> web.Response:
         answer = await self._ask_one(request)

@@ -1,4 +1,4 @@
-"""One Prometheus text exposition from several workers' own. Pure.
+"""One `/metrics` from several workers' own. Pure.
 
 `run --workers N` answers `/metrics` for all its workers at once. Counters and
 histograms of different processes cannot be told apart once summed (a restarted
@@ -7,52 +7,61 @@ series, marked with a `worker` label, and each family is declared once. Queries 
 them (`sum without (worker) (...)`), as they would sum the pods of a Deployment.
 
 Rules:
-1. The input is what `proxy.telemetry.metrics` writes: every family's `# HELP` and `# TYPE`
-   lines come before its samples, and a family's samples are contiguous.
+1. The supervisor asks each worker for OpenMetrics (`WORKER_ACCEPT`), which keeps
+   counters' types and histograms' exemplars; it parses them with prometheus_client.
 2. A family's description and type are the first worker's; its samples are every
-   worker's, in worker order.
+   worker's, in worker order. The result is written in the format the scraper asked
+   for, like a worker's own (`proxy.telemetry.prometheus`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-__all__ = ["merge_expositions"]
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from proxy.telemetry.prometheus import exposition
+
+__all__ = ["WORKER_ACCEPT", "merge_expositions"]
+
+WORKER_ACCEPT = "application/openmetrics-text; version=1.0.0"
 
 
-def merge_expositions(expositions: Iterable[tuple[str, str]]) -> str:
-    """Merge `(worker label, exposition text)` pairs into one exposition."""
-    headers: dict[str, list[str]] = {}
-    samples: dict[str, list[str]] = {}
+class _Merged:
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def merged_families(expositions: Iterable[tuple[str, str]]) -> list[Metric]:
+    """Every worker's families from `(worker label, OpenMetrics text)` pairs, labelled."""
+    families: dict[str, Metric] = {}
     for worker, text in expositions:
-        family = ""
-        for line in text.splitlines():
-            if not line:
-                continue
-            if line.startswith("#"):
-                parts = line.split(" ", 3)
-                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    declared = headers.setdefault(family, [])
-                    if len(declared) < 2 and line not in declared:
-                        declared.append(line)
-                    samples.setdefault(family, [])
-                continue
-            samples.setdefault(family, []).append(_labelled(line, worker))
-    lines: list[str] = []
-    for family, family_samples in samples.items():
-        lines.extend(headers.get(family, ()))
-        lines.extend(family_samples)
-    lines.append("")
-    return "\n".join(lines)
+        for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            merged.samples.extend(
+                Sample(
+                    sample.name,
+                    {"worker": worker, **sample.labels},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+                for sample in family.samples
+            )
+    return list(families.values())
 
 
-def _labelled(sample: str, worker: str) -> str:
-    """A sample line with `worker="..."` first among its labels."""
-    label = f'worker="{worker}"'
-    brace = sample.find("{")
-    space = sample.find(" ")
-    if brace != -1 and (space == -1 or brace < space):
-        rest = sample[brace + 1 :]
-        return f"{sample[:brace]}{{{label}{'' if rest.startswith('}') else ','}{rest}"
-    return f"{sample[:space]}{{{label}}}{sample[space:]}"
+def merge_expositions(
+    expositions: Iterable[tuple[str, str]], accept: str = ""
+) -> tuple[bytes, str]:
+    """The merged exposition, and its Content-Type, for this `Accept` header."""
+    return exposition(_Merged(merged_families(expositions)), accept)

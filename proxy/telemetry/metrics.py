@@ -1,18 +1,21 @@
-"""The OpenTelemetry metrics of SPEC §8: recorded cheaply, rendered for Prometheus and OTLP. Pure.
+"""The metrics of SPEC §8, pre-aggregated per process on the hot path, read as snapshots. Pure.
 
-An OpenTelemetry SDK instrument costs about 7 µs per `record()` here (measured), and
-a request records five or six: as much as a tenth of the proxy's cost per request.
-These instruments are a dict lookup and an increment; the same data is rendered, on
-demand, as Prometheus text (`GET /metrics`) and as an OTLP
-`ExportMetricsServiceRequest`, with cumulative temporality.
+An OpenTelemetry SDK instrument costs several µs per `record()`, and a request
+records half a dozen; these are a dict lookup and an increment. Two readers take a
+snapshot of them, never changing them: the OTLP export (`metrics_data`, the SDK's
+`MetricsData`, cumulative since the process started) and `/metrics`
+(`proxy.telemetry.prometheus`).
 
 Instruments (OTel name → Prometheus name):
 - `http.server.request.duration` (s) → `http_server_request_duration_seconds`
 - `canary.upstream.duration` (s) → `canary_upstream_duration_seconds`
 - `canary.upstream.ttft` (s) → `canary_upstream_ttft_seconds`
 - `canary.upstream.requests` → `canary_upstream_requests_total`
+- `gen_ai.client.operation.duration` (s) → `gen_ai_client_operation_duration_seconds`
+- `gen_ai.client.operation.time_to_first_chunk` (s) →
+  `gen_ai_client_operation_time_to_first_chunk_seconds`
 - `gen_ai.client.token.usage` ({token}) → `gen_ai_client_token_usage`
-- `canary.weight` (%) gauge → `canary_weight_percent`
+- `canary.weight` (1, a ratio 0-1) gauge → `canary_weight_ratio`
 - `canary.rollout.decisions` → `canary_rollout_decisions_total`
 - `canary.config.reloads` → `canary_config_reloads_total`
 - `canary.config.info` gauge (1, with the config's content hash) → `canary_config_info`
@@ -21,51 +24,83 @@ Instruments (OTel name → Prometheus name):
 
 Rules:
 1. Attributes are bounded: routes, variants and backends come from the config;
-   methods outside the standard ones are `_OTHER` (HTTP semantic conventions); no
-   model names and nothing else a client chooses.
-2. Durations use the powers-of-two buckets of `proxy.judge.histogram` (3.9 ms to 512 s).
+   methods outside the standard ones are `_OTHER` (HTTP semantic conventions); GenAI
+   operations are the published values; no model names and nothing else a client
+   chooses.
+2. Durations use explicit buckets at powers of two from 3.9 ms to 512 s (LLM time
+   scales), read exactly from `proxy.judge.histogram`'s log buckets; tokens powers of
+   four up to 1Mi.
+3. A sampled request leaves its trace and span id as the exemplar of the bucket its
+   value fell in; an unsampled one leaves nothing.
 """
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from enum import StrEnum
+from typing import Final, TypeVar
+
+from opentelemetry.sdk.metrics import Exemplar
+from opentelemetry.sdk.metrics.export import (
+    AggregationTemporality,
+    Gauge,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
+    MetricsData,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from proxy.judge.histogram import EXPORT_BOUNDS_S, LogHistogram
-from proxy.telemetry.otlp_wire import (
-    AttributeValue,
-    attributes,
-    field_bytes,
-    field_double,
-    field_fixed64,
-    field_varint,
-    packed_doubles,
-    packed_fixed64,
-    resource,
-    scope,
-)
 
-__all__ = ["TOKEN_BOUNDS", "Gauges", "Metrics", "known_method"]
+__all__ = [
+    "FAMILIES",
+    "TOKEN_BOUNDS",
+    "Family",
+    "Gauges",
+    "Kind",
+    "Metrics",
+    "Point",
+    "Series",
+    "SeriesHistogram",
+    "Snapshot",
+    "known_method",
+    "metrics_data",
+]
 
 TOKEN_BOUNDS: Final[tuple[float, ...]] = tuple(float(4**e) for e in range(11))  # 1 .. 1Mi
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-_CUMULATIVE: Final = 2
+PROVIDER: Final = "openai"  # gen_ai.provider.name: the API the proxy speaks to its backends
 
 Labels = tuple[tuple[str, str], ...]
+_K = TypeVar("_K")
 
 
 def known_method(method: str) -> str:
     return method if method in _METHODS else "_OTHER"
 
 
+class Kind(StrEnum):
+    COUNTER = "counter"
+    HISTOGRAM = "histogram"
+    GAUGE = "gauge"
+
+
 @dataclass(frozen=True, slots=True)
 class Gauges:
-    """The values the gauges show, read when the metrics are rendered."""
+    """The values the gauges show, read when a snapshot is taken."""
 
-    weights: Mapping[str, float]
+    weights: Mapping[str, float]  # percent, as the routing table holds them
     config_version: str
     fleet_version: str = ""  # of what a fleet shares (proxy.config.fleet)
     store_up: bool | None = None  # None: no state store in use
@@ -73,92 +108,195 @@ class Gauges:
 
 
 @dataclass(frozen=True, slots=True)
-class _Family:
+class Family:
     name: str  # OpenTelemetry name
-    prometheus: str
-    kind: str  # "counter" | "histogram" | "gauge"
+    prometheus: str  # without a counter's `_total`
+    kind: Kind
     unit: str
     description: str
     bounds: tuple[float, ...] = ()
 
 
-_SERVER_DURATION: Final = _Family(
+def _family(
+    name: str, prometheus: str, kind: Kind, unit: str, description: str, bounds: tuple[float, ...]
+) -> Family:
+    return Family(name, prometheus, kind, unit, description, bounds)
+
+
+SERVER_DURATION: Final = _family(
     "http.server.request.duration",
     "http_server_request_duration_seconds",
-    "histogram",
+    Kind.HISTOGRAM,
     "s",
     "Duration of requests on the public port, until the answer's last byte.",
     EXPORT_BOUNDS_S,
 )
-_UPSTREAM_DURATION: Final = _Family(
+UPSTREAM_DURATION: Final = _family(
     "canary.upstream.duration",
     "canary_upstream_duration_seconds",
-    "histogram",
+    Kind.HISTOGRAM,
     "s",
     "Duration of backend attempts, from sending the request to the last byte relayed.",
     EXPORT_BOUNDS_S,
 )
-_UPSTREAM_TTFT: Final = _Family(
+UPSTREAM_TTFT: Final = _family(
     "canary.upstream.ttft",
     "canary_upstream_ttft_seconds",
-    "histogram",
+    Kind.HISTOGRAM,
     "s",
     "Time from sending a streamed request to the backend's first byte of the stream.",
     EXPORT_BOUNDS_S,
 )
-_UPSTREAM_REQUESTS: Final = _Family(
+UPSTREAM_REQUESTS: Final = _family(
     "canary.upstream.requests",
-    "canary_upstream_requests_total",
-    "counter",
+    "canary_upstream_requests",
+    Kind.COUNTER,
     "{request}",
     "Backend attempts by route, variant, backend and outcome (ok, error, cancelled).",
+    (),
 )
-_TOKEN_USAGE: Final = _Family(
+OPERATION_DURATION: Final = _family(
+    "gen_ai.client.operation.duration",
+    "gen_ai_client_operation_duration_seconds",
+    Kind.HISTOGRAM,
+    "s",
+    "GenAI operation duration, per backend attempt.",
+    EXPORT_BOUNDS_S,
+)
+TIME_TO_FIRST_CHUNK: Final = _family(
+    "gen_ai.client.operation.time_to_first_chunk",
+    "gen_ai_client_operation_time_to_first_chunk_seconds",
+    Kind.HISTOGRAM,
+    "s",
+    "Time to receive the first chunk of a streamed GenAI response.",
+    EXPORT_BOUNDS_S,
+)
+TOKEN_USAGE: Final = _family(
     "gen_ai.client.token.usage",
     "gen_ai_client_token_usage",
-    "histogram",
+    Kind.HISTOGRAM,
     "{token}",
-    "Tokens per answer, as the backend's usage reports them.",
+    "Number of input and output tokens used, as the backend's usage reports them.",
     TOKEN_BOUNDS,
 )
-_WEIGHT: Final = _Family(
-    "canary.weight", "canary_weight_percent", "gauge", "%", "The canary's weight per route."
+WEIGHT: Final = _family(
+    "canary.weight",
+    "canary_weight_ratio",
+    Kind.GAUGE,
+    "1",
+    "The share of a route's traffic its canary gets, 0 to 1.",
+    (),
 )
-_DECISIONS: Final = _Family(
+DECISIONS: Final = _family(
     "canary.rollout.decisions",
-    "canary_rollout_decisions_total",
-    "counter",
+    "canary_rollout_decisions",
+    Kind.COUNTER,
     "{decision}",
     "Rollout decisions by route and verdict.",
+    (),
 )
-_RELOADS: Final = _Family(
+RELOADS: Final = _family(
     "canary.config.reloads",
-    "canary_config_reloads_total",
-    "counter",
+    "canary_config_reloads",
+    Kind.COUNTER,
     "{reload}",
     "Config reloads by result.",
+    (),
 )
-_CONFIG_INFO: Final = _Family(
+CONFIG_INFO: Final = _family(
     "canary.config.info",
     "canary_config_info",
-    "gauge",
+    Kind.GAUGE,
     "1",
     "1, with the content hash of the config in force and of what a fleet shares of it.",
+    (),
 )
-_STORE_UP: Final = _Family(
+STORE_UP: Final = _family(
     "canary.state_store.up",
     "canary_state_store_up",
-    "gauge",
+    Kind.GAUGE,
     "1",
     "1 while the rollout state store answers, 0 while it does not (absent: no store).",
+    (),
 )
-_LEADER: Final = _Family(
+LEADER: Final = _family(
     "canary.controller.leader",
     "canary_controller_leader",
-    "gauge",
+    Kind.GAUGE,
     "1",
     "1 on the process whose rollout controller holds the lease and decides.",
+    (),
 )
+FAMILIES: Final = (
+    SERVER_DURATION,
+    UPSTREAM_DURATION,
+    UPSTREAM_TTFT,
+    UPSTREAM_REQUESTS,
+    OPERATION_DURATION,
+    TIME_TO_FIRST_CHUNK,
+    TOKEN_USAGE,
+    WEIGHT,
+    DECISIONS,
+    RELOADS,
+    CONFIG_INFO,
+    STORE_UP,
+    LEADER,
+)
+
+
+class SeriesHistogram(LogHistogram):
+    """A `LogHistogram` with the min and max the OTLP data point carries, and the
+    exemplars of sampled requests by export bucket."""
+
+    __slots__ = ("exemplars", "max", "min")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.exemplars: dict[int, tuple[float, int, int, int]] = {}
+
+    def add(self, value: float) -> None:
+        self.record(value)
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+    def add_traced(
+        self, value: float, bounds: Sequence[float], trace_id: int, span_id: int
+    ) -> None:
+        """`add`, and keep this request as its bucket's exemplar (rule 3)."""
+        self.add(value)
+        position = bisect.bisect_left(bounds, value)  # upper bounds are inclusive (`le`)
+        self.exemplars[position] = (value, time.time_ns(), trace_id, span_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """A histogram's cumulative counts at its family's bounds, read off a snapshot."""
+
+    cumulative: tuple[int, ...]
+    count: int
+    sum: float
+    min: float
+    max: float
+    exemplars: Mapping[int, tuple[float, int, int, int]]  # bucket → (value, ns, trace, span)
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    family: Family
+    points: tuple[tuple[Labels, float | Point], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Every series at one instant: what the exporters read."""
+
+    series: tuple[Series, ...]
+    start_time_ns: int
+    time_ns: int
 
 
 class Metrics:
@@ -166,11 +304,13 @@ class Metrics:
 
     def __init__(self, start_time_ns: int) -> None:
         self.start_time_ns = start_time_ns
-        self.server_duration: dict[tuple[str, int, str], LogHistogram] = {}
-        self.upstream_duration: dict[tuple[str, str, str], LogHistogram] = {}
-        self.upstream_ttft: dict[tuple[str, str, str], LogHistogram] = {}
+        self.server_duration: dict[tuple[str, int, str], SeriesHistogram] = {}
+        self.upstream_duration: dict[tuple[str, str, str], SeriesHistogram] = {}
+        self.upstream_ttft: dict[tuple[str, str, str], SeriesHistogram] = {}
         self.upstream_requests: dict[tuple[str, str, str, str, str], int] = {}
-        self.token_usage: dict[tuple[str, str, str, str], LogHistogram] = {}
+        self.operation_duration: dict[tuple[str, str, str, str], SeriesHistogram] = {}
+        self.first_chunk: dict[tuple[str, str, str], SeriesHistogram] = {}
+        self.token_usage: dict[tuple[str, str, str, str], SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
 
@@ -181,23 +321,30 @@ class Metrics:
         route: str,
         variant: str,
         backend: str,
+        operation: str | None,
         outcome: str,
         error_type: str,
         duration_s: float,
         ttft_s: float | None,
+        trace: tuple[int, int] | None = None,
     ) -> None:
+        """One backend attempt; `trace` (trace id, span id) when the request was sampled."""
         key = (route, variant, backend)
-        histogram = self.upstream_duration.get(key)
-        if histogram is None:
-            histogram = self.upstream_duration[key] = LogHistogram()
-        histogram.record(duration_s)
+        _add(self.upstream_duration, key, duration_s, EXPORT_BOUNDS_S, trace)
         if ttft_s is not None:
-            histogram = self.upstream_ttft.get(key)
-            if histogram is None:
-                histogram = self.upstream_ttft[key] = LogHistogram()
-            histogram.record(ttft_s)
+            _add(self.upstream_ttft, key, ttft_s, EXPORT_BOUNDS_S, trace)
         counter_key = (route, variant, backend, outcome, error_type)
         self.upstream_requests[counter_key] = self.upstream_requests.get(counter_key, 0) + 1
+        if operation is not None and outcome != "cancelled":
+            _add(
+                self.operation_duration,
+                (route, variant, operation, error_type),
+                duration_s,
+                EXPORT_BOUNDS_S,
+                trace,
+            )
+            if ttft_s is not None:
+                _add(self.first_chunk, (route, variant, operation), ttft_s, EXPORT_BOUNDS_S, trace)
 
     def record_tokens(
         self,
@@ -210,18 +357,18 @@ class Metrics:
         for token_type, tokens in (("input", input_tokens), ("output", output_tokens)):
             if tokens is None:
                 continue
-            key = (route, variant, operation, token_type)
-            histogram = self.token_usage.get(key)
-            if histogram is None:
-                histogram = self.token_usage[key] = LogHistogram()
-            histogram.record(float(tokens))
+            _add(self.token_usage, (route, variant, operation, token_type), float(tokens), (), None)
 
-    def record_request(self, method: str, status: int, route: str, duration_s: float) -> None:
+    def record_request(
+        self,
+        method: str,
+        status: int,
+        route: str,
+        duration_s: float,
+        trace: tuple[int, int] | None = None,
+    ) -> None:
         key = (known_method(method), status, route)
-        histogram = self.server_duration.get(key)
-        if histogram is None:
-            histogram = self.server_duration[key] = LogHistogram()
-        histogram.record(duration_s)
+        _add(self.server_duration, key, duration_s, EXPORT_BOUNDS_S, trace)
 
     def record_decision(self, route: str, verdict: str) -> None:
         self.decisions[(route, verdict)] = self.decisions.get((route, verdict), 0) + 1
@@ -229,14 +376,20 @@ class Metrics:
     def record_reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
 
-    # --- the series, as (family, labels, value) -----------------------------------------
+    # --- reading ------------------------------------------------------------------------
 
-    def _series(
-        self, gauges: Gauges
-    ) -> Iterable[tuple[_Family, Sequence[tuple[Labels, float | LogHistogram]]]]:
-        yield (
-            _SERVER_DURATION,
-            [
+    def snapshot(self, gauges: Gauges, now_ns: int | None = None) -> Snapshot:
+        """Every series as it is now, copied: readers never hold the live dicts."""
+        return Snapshot(
+            tuple(self._series(gauges)),
+            self.start_time_ns,
+            time.time_ns() if now_ns is None else now_ns,
+        )
+
+    def _series(self, gauges: Gauges) -> Iterable[Series]:
+        yield _histograms(
+            SERVER_DURATION,
+            (
                 (
                     (
                         ("http.request.method", method),
@@ -246,13 +399,13 @@ class Metrics:
                     histogram,
                 )
                 for (method, status, route), histogram in sorted(self.server_duration.items())
-            ],
+            ),
         )
-        yield _UPSTREAM_DURATION, _by_backend(self.upstream_duration)
-        yield _UPSTREAM_TTFT, _by_backend(self.upstream_ttft)
-        yield (
-            _UPSTREAM_REQUESTS,
-            [
+        yield _histograms(UPSTREAM_DURATION, _by_backend(self.upstream_duration))
+        yield _histograms(UPSTREAM_TTFT, _by_backend(self.upstream_ttft))
+        yield Series(
+            UPSTREAM_REQUESTS,
+            tuple(
                 (
                     (
                         ("canary.route", route),
@@ -266,174 +419,205 @@ class Metrics:
                 for (route, variant, backend, outcome, error_type), count in sorted(
                     self.upstream_requests.items()
                 )
-            ],
+            ),
         )
-        yield (
-            _TOKEN_USAGE,
-            [
+        yield _histograms(
+            OPERATION_DURATION,
+            (
                 (
                     (
+                        ("gen_ai.operation.name", operation),
+                        ("gen_ai.provider.name", PROVIDER),
                         ("canary.route", route),
                         ("canary.variant", variant),
+                        *((("error.type", error_type),) if error_type else ()),
+                    ),
+                    histogram,
+                )
+                for (route, variant, operation, error_type), histogram in sorted(
+                    self.operation_duration.items()
+                )
+            ),
+        )
+        yield _histograms(
+            TIME_TO_FIRST_CHUNK,
+            (
+                (
+                    (
                         ("gen_ai.operation.name", operation),
+                        ("gen_ai.provider.name", PROVIDER),
+                        ("canary.route", route),
+                        ("canary.variant", variant),
+                    ),
+                    histogram,
+                )
+                for (route, variant, operation), histogram in sorted(self.first_chunk.items())
+            ),
+        )
+        yield _histograms(
+            TOKEN_USAGE,
+            (
+                (
+                    (
+                        ("gen_ai.operation.name", operation),
+                        ("gen_ai.provider.name", PROVIDER),
                         ("gen_ai.token.type", token_type),
+                        ("canary.route", route),
+                        ("canary.variant", variant),
                     ),
                     histogram,
                 )
                 for (route, variant, operation, token_type), histogram in sorted(
                     self.token_usage.items()
                 )
-            ],
+            ),
         )
-        yield (
-            _WEIGHT,
-            [((("canary.route", route),), weight) for route, weight in gauges.weights.items()],
+        yield Series(
+            WEIGHT,
+            tuple(
+                ((("canary.route", route),), weight / 100.0)
+                for route, weight in gauges.weights.items()
+            ),
         )
-        yield (
-            _DECISIONS,
-            [
+        yield Series(
+            DECISIONS,
+            tuple(
                 ((("canary.route", route), ("verdict", verdict)), float(count))
                 for (route, verdict), count in sorted(self.decisions.items())
-            ],
+            ),
         )
-        yield (
-            _RELOADS,
-            [((("result", result),), float(n)) for result, n in sorted(self.reloads.items())],
+        yield Series(
+            RELOADS,
+            tuple(((("result", result),), float(n)) for result, n in sorted(self.reloads.items())),
         )
-        yield (
-            _CONFIG_INFO,
-            [
+        yield Series(
+            CONFIG_INFO,
+            (
                 (
                     (
                         ("canary.config_version", gauges.config_version),
                         ("canary.fleet_version", gauges.fleet_version),
                     ),
                     1.0,
-                )
-            ],
+                ),
+            ),
         )
         if gauges.store_up is not None:
-            yield _STORE_UP, [((), 1.0 if gauges.store_up else 0.0)]
-            yield _LEADER, [((), 1.0 if gauges.leader else 0.0)]
+            yield Series(STORE_UP, (((), 1.0 if gauges.store_up else 0.0),))
+            yield Series(LEADER, (((), 1.0 if gauges.leader else 0.0),))
 
-    # --- Prometheus text exposition -----------------------------------------------------
 
-    def prometheus_text(self, gauges: Gauges) -> str:
-        lines: list[str] = []
-        for family, series in self._series(gauges):
-            name = family.prometheus
-            # A counter's family is named without the `_total` its samples carry.
-            declared = name.removesuffix("_total") if family.kind == "counter" else name
-            lines.append(f"# HELP {declared} {family.description}")
-            lines.append(f"# TYPE {declared} {family.kind}")
-            for labels, value in series:
-                if isinstance(value, LogHistogram):
-                    lines.extend(_prometheus_histogram(name, labels, value, family.bounds))
-                else:
-                    lines.append(f"{name}{_prometheus_labels(labels)} {_number(value)}")
-        lines.append("")
-        return "\n".join(lines)
-
-    # --- OTLP ---------------------------------------------------------------------------
-
-    def otlp_request(
-        self,
-        gauges: Gauges,
-        resource_pairs: Sequence[tuple[str, AttributeValue]],
-        scope_name: str,
-        scope_version: str,
-        now_ns: int,
-    ) -> bytes:
-        """An `ExportMetricsServiceRequest` with every series, cumulative since start."""
-        metrics = []
-        for family, series in self._series(gauges):
-            if not series:
-                continue
-            points = b"".join(
-                self._otlp_point(family, labels, value, now_ns) for labels, value in series
-            )
-            if family.kind == "histogram":
-                data = field_bytes(9, points + field_varint(2, _CUMULATIVE))
-            elif family.kind == "counter":
-                data = field_bytes(7, points + field_varint(2, _CUMULATIVE) + field_varint(3, 1))
-            else:
-                data = field_bytes(5, points)
-            metrics.append(
-                field_bytes(
-                    2,
-                    field_bytes(1, family.name.encode())
-                    + field_bytes(2, family.description.encode())
-                    + field_bytes(3, family.unit.encode())
-                    + data,
-                )
-            )
-        scope_metrics = field_bytes(1, scope(scope_name, scope_version)) + b"".join(metrics)
-        resource_metrics = field_bytes(1, resource(resource_pairs)) + field_bytes(2, scope_metrics)
-        return field_bytes(1, resource_metrics)
-
-    def _otlp_point(
-        self, family: _Family, labels: Labels, value: float | LogHistogram, now_ns: int
-    ) -> bytes:
-        pairs = list(labels)
-        if isinstance(value, LogHistogram):
-            cumulative = value.cumulative(family.bounds)
-            counts = [b - a for a, b in zip([0, *cumulative], cumulative, strict=False)]
-            counts.append(value.count - cumulative[-1])
-            body = (
-                field_fixed64(2, self.start_time_ns)
-                + field_fixed64(3, now_ns)
-                + field_fixed64(4, value.count)
-                + field_double(5, value.sum)
-                + packed_fixed64(6, counts)
-                + packed_doubles(7, family.bounds)
-                + attributes(9, pairs)
-            )
-            return field_bytes(1, body)
-        start = field_fixed64(2, self.start_time_ns) if family.kind == "counter" else b""
-        body = start + field_fixed64(3, now_ns) + field_double(4, value) + attributes(7, pairs)
-        return field_bytes(1, body)
+def _add(
+    histograms: dict[_K, SeriesHistogram],
+    key: _K,
+    value: float,
+    bounds: Sequence[float],
+    trace: tuple[int, int] | None,
+) -> None:
+    histogram = histograms.get(key)
+    if histogram is None:
+        histogram = histograms[key] = SeriesHistogram()
+    if trace is None:
+        histogram.add(value)
+    else:
+        histogram.add_traced(value, bounds, trace[0], trace[1])
 
 
 def _by_backend(
-    histograms: Mapping[tuple[str, str, str], LogHistogram],
-) -> list[tuple[Labels, float | LogHistogram]]:
-    return [
+    histograms: Mapping[tuple[str, str, str], SeriesHistogram],
+) -> Iterable[tuple[Labels, SeriesHistogram]]:
+    return (
         (
             (("canary.route", route), ("canary.variant", variant), ("canary.backend", backend)),
             histogram,
         )
         for (route, variant, backend), histogram in sorted(histograms.items())
+    )
+
+
+def _histograms(family: Family, items: Iterable[tuple[Labels, SeriesHistogram]]) -> Series:
+    return Series(
+        family,
+        tuple(
+            (
+                labels,
+                Point(
+                    tuple(histogram.cumulative(family.bounds)),
+                    histogram.count,
+                    histogram.sum,
+                    histogram.min,
+                    histogram.max,
+                    dict(histogram.exemplars),
+                ),
+            )
+            for labels, histogram in items
+        ),
+    )
+
+
+# --- OTLP, as the SDK's MetricsData ---------------------------------------------------
+
+
+def metrics_data(
+    snapshot: Snapshot, resource: Resource, scope: InstrumentationScope
+) -> MetricsData:
+    """The snapshot as the SDK's `MetricsData`: cumulative since the process started."""
+    metrics = [
+        _metric(series, snapshot.start_time_ns, snapshot.time_ns)
+        for series in snapshot.series
+        if series.points
     ]
+    return MetricsData(
+        [ResourceMetrics(resource, [ScopeMetrics(scope, metrics, "")], "")],
+    )
 
 
-def _prometheus_histogram(
-    name: str, labels: Labels, histogram: LogHistogram, bounds: Sequence[float]
-) -> list[str]:
-    base = name  # "..._seconds" or a unitless name
-    lines = []
-    for bound, count in zip(bounds, histogram.cumulative(bounds), strict=True):
-        lines.append(
-            f"{base}_bucket{_prometheus_labels(labels, ('le', repr(float(bound))))} {count}"
+def _metric(series: Series, start_ns: int, now_ns: int) -> Metric:
+    family = series.family
+    cumulative = AggregationTemporality.CUMULATIVE
+    data: Histogram | Sum | Gauge
+    if family.kind == Kind.HISTOGRAM:
+        data = Histogram(
+            [
+                _histogram_point(family, dict(labels), value, start_ns, now_ns)
+                for labels, value in series.points
+                if isinstance(value, Point)
+            ],
+            cumulative,
         )
-    lines.append(f"{base}_bucket{_prometheus_labels(labels, ('le', '+Inf'))} {histogram.count}")
-    lines.append(f"{base}_sum{_prometheus_labels(labels)} {_number(histogram.sum)}")
-    lines.append(f"{base}_count{_prometheus_labels(labels)} {histogram.count}")
-    return lines
+    else:
+        points = [
+            NumberDataPoint(
+                dict(labels),
+                start_ns if family.kind == Kind.COUNTER else 0,
+                now_ns,
+                int(value) if family.kind == Kind.COUNTER else value,
+            )
+            for labels, value in series.points
+            if not isinstance(value, Point)
+        ]
+        data = Sum(points, cumulative, True) if family.kind == Kind.COUNTER else Gauge(points)
+    return Metric(family.name, family.description, family.unit, data)
 
 
-def _prometheus_labels(labels: Labels, extra: tuple[str, str] | None = None) -> str:
-    pairs = [*labels, extra] if extra is not None else list(labels)
-    if not pairs:
-        return ""
-    inner = ",".join(f'{key.replace(".", "_")}="{_escape(value)}"' for key, value in pairs)
-    return "{" + inner + "}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+def _histogram_point(
+    family: Family, attributes: dict[str, str], point: Point, start_ns: int, now_ns: int
+) -> HistogramDataPoint:
+    counts = [b - a for a, b in zip((0, *point.cumulative), point.cumulative, strict=False)]
+    counts.append(point.count - (point.cumulative[-1] if point.cumulative else 0))
+    exemplars = [
+        Exemplar({}, value, at_ns, span_id, trace_id)
+        for value, at_ns, trace_id, span_id in point.exemplars.values()
+    ]
+    return HistogramDataPoint(
+        attributes,
+        start_ns,
+        now_ns,
+        point.count,
+        point.sum,
+        counts,
+        family.bounds,
+        point.min,
+        point.max,
+        exemplars,
+    )

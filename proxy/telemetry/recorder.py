@@ -1,51 +1,63 @@
-"""What each request and backend attempt did, turned into stats, metrics and spans.
+"""The one owner of a process's telemetry state, fed by the request path and the controller.
 
 The forwarding code fills one `Exchange` per request and one `Attempt` per backend
-attempt, and hands them over when they end; nothing here does I/O. Spans go to a
-bounded queue that the exporter (`proxy.telemetry.exporter`) drains.
+attempt, and hands them over when they end; nothing here does I/O. Readers (the
+admin port, the OTLP export, the rollout judge) take snapshots of what is here and
+never change it.
 
 Rules:
 1. Every attempt feeds the window stats (what the status page and the rollout judge
    read) and the metrics, from the same numbers: an attempt's error is what SPEC §5
    counts as a backend error; a client that went away is `cancelled`, not an error.
-2. Only a sampled request builds span attributes; an unsampled one costs a dict
-   increment or two per attempt.
+2. Only a sampled request builds spans: an unsampled one makes no OpenTelemetry SDK
+   call and costs a dict increment or two per attempt. A sampled one's spans are
+   built whole when they end and handed to the span sink (`proxy.telemetry.export`).
 3. No attribute carries a user key or prompt text: key sources are named
    (`header:x-user-id`), never their values; the client's address and the query string
    (either may be the key) are not recorded.
-4. The span queue is bounded: when the collector is down or slow, spans are dropped
-   and counted, and requests never wait.
+4. GenAI semantic conventions as published: `gen_ai.operation.name` only for the
+   operations they define (chat, text_completion, embeddings); other paths
+   (`/v1/models`, `/v1/responses`, ...) are plain HTTP client spans.
 """
 
 from __future__ import annotations
 
-import asyncio
-import os
-import socket
 import time
-from collections import deque
-from typing import Final
+from collections.abc import Mapping
+from typing import Final, Protocol
 
-from proxy import __version__
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Tracer
+
 from proxy.apis.answer import AnswerFacts, read_facts, request_model
 from proxy.config.model import Config, Variant
 from proxy.judge.stats import RETENTION_S, WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
-from proxy.telemetry.metrics import Gauges, Metrics
-from proxy.telemetry.otlp_wire import AttributeValue, attributes
-from proxy.telemetry.tracing import SpanKind, TraceContext, encode_span, new_span_id, sample
+from proxy.telemetry.metrics import PROVIDER, Gauges, Metrics, Snapshot
+from proxy.telemetry.settings import Sampling
+from proxy.telemetry.tracing import (
+    AttributeValue,
+    SpanKind,
+    TraceContext,
+    finished_span,
+    new_span_id,
+    sample,
+)
 
-__all__ = ["SCOPE", "Attempt", "Exchange", "Recorder", "operation_of"]
+__all__ = ["FEATURE_FLAG_PROVIDER", "Attempt", "Exchange", "Recorder", "SpanSink", "operation_of"]
 
-SCOPE: Final = "canary-proxy"
-_SPAN_QUEUE: Final = 8192
-_BATCH: Final = 512
-_STATIC_BLOCKS: Final = 1024
+FEATURE_FLAG_PROVIDER: Final = "canary-proxy"
+_STATIC: Final = 1024
+_OFF: Final = Sampling(0.0, parent_based=True)
+
+Attributes = dict[str, AttributeValue]
 
 
 def operation_of(path: str) -> str | None:
-    """The GenAI operation of an OpenAI-style path, None for anything else."""
+    """The GenAI operation of an OpenAI-style path, None for anything else (rule 4)."""
     if path.endswith("/chat/completions"):
         return "chat"
     if path.endswith("/completions"):
@@ -53,6 +65,21 @@ def operation_of(path: str) -> str | None:
     if path.endswith("/embeddings"):
         return "embeddings"
     return None
+
+
+class SpanSink(Protocol):
+    """Where finished spans go: the OTLP export's span processor."""
+
+    @property
+    def resource(self) -> Resource: ...
+
+    @property
+    def scope(self) -> InstrumentationScope: ...
+
+    @property
+    def tracer(self) -> Tracer | None: ...
+
+    def emit(self, span: ReadableSpan) -> None: ...
 
 
 class Attempt:
@@ -108,15 +135,24 @@ class Exchange:
         "route",
         "started",
         "trace",
+        "traceparent",
         "user_agent",
         "variant",
     )
 
-    def __init__(self, method: str, path: str, started: float, trace: TraceContext | None) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        started: float,
+        trace: TraceContext | None,
+        traceparent: str | None = None,
+    ) -> None:
         self.method = method
         self.path = path
         self.started = started
         self.trace = trace
+        self.traceparent = traceparent  # as it came, for the log lines of unsampled requests
         self.route = ""
         self.http_route = ""
         self.variant: Variant | None = None
@@ -130,44 +166,35 @@ class Exchange:
 class Recorder:
     """Stats, metrics and spans of one process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, sampling: Sampling = _OFF) -> None:
         self.config = config
         self.metrics = Metrics(time.time_ns())
         self.stats = WindowStats()
         self.stats.keep_for(_retention_s(config))
-        self.tracing = config.telemetry.otlp_endpoint is not None
-        self.sample_ratio = config.telemetry.trace_sample_ratio
-        self.resource: list[tuple[str, AttributeValue]] = [
-            ("service.name", config.telemetry.service_name),
-            ("service.version", __version__),
-            # One identity per process: the workers and replicas of a fleet each export
-            # their own cumulative series, which must not be mistaken for one another.
-            ("service.instance.id", f"{socket.gethostname()}:{os.getpid()}"),
-            ("host.name", socket.gethostname()),
-            ("process.pid", os.getpid()),
-        ]
-        self._spans: deque[bytes] = deque()
-        # Encoded attributes that repeat from request to request, by what they depend on.
-        self._static_blocks: dict[tuple[object, ...], bytes] = {}
-        self.spans_dropped = 0
-        self.spans_exported = 0
-        self.export_failures = 0
-        self.last_export_error: str | None = None
-        self.batch_ready: asyncio.Event | None = None  # set by the exporter, to be woken
+        self.sampling = sampling
+        self.sink: SpanSink | None = None
+        # Attributes that repeat from request to request, by what they depend on.
+        self._static: dict[tuple[object, ...], Attributes] = {}
 
     def reconfigure(self, config: Config) -> None:
-        """Take a reloaded config: its sampling and service name, for what comes next."""
+        """Take a reloaded config, for what comes next."""
         self.config = config
-        self.tracing = config.telemetry.otlp_endpoint is not None
-        self.sample_ratio = config.telemetry.trace_sample_ratio
-        self.resource[0] = ("service.name", config.telemetry.service_name)
         self.stats.keep_for(_retention_s(config))
+
+    def trace_to(self, sink: SpanSink | None, sampling: Sampling) -> None:
+        """Send sampled requests' spans to `sink` from now on (None: trace nothing)."""
+        self.sink = sink
+        self.sampling = sampling if sink is not None else _OFF
+        self._static.clear()
+
+    def snapshot(self, gauges: Gauges) -> Snapshot:
+        return self.metrics.snapshot(gauges)
 
     # --- the hot path -------------------------------------------------------------------
 
     def begin(self, traceparent: str | None) -> TraceContext | None:
         """The trace of a new request, or None when it is not recorded."""
-        return sample(traceparent, self.sample_ratio) if self.tracing else None
+        return sample(traceparent, self.sampling) if self.sink is not None else None
 
     def new_attempt(
         self, exchange: Exchange, variant: Variant, backend: str, now: float
@@ -190,18 +217,27 @@ class Recorder:
         )
         facts = read_facts(attempt.tail) if attempt.tail else None
         variant = attempt.variant.value
+        operation = operation_of(exchange.path)
+        trace = exchange.trace
+        span_id = attempt.span_id
         self.metrics.record_attempt(
-            attempt.route, variant, attempt.backend, outcome, error_type or "", duration_s, ttft_s
+            attempt.route,
+            variant,
+            attempt.backend,
+            operation,
+            outcome,
+            error_type or "",
+            duration_s,
+            ttft_s,
+            (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
         )
-        if facts is not None and (
-            facts.input_tokens is not None or facts.output_tokens is not None
+        if (
+            operation is not None
+            and facts is not None
+            and (facts.input_tokens is not None or facts.output_tokens is not None)
         ):
             self.metrics.record_tokens(
-                attempt.route,
-                variant,
-                operation_of(exchange.path) or "other",
-                facts.input_tokens,
-                facts.output_tokens,
+                attempt.route, variant, operation, facts.input_tokens, facts.output_tokens
             )
         if not attempt.cancelled or error_type is not None:
             self.stats.record(
@@ -213,14 +249,19 @@ class Recorder:
                 error_type,
                 facts.output_tokens if facts is not None else None,
             )
-        if exchange.trace is not None and attempt.span_id is not None:
-            self._client_span(exchange, attempt, now, ttft_s, facts)
+        if trace is not None and span_id is not None:
+            self._client_span(exchange, attempt, now, ttft_s, facts, operation)
 
     def request_done(self, exchange: Exchange, status: int, now: float) -> None:
+        trace = exchange.trace
         self.metrics.record_request(
-            exchange.method, status, exchange.http_route, now - exchange.started
+            exchange.method,
+            status,
+            exchange.http_route,
+            now - exchange.started,
+            (trace.trace_id, trace.server_span_id) if trace is not None else None,
         )
-        if exchange.trace is not None:
+        if trace is not None:
             self._server_span(exchange, status, now)
 
     # --- the rollout controller ---------------------------------------------------------
@@ -229,33 +270,30 @@ class Recorder:
         self.metrics.record_decision(route, verdict)
 
     def record_decision(self, route: str, decision: Decision) -> None:
-        """A span of its own for a rollout decision, with the reason as an event."""
-        if not self.tracing:
+        """A span of its own for a rollout decision, with the reason as an event; the
+        SDK's tracer makes it, sampled as a new trace."""
+        sink = self.sink
+        tracer = sink.tracer if sink is not None else None
+        if tracer is None:
             return
         now_ns = time.time_ns()
         at_ns = int(decision.at * 1e9)
-        trace = TraceContext(new_span_id() << 64 | new_span_id(), None)
-        self._add_span(
-            encode_span(
-                trace.trace_id,
-                trace.server_span_id,
-                None,
-                f"canary.rollout {route}",
-                SpanKind.INTERNAL,
-                min(at_ns, now_ns),
-                now_ns,
-                [
-                    ("canary.route", route),
-                    ("canary.config_version", self.config.version),
-                    ("canary.rollout.cause", decision.cause),
-                    ("canary.rollout.action", decision.action),
-                    ("canary.rollout.status", decision.status.value),
-                    ("canary.weight.before", decision.weight_before),
-                    ("canary.weight.after", decision.weight_after),
-                ],
-                events=[(at_ns, "decision", [("canary.rollout.reason", decision.reason)])],
-            )
+        span = tracer.start_span(
+            f"canary.rollout {route}",
+            kind=SpanKind.INTERNAL,
+            attributes={
+                "canary.route": route,
+                "canary.config_version": self.config.version,
+                "canary.rollout.cause": str(decision.cause),
+                "canary.rollout.action": str(decision.action),
+                "canary.rollout.status": decision.status.value,
+                "canary.weight.before": decision.weight_before,
+                "canary.weight.after": decision.weight_after,
+            },
+            start_time=min(at_ns, now_ns),
         )
+        span.add_event("decision", {"canary.rollout.reason": decision.reason}, at_ns)
+        span.end(now_ns)
 
     # --- spans ----------------------------------------------------------------------------
 
@@ -266,11 +304,12 @@ class Recorder:
         now: float,
         ttft_s: float | None,
         facts: AnswerFacts | None,
+        operation: str | None,
     ) -> None:
+        sink = self.sink
         trace = exchange.trace
-        assert trace is not None
-        assert attempt.span_id is not None
-        operation = operation_of(exchange.path)
+        if sink is None or trace is None or attempt.span_id is None:
+            return
         model, stream = request_model(exchange.body) if exchange.body else (None, False)
         assignment = exchange.assignment
         static_key = (
@@ -288,63 +327,71 @@ class Recorder:
             assignment.key_source if assignment is not None else None,
             assignment.reason if assignment is not None else None,
         )
-        static = self._static_blocks.get(static_key)
+        static = self._static.get(static_key)
         if static is None:
-            pairs = self._canary_pairs(exchange, attempt.variant, attempt.fallback)
-            pairs += [
-                ("canary.backend", attempt.backend),
-                ("http.request.method", exchange.method),
-                ("server.address", attempt.host),
-                ("server.port", attempt.port),
-                ("gen_ai.operation.name", operation or exchange.method),
-                ("gen_ai.request.stream", stream),
-            ]
-            static = self._remember(static_key, attributes(9, pairs))
-        pairs = self._bucket(exchange)
-        if model is not None:
-            pairs.append(("gen_ai.request.model", model))
+            static = self._canary_attributes(exchange, attempt.variant, attempt.fallback)
+            static["canary.backend"] = attempt.backend
+            static["http.request.method"] = exchange.method
+            static["server.address"] = attempt.host
+            static["server.port"] = attempt.port
+            if operation is not None:
+                static["gen_ai.operation.name"] = operation
+                static["gen_ai.provider.name"] = PROVIDER
+                static["gen_ai.request.stream"] = stream
+            self._remember(static_key, static)
+        attributes = dict(static)
+        self._bucket(exchange, attributes)
+        if model is not None and operation is not None:
+            attributes["gen_ai.request.model"] = model
         if attempt.status is not None:
-            pairs.append(("http.response.status_code", attempt.status))
+            attributes["http.response.status_code"] = attempt.status
         if attempt.error_type is not None:
-            pairs.append(("error.type", attempt.error_type))
-        if facts is not None:
+            attributes["error.type"] = attempt.error_type
+        if facts is not None and operation is not None:
             if facts.model is not None:
-                pairs.append(("gen_ai.response.model", facts.model))
+                attributes["gen_ai.response.model"] = facts.model
             if facts.finish_reasons:
-                pairs.append(("gen_ai.response.finish_reasons", list(facts.finish_reasons)))
+                attributes["gen_ai.response.finish_reasons"] = tuple(facts.finish_reasons)
             if facts.input_tokens is not None:
-                pairs.append(("gen_ai.usage.input_tokens", facts.input_tokens))
+                attributes["gen_ai.usage.input_tokens"] = facts.input_tokens
             if facts.output_tokens is not None:
-                pairs.append(("gen_ai.usage.output_tokens", facts.output_tokens))
-        events: list[tuple[int, str, list[tuple[str, AttributeValue]]]] = []
+                attributes["gen_ai.usage.output_tokens"] = facts.output_tokens
+        events: tuple[Event, ...] = ()
         if ttft_s is not None and attempt.first_byte_at is not None:
-            events.append(
-                (
-                    _wall_ns(trace, exchange, attempt.first_byte_at),
+            attributes["gen_ai.response.time_to_first_chunk"] = ttft_s
+            events = (
+                Event(
                     "first_token",
-                    [("gen_ai.response.time_to_first_chunk", ttft_s)],
-                )
+                    {"gen_ai.response.time_to_first_chunk": ttft_s},
+                    _wall_ns(trace, exchange, attempt.first_byte_at),
+                ),
             )
-        name = f"{operation} {model}" if operation and model else operation or exchange.method
-        self._add_span(
-            encode_span(
-                trace.trace_id,
+        if operation is None:
+            name = exchange.method
+        else:
+            name = f"{operation} {model}" if model else operation
+        sink.emit(
+            finished_span(
+                sink.resource,
+                sink.scope,
+                trace,
                 attempt.span_id,
                 trace.server_span_id,
                 name,
                 SpanKind.CLIENT,
                 _wall_ns(trace, exchange, attempt.started),
                 _wall_ns(trace, exchange, now),
-                pairs,
-                encoded_attributes=static,
+                attributes,
                 error=attempt.error_type,
                 events=events,
             )
         )
 
     def _server_span(self, exchange: Exchange, status: int, now: float) -> None:
+        sink = self.sink
         trace = exchange.trace
-        assert trace is not None
+        if sink is None or trace is None:
+            return
         assignment = exchange.assignment
         static_key = (
             "server",
@@ -357,96 +404,77 @@ class Recorder:
             assignment.key_source if assignment is not None else None,
             assignment.reason if assignment is not None else None,
         )
-        static = self._static_blocks.get(static_key)
+        static = self._static.get(static_key)
         if static is None:
-            pairs: list[tuple[str, AttributeValue]] = [
-                ("http.request.method", exchange.method),
-                ("url.scheme", "http"),
-            ]
+            static = {"http.request.method": exchange.method, "url.scheme": "http"}
             if exchange.http_route:
-                pairs.append(("http.route", exchange.http_route))
+                static["http.route"] = exchange.http_route
             if exchange.variant is not None:
-                pairs += self._canary_pairs(exchange, exchange.variant, exchange.fallback)
-            static = self._remember(static_key, attributes(9, pairs))
-        pairs = self._bucket(exchange)
-        pairs += [("url.path", exchange.path), ("http.response.status_code", status)]
+                static.update(
+                    self._canary_attributes(exchange, exchange.variant, exchange.fallback)
+                )
+            self._remember(static_key, static)
+        attributes = dict(static)
+        self._bucket(exchange, attributes)
+        attributes["url.path"] = exchange.path
+        attributes["http.response.status_code"] = status
         if exchange.user_agent:
-            pairs.append(("user_agent.original", exchange.user_agent))
+            attributes["user_agent.original"] = exchange.user_agent
         error = str(status) if status >= 500 else None
         if error is not None:
-            pairs.append(("error.type", error))
+            attributes["error.type"] = error
         name = (
             f"{exchange.method} {exchange.http_route}" if exchange.http_route else exchange.method
         )
-        self._add_span(
-            encode_span(
-                trace.trace_id,
+        sink.emit(
+            finished_span(
+                sink.resource,
+                sink.scope,
+                trace,
                 trace.server_span_id,
                 trace.parent_span_id,
                 name,
                 SpanKind.SERVER,
                 trace.start_ns,
                 _wall_ns(trace, exchange, now),
-                pairs,
-                encoded_attributes=static,
+                attributes,
                 error=error,
             )
         )
 
-    def _canary_pairs(
-        self, exchange: Exchange, variant: Variant, fallback: bool
-    ) -> list[tuple[str, AttributeValue]]:
+    @staticmethod
+    def _canary_attributes(exchange: Exchange, variant: Variant, fallback: bool) -> Attributes:
         """The canary and feature-flag attributes that repeat from request to request."""
-        pairs: list[tuple[str, AttributeValue]] = [
-            ("canary.route", exchange.route),
-            ("canary.variant", variant.value),
-            ("canary.config_version", exchange.config_version),
-            ("canary.fallback", fallback),
-            ("feature_flag.key", exchange.route),
-            ("feature_flag.result.variant", variant.value),
-            ("feature_flag.provider.name", SCOPE),
-        ]
+        attributes: Attributes = {
+            "canary.route": exchange.route,
+            "canary.variant": variant.value,
+            "canary.config_version": exchange.config_version,
+            "canary.fallback": fallback,
+            "feature_flag.key": exchange.route,
+            "feature_flag.result.variant": variant.value,
+            "feature_flag.provider.name": FEATURE_FLAG_PROVIDER,
+        }
         assignment = exchange.assignment
         if assignment is not None:
             if assignment.key_source is not None:
-                pairs.append(("canary.key_source", assignment.key_source))
-            pairs.append(("canary.assignment", assignment.reason.value))
-        return pairs
+                attributes["canary.key_source"] = assignment.key_source
+            attributes["canary.assignment"] = assignment.reason.value
+        return attributes
 
     @staticmethod
-    def _bucket(exchange: Exchange) -> list[tuple[str, AttributeValue]]:
+    def _bucket(exchange: Exchange, attributes: Attributes) -> None:
         assignment = exchange.assignment
         if assignment is not None and assignment.bucket is not None:
-            return [("canary.bucket", assignment.bucket)]
-        return []
+            attributes["canary.bucket"] = assignment.bucket
 
-    def _remember(self, key: tuple[object, ...], block: bytes) -> bytes:
-        """Keep an encoded attribute block; the cache is bounded (some keys hold client text)."""
-        if len(self._static_blocks) >= _STATIC_BLOCKS:
-            self._static_blocks.clear()
-        self._static_blocks[key] = block
-        return block
-
-    # --- the span queue -------------------------------------------------------------------
-
-    def _add_span(self, span: bytes) -> None:
-        if len(self._spans) >= _SPAN_QUEUE:
-            self.spans_dropped += 1
-            return
-        self._spans.append(span)
-        if len(self._spans) >= _BATCH and self.batch_ready is not None:
-            self.batch_ready.set()
-
-    def take_spans(self, limit: int = _BATCH) -> list[bytes]:
-        spans = self._spans
-        return [spans.popleft() for _ in range(min(limit, len(spans)))]
-
-    @property
-    def queued_spans(self) -> int:
-        return len(self._spans)
+    def _remember(self, key: tuple[object, ...], attributes: Attributes) -> None:
+        """Keep attributes that repeat; bounded (some keys hold client text)."""
+        if len(self._static) >= _STATIC:
+            self._static.clear()
+        self._static[key] = attributes
 
     def gauges(
-        self, weights: dict[str, float], store_up: bool | None = None, leader: bool = False
+        self, weights: Mapping[str, float], store_up: bool | None = None, leader: bool = False
     ) -> Gauges:
         return Gauges(weights, self.config.version, self.config.fleet_version, store_up, leader)
 

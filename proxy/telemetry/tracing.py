@@ -1,64 +1,67 @@
-"""W3C trace context, parent-based sampling, and spans written as OTLP. Pure.
+"""W3C trace context, the sampling decision, and finished spans as the SDK's `ReadableSpan`.
 
 Rules:
-1. An incoming `traceparent` is honoured: its trace continues and its sampled flag
-   decides (parent-based). Without one, a new trace is sampled when the low 64 bits
-   of its id fall under `ratio * 2^64`, OpenTelemetry's `TraceIdRatioBased`, so every
-   replica decides the same way for the same trace.
-2. An unsampled request builds nothing: no ids, no attributes, no span.
-3. A span is encoded to its OTLP `Span` message when it ends; the exporter only
-   concatenates them.
+1. An incoming `traceparent` is honoured: its trace continues. With a parent-based
+   sampler its sampled flag decides; otherwise, and for a new trace, the trace id
+   decides: sampled when its low 64 bits fall under `ratio * 2^64`, exactly
+   OpenTelemetry's `TraceIdRatioBased`, so every replica decides alike for one trace.
+2. The decision is made here, not by the SDK: an unsampled request makes no SDK
+   call and builds nothing (no ids, no attributes, no span). `sdk_sampler` is the
+   same policy as an SDK sampler, for the spans the SDK's tracer makes itself.
+3. A sampled request's spans are built once, when they end, as `ReadableSpan`s
+   with their attributes complete, and handed to the span processor.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
-from enum import IntEnum
+from collections.abc import Mapping, Sequence
 from typing import Final
 
-from proxy.telemetry.otlp_wire import (
-    AttributeValue,
-    attribute,
-    attributes,
-    field_bytes,
-    field_fixed64,
-    field_varint,
-    resource,
-    scope,
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
 )
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.types import AttributeValue
+
+from proxy.telemetry.settings import Sampling
 
 __all__ = [
+    "AttributeValue",
     "SpanKind",
     "TraceContext",
-    "encode_span",
-    "export_request",
+    "finished_span",
     "format_traceparent",
     "new_span_id",
     "parse_traceparent",
     "sample",
+    "sdk_sampler",
 ]
 
 _MASK_64: Final = (1 << 64) - 1
 _HEX: Final = frozenset("0123456789abcdef")
 _getrandbits = random.getrandbits  # as the OpenTelemetry SDK's RandomIdGenerator
-
-
-class SpanKind(IntEnum):
-    INTERNAL = 1
-    SERVER = 2
-    CLIENT = 3
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_UNSET: Final = Status(StatusCode.UNSET)
 
 
 class TraceContext:
     """The trace a sampled request belongs to, and its server span."""
 
-    __slots__ = ("parent_span_id", "server_span_id", "start_ns", "trace_id")
+    __slots__ = ("parent_remote", "parent_span_id", "server_span_id", "start_ns", "trace_id")
 
     def __init__(self, trace_id: int, parent_span_id: int | None) -> None:
         self.trace_id = trace_id
         self.parent_span_id = parent_span_id
+        self.parent_remote = parent_span_id is not None
         self.server_span_id = new_span_id()
         self.start_ns = time.time_ns()
 
@@ -89,66 +92,72 @@ def new_span_id() -> int:
     return _getrandbits(64) or 1
 
 
-def sample(traceparent: str | None, ratio: float) -> TraceContext | None:
+def _under(trace_id: int, ratio: float) -> bool:
+    """TraceIdRatioBased's decision for this trace id."""
+    return (trace_id & _MASK_64) < round(ratio * (_MASK_64 + 1))
+
+
+def sample(traceparent: str | None, sampling: Sampling) -> TraceContext | None:
     """The trace to record this request in, or None when it is not sampled."""
     parent = parse_traceparent(traceparent)
     if parent is not None:
         trace_id, parent_span_id, sampled = parent
-        return TraceContext(trace_id, parent_span_id) if sampled else None
+        if sampling.parent_based:
+            return TraceContext(trace_id, parent_span_id) if sampled else None
+        return TraceContext(trace_id, parent_span_id) if _under(trace_id, sampling.ratio) else None
+    ratio = sampling.ratio
     if ratio <= 0.0:
         return None
     trace_id = _getrandbits(128) or 1
-    if ratio < 1.0 and (trace_id & _MASK_64) >= round(ratio * (1 << 64)):
+    if ratio < 1.0 and not _under(trace_id, ratio):
         return None
     return TraceContext(trace_id, None)
 
 
-def encode_span(
-    trace_id: int,
+def sdk_sampler(sampling: Sampling) -> Sampler:
+    """The SDK sampler that decides as `sample` does."""
+    if sampling.ratio >= 1.0:
+        root: Sampler = ALWAYS_ON
+    elif sampling.ratio <= 0.0:
+        root = ALWAYS_OFF
+    else:
+        root = TraceIdRatioBased(sampling.ratio)
+    return ParentBased(root) if sampling.parent_based else root
+
+
+def finished_span(
+    resource: Resource,
+    scope: InstrumentationScope,
+    trace: TraceContext,
     span_id: int,
     parent_span_id: int | None,
     name: str,
     kind: SpanKind,
     start_ns: int,
     end_ns: int,
-    pairs: Sequence[tuple[str, AttributeValue]],
+    attributes: Mapping[str, AttributeValue],
     *,
-    encoded_attributes: bytes = b"",
     error: str | None = None,
-    events: Sequence[tuple[int, str, Sequence[tuple[str, AttributeValue]]]] = (),
-) -> bytes:
-    """An OTLP `Span` message body; `encoded_attributes` are more attributes, already encoded."""
-    parts = [
-        field_bytes(1, trace_id.to_bytes(16, "big")),
-        field_bytes(2, span_id.to_bytes(8, "big")),
-    ]
+    events: Sequence[Event] = (),
+) -> ReadableSpan:
+    """A finished span of a sampled request, ready for the span processor."""
+    trace_id = trace.trace_id
+    parent = None
     if parent_span_id is not None:
-        parts.append(field_bytes(4, parent_span_id.to_bytes(8, "big")))
-    parts.append(field_bytes(5, name.encode()))
-    parts.append(field_varint(6, kind))
-    parts.append(field_fixed64(7, start_ns))
-    parts.append(field_fixed64(8, end_ns))
-    parts.append(encoded_attributes)
-    parts.append(attributes(9, pairs))
-    for time_ns, event_name, event_pairs in events:
-        body = field_fixed64(1, time_ns) + field_bytes(2, event_name.encode())
-        body += b"".join(attribute(3, k, v) for k, v in event_pairs)
-        parts.append(field_bytes(11, body))
-    if error is not None:
-        # Status{message, code: ERROR}
-        parts.append(field_bytes(15, field_bytes(2, error.encode()) + field_varint(3, 2)))
-    return b"".join(parts)
-
-
-def export_request(
-    resource_pairs: Sequence[tuple[str, AttributeValue]],
-    scope_name: str,
-    scope_version: str,
-    spans: Sequence[bytes],
-) -> bytes:
-    """An `ExportTraceServiceRequest` with one resource and one scope."""
-    scope_spans = field_bytes(1, scope(scope_name, scope_version)) + b"".join(
-        field_bytes(2, span) for span in spans
+        remote = parent_span_id == trace.parent_span_id and trace.parent_remote
+        parent = SpanContext(trace_id, parent_span_id, remote, _SAMPLED)
+    return ReadableSpan(
+        name,
+        SpanContext(trace_id, span_id, False, _SAMPLED),
+        parent,
+        resource,
+        attributes,
+        events,
+        (),
+        kind,
+        None,
+        _UNSET if error is None else Status(StatusCode.ERROR, error),
+        start_ns,
+        end_ns,
+        scope,
     )
-    resource_spans = field_bytes(1, resource(resource_pairs)) + field_bytes(2, scope_spans)
-    return field_bytes(1, resource_spans)
