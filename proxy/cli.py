@@ -62,11 +62,9 @@ def _load(path: str, secrets: EnvSecrets = EnvSecrets.REQUIRE) -> Config:
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from proxy.telemetry.logs import configure
+
+    configure(level)  # text until the config's telemetry.log_format is applied
 
 
 # --- commands ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import aiohttp
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from proxy.config.model import OtlpProtocol, TelemetryConfig
+from proxy.telemetry.settings import resolve
 from tests.conftest import Backends
 from tests.harness import RunningProxy, proxy_yaml, running_proxy
 from tests.otlp_receiver import CERTIFICATE, grpc_receiver, otlp_receiver
@@ -283,3 +285,42 @@ async def test_metric_export_interval(backends: Backends, monkeypatch: pytest.Mo
             await receiver.wait_for_metrics(timeout_s=3.0)
             # Metrics arrived while the proxy runs, not only when it stops.
             assert receiver.metric("canary.upstream.requests") is not None
+
+
+@pytest.mark.parametrize(
+    ("environ", "problem"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER='jaeger_remote'"),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            "OTEL_TRACES_SAMPLER_ARG='2'",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            },
+            "OTEL_EXPORTER_OTLP_PROTOCOL='http/json'",
+        ),
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}, "OTEL_METRIC_EXPORT_INTERVAL='soon'"),
+        ({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED='yes'"),
+    ],
+)
+def test_a_value_that_cannot_be_used_is_named_and_its_default_applies(
+    environ: dict[str, str], problem: str
+) -> None:
+    settings = resolve(TelemetryConfig(), environ)
+    assert any(problem in text for text in settings.problems), settings.problems
+    assert settings.sampling.ratio == 1.0
+    assert not settings.disabled
+    if settings.traces is not None:
+        assert settings.traces.protocol is OtlpProtocol.HTTP_PROTOBUF
+
+
+async def test_problems_are_logged_when_the_proxy_starts(
+    backends: Backends, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "jaeger_remote")
+    async with running_proxy(config(backends)) as proxy:
+        await one_request(proxy)
+    assert any("OTEL_TRACES_SAMPLER" in r.getMessage() for r in caplog.records)

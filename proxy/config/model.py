@@ -32,6 +32,7 @@ __all__ = [
     "LatencyCheck",
     "Limits",
     "ListenAddress",
+    "LogFormat",
     "Match",
     "Network",
     "OnFailure",
@@ -252,6 +253,11 @@ class OtlpProtocol(StrEnum):
     HTTP_PROTOBUF = "http/protobuf"
 
 
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     """The `telemetry:` section. A key left unset (None) lets the standard OTEL_*
@@ -262,6 +268,8 @@ class TelemetryConfig:
     otlp_protocol: OtlpProtocol | None = None
     trace_sample_ratio: float | None = None
     prometheus: bool = True
+    log_format: LogFormat = LogFormat.TEXT
+    access_log: float = 0.0  # the share of requests logged, one line each; 0: none
 
 
 @dataclass(frozen=True, slots=True)

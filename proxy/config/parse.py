@@ -36,6 +36,7 @@ from proxy.config.model import (
     Backend,
     Config,
     Limits,
+    LogFormat,
     Network,
     OtlpProtocol,
     StateConfig,
@@ -374,6 +375,8 @@ def _read_telemetry(reader: Reader) -> TelemetryConfig | None:
         "otlp_protocol",
         "trace_sample_ratio",
         "prometheus",
+        "log_format",
+        "access_log",
     )
     fields = reader.fields(keys)
     if fields is None:
@@ -388,6 +391,10 @@ def _read_telemetry(reader: Reader) -> TelemetryConfig | None:
             "trace_sample_ratio", lambda r: r.number(minimum=0.0, maximum=1.0), None
         ),
         prometheus=fields.get("prometheus", Reader.boolean, defaults.prometheus),
+        log_format=fields.get("log_format", lambda r: r.choice(LogFormat), defaults.log_format),
+        access_log=fields.get(
+            "access_log", lambda r: r.number(minimum=0.0, maximum=1.0), defaults.access_log
+        ),
     )
 
 

@@ -19,6 +19,7 @@ from proxy.config.model import (
     ErrorRateCheck,
     LatencyCheck,
     Limits,
+    LogFormat,
     Match,
     OtlpProtocol,
     Route,
@@ -219,6 +220,10 @@ def _telemetry(telemetry: TelemetryConfig) -> str:
     text = (
         f"service {telemetry.service_name or 'canary-proxy'}, {export}, sample {ratio:g}, {metrics}"
     )
+    if telemetry.log_format is not LogFormat.TEXT:
+        text += f", {telemetry.log_format} logs"
+    if telemetry.access_log:
+        text += f", access log {telemetry.access_log:g}"
     return text
 
 

@@ -64,6 +64,7 @@ from proxy.http.relay import Opened, relay
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
 from proxy.routing.keys import NEED_BODY, is_trusted
+from proxy.telemetry.logs import REQUEST
 from proxy.telemetry.recorder import Exchange, Recorder
 from proxy.telemetry.tracing import format_traceparent
 
@@ -121,6 +122,8 @@ class Forwarder:
             request.method, request.path, self._time(), telemetry.begin(traceparent), traceparent
         )
         exchange.config_version = snapshot.table.config.version
+        # What is logged while this request is served carries its trace.
+        serving = REQUEST.set(exchange)
         request_id = headers.get(REQUEST_ID)
         if not request_id or not _is_request_id(request_id):
             request_id = f"{self._id_prefix}-{next(self._id_counter):x}"
@@ -143,6 +146,7 @@ class Forwarder:
             return response
         finally:
             telemetry.request_done(exchange, status, self._time())
+            REQUEST.reset(serving)
 
     async def _serve(
         self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange

@@ -3,7 +3,7 @@
 Rules:
 1. The public port is aiohttp's low-level server (`proxy.http.inbound`: head timeout, bad
    HTTP refused): every path goes to the `Forwarder`; there is no router, no
-   middleware and no access log on the hot path.
+   middleware, and no access log unless `telemetry.access_log` asks for a share of requests.
 2. A client that disconnects cancels its handler at once (`handler_cancellation`),
    which closes the backend connection, so the model server stops generating.
 3. Request bodies are not decompressed on the way in; what the client sent is what
@@ -48,6 +48,7 @@ from proxy.server.admin import build_admin_app
 from proxy.server.controller import Controller
 from proxy.server.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
 from proxy.telemetry.export import ExportStatus, OtelExport
+from proxy.telemetry.logs import install_trace_ids, set_format
 from proxy.telemetry.metrics import Gauges
 from proxy.telemetry.metrics import Snapshot as MetricsSnapshot
 from proxy.telemetry.recorder import Recorder
@@ -80,6 +81,7 @@ class ProxyServer:
         self.worker = worker
         self._sockets = sockets
         self.telemetry = Recorder(config)
+        install_trace_ids()
         self.loaded_at = time.time()
         self.last_reload_error: str | None = None
         self.last_reload_at: float | None = None
@@ -184,6 +186,7 @@ class ProxyServer:
 
     async def _start(self) -> int:
         config = self.config
+        set_format(config.telemetry.log_format)
         self._deadlines = Deadlines()
         self._deadlines.start()
         snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
@@ -297,6 +300,8 @@ class ProxyServer:
         upstreams, retired = old.upstreams.rebuilt(new.backends)
         table = RouteTable.build(new, await self.controller.config_changed(new))
         telemetry_changed = new.telemetry != self.config.telemetry
+        if new.telemetry.log_format != self.config.telemetry.log_format:
+            set_format(new.telemetry.log_format)
         self.telemetry.reconfigure(new)
         forwarder.snapshot = Snapshot(table, upstreams)  # the swap: requests from now on
         self.config = new

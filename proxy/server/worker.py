@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
+from proxy.telemetry.logs import configure
+
 __all__ = ["main"]
 
 _PARENT_CHECK_S: Final = 1.0
@@ -64,11 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvloop
 
     args = _parse(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [worker {args.index}] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure(args.log_level, worker=args.index)  # the config's log_format once it is read
     try:
         uvloop.run(_serve(args))
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ Rules:
 
 from __future__ import annotations
 
+import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Final, Protocol
@@ -36,6 +38,7 @@ from proxy.config.model import Config, Variant
 from proxy.judge.stats import RETENTION_S, WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
+from proxy.telemetry.logs import ACCESS_LOGGER, access_line
 from proxy.telemetry.metrics import PROVIDER, Gauges, Metrics, Snapshot
 from proxy.telemetry.settings import Sampling
 from proxy.telemetry.tracing import (
@@ -52,6 +55,8 @@ __all__ = ["FEATURE_FLAG_PROVIDER", "Attempt", "Exchange", "Recorder", "SpanSink
 FEATURE_FLAG_PROVIDER: Final = "canary-proxy"
 _STATIC: Final = 1024
 _OFF: Final = Sampling(0.0, parent_based=True)
+_random = random.random
+access_log = logging.getLogger(ACCESS_LOGGER)
 
 Attributes = dict[str, AttributeValue]
 
@@ -130,12 +135,15 @@ class Exchange:
         "config_version",
         "fallback",
         "http_route",
+        "input_tokens",
         "method",
+        "output_tokens",
         "path",
         "route",
         "started",
         "trace",
         "traceparent",
+        "ttft_s",
         "user_agent",
         "variant",
     )
@@ -161,6 +169,10 @@ class Exchange:
         self.fallback = False
         self.config_version = ""  # of the config the request started on
         self.user_agent: str | None = None
+        # Of the attempt that answered, for the access log.
+        self.ttft_s: float | None = None
+        self.input_tokens: int | None = None
+        self.output_tokens: int | None = None
 
 
 class Recorder:
@@ -172,6 +184,7 @@ class Recorder:
         self.stats = WindowStats()
         self.stats.keep_for(_retention_s(config))
         self.sampling = sampling
+        self.access_ratio = config.telemetry.access_log
         self.sink: SpanSink | None = None
         # Attributes that repeat from request to request, by what they depend on.
         self._static: dict[tuple[object, ...], Attributes] = {}
@@ -179,6 +192,7 @@ class Recorder:
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded config, for what comes next."""
         self.config = config
+        self.access_ratio = config.telemetry.access_log
         self.stats.keep_for(_retention_s(config))
 
     def trace_to(self, sink: SpanSink | None, sampling: Sampling) -> None:
@@ -231,6 +245,9 @@ class Recorder:
             ttft_s,
             (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
         )
+        exchange.ttft_s = ttft_s
+        if facts is not None:
+            exchange.input_tokens, exchange.output_tokens = facts.input_tokens, facts.output_tokens
         if (
             operation is not None
             and facts is not None
@@ -263,6 +280,29 @@ class Recorder:
         )
         if trace is not None:
             self._server_span(exchange, status, now)
+        ratio = self.access_ratio
+        if ratio and (ratio >= 1.0 or _random() < ratio):
+            self._access(exchange, status, now)
+
+    @staticmethod
+    def _access(exchange: Exchange, status: int, now: float) -> None:
+        """One access log line (proxy.telemetry.logs, rule 4)."""
+        ttft_s = exchange.ttft_s
+        message, extra = access_line(
+            {
+                "method": exchange.method,
+                "path": exchange.path,
+                "route": exchange.route or None,
+                "variant": exchange.variant.value if exchange.variant is not None else None,
+                "fallback": exchange.fallback or None,
+                "status": status,
+                "duration_ms": round((now - exchange.started) * 1000, 1),
+                "ttft_ms": round(ttft_s * 1000, 1) if ttft_s is not None else None,
+                "input_tokens": exchange.input_tokens,
+                "output_tokens": exchange.output_tokens,
+            }
+        )
+        access_log.info(message, extra=extra)
 
     # --- the rollout controller ---------------------------------------------------------
 
