@@ -232,3 +232,31 @@ def test_openmetrics_carries_exemplars_with_trace_ids() -> None:
 def test_known_methods_keep_their_name() -> None:
     assert known_method("POST") == "POST"
     assert known_method("post") == "_OTHER"
+
+
+def test_each_family_is_the_attempts_merged_by_its_own_labels() -> None:
+    metrics = Metrics(0)
+    metrics.record_attempt("chat", "canary", "v2", "chat", "ok", "", 0.5, 0.1)
+    metrics.record_attempt("chat", "canary", "v2", "chat", "error", "502", 0.25, None)
+    metrics.record_attempt("chat", "canary", "v2", "chat", "cancelled", "", 0.125, None)
+    metrics.record_attempt("chat", "canary", "v2", None, "ok", "", 0.5, None)  # /v1/models
+    values = samples(prometheus_text(metrics))
+    backend = frozenset(
+        {("canary_route", "chat"), ("canary_variant", "canary"), ("canary_backend", "v2")}
+    )
+    assert values[("canary_upstream_duration_seconds_count", backend)] == 4
+    assert values[("canary_upstream_duration_seconds_sum", backend)] == 1.375
+    assert values[("canary_upstream_requests_total", backend | {("outcome", "ok")})] == 2
+    operation = frozenset(
+        {
+            ("canary_route", "chat"),
+            ("canary_variant", "canary"),
+            ("gen_ai_operation_name", "chat"),
+            ("gen_ai_provider_name", "openai"),
+        }
+    )
+    # A client that left is no GenAI operation's duration; a path that is no operation neither.
+    assert values[("gen_ai_client_operation_duration_seconds_count", operation)] == 1
+    failed = operation | {("error_type", "502")}
+    assert values[("gen_ai_client_operation_duration_seconds_count", failed)] == 1
+    assert values[("gen_ai_client_operation_time_to_first_chunk_seconds_count", operation)] == 1

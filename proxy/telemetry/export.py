@@ -62,10 +62,25 @@ _EXPORTER_LOGGERS: Final = (
 )
 
 
+class _Resource(Resource):
+    """A `Resource` whose hash is computed once: the SDK's OTLP encoder groups spans by
+    resource, and `Resource.__hash__` serializes every attribute each time it is asked."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource.attributes, resource.schema_url)
+        self.hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 def process_resource(settings: TelemetrySettings) -> Resource:
     """The process's resource: OTEL_RESOURCE_ATTRIBUTES, then the proxy's own (which win)."""
     host = socket.gethostname()
-    return Resource.create(
+    created = Resource.create(
         {
             "service.name": settings.service_name,
             "service.version": __version__,
@@ -76,6 +91,7 @@ def process_resource(settings: TelemetrySettings) -> Resource:
             "process.pid": os.getpid(),
         }
     )
+    return _Resource(created)
 
 
 class ExportStatus:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, TypeVar
@@ -83,6 +83,8 @@ _METHODS: Final = frozenset(
 PROVIDER: Final = "openai"  # gen_ai.provider.name: the API the proxy speaks to its backends
 
 Labels = tuple[tuple[str, str], ...]
+# route, variant, backend, GenAI operation ("" for none), outcome, error type ("" for none)
+AttemptKey = tuple[str, str, str, str, str, str]
 _K = TypeVar("_K")
 
 
@@ -271,6 +273,17 @@ class SeriesHistogram(LogHistogram):
         position = bisect.bisect_left(bounds, value)  # upper bounds are inclusive (`le`)
         self.exemplars[position] = (value, time.time_ns(), trace_id, span_id)
 
+    def combine(self, other: SeriesHistogram) -> None:
+        """Add `other`'s counts; each bucket keeps its newer exemplar."""
+        self.merge(other)
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        exemplars = self.exemplars
+        for position, exemplar in other.exemplars.items():
+            mine = exemplars.get(position)
+            if mine is None or mine[1] < exemplar[1]:
+                exemplars[position] = exemplar
+
 
 @dataclass(frozen=True, slots=True)
 class Point:
@@ -305,14 +318,26 @@ class Metrics:
     def __init__(self, start_time_ns: int) -> None:
         self.start_time_ns = start_time_ns
         self.server_duration: dict[tuple[str, int, str], SeriesHistogram] = {}
-        self.upstream_duration: dict[tuple[str, str, str], SeriesHistogram] = {}
-        self.upstream_ttft: dict[tuple[str, str, str], SeriesHistogram] = {}
-        self.upstream_requests: dict[tuple[str, str, str, str, str], int] = {}
-        self.operation_duration: dict[tuple[str, str, str, str], SeriesHistogram] = {}
-        self.first_chunk: dict[tuple[str, str, str], SeriesHistogram] = {}
+        # Backend attempts, by what any of their families tells apart; the families
+        # (upstream duration, ttft and requests, the GenAI operation duration and time to
+        # first chunk) are these merged when a snapshot is taken, so that an attempt
+        # records one duration and at most one time to first chunk.
+        self.attempt_duration: dict[AttemptKey, SeriesHistogram] = {}
+        self.attempt_ttft: dict[AttemptKey, SeriesHistogram] = {}
         self.token_usage: dict[tuple[str, str, str, str], SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
+
+    @property
+    def upstream_requests(self) -> dict[tuple[str, str, str, str, str], int]:
+        """Attempts by (route, variant, backend, outcome, error type)."""
+        counts: dict[tuple[str, str, str, str, str], int] = {}
+        for (route, variant, backend, _op, outcome, error), histogram in list(
+            self.attempt_duration.items()
+        ):
+            key = (route, variant, backend, outcome, error)
+            counts[key] = counts.get(key, 0) + histogram.count
+        return counts
 
     # --- recording (the hot path) -----------------------------------------------------
 
@@ -329,22 +354,24 @@ class Metrics:
         trace: tuple[int, int] | None = None,
     ) -> None:
         """One backend attempt; `trace` (trace id, span id) when the request was sampled."""
-        key = (route, variant, backend)
-        _add(self.upstream_duration, key, duration_s, EXPORT_BOUNDS_S, trace)
+        key = (route, variant, backend, operation or "", outcome, error_type)
+        histograms = self.attempt_duration
+        histogram = histograms.get(key)
+        if histogram is None:
+            histogram = histograms[key] = SeriesHistogram()
+        if trace is None:
+            histogram.add(duration_s)
+        else:
+            histogram.add_traced(duration_s, EXPORT_BOUNDS_S, trace[0], trace[1])
         if ttft_s is not None:
-            _add(self.upstream_ttft, key, ttft_s, EXPORT_BOUNDS_S, trace)
-        counter_key = (route, variant, backend, outcome, error_type)
-        self.upstream_requests[counter_key] = self.upstream_requests.get(counter_key, 0) + 1
-        if operation is not None and outcome != "cancelled":
-            _add(
-                self.operation_duration,
-                (route, variant, operation, error_type),
-                duration_s,
-                EXPORT_BOUNDS_S,
-                trace,
-            )
-            if ttft_s is not None:
-                _add(self.first_chunk, (route, variant, operation), ttft_s, EXPORT_BOUNDS_S, trace)
+            histograms = self.attempt_ttft
+            histogram = histograms.get(key)
+            if histogram is None:
+                histogram = histograms[key] = SeriesHistogram()
+            if trace is None:
+                histogram.add(ttft_s)
+            else:
+                histogram.add_traced(ttft_s, EXPORT_BOUNDS_S, trace[0], trace[1])
 
     def record_tokens(
         self,
@@ -401,59 +428,19 @@ class Metrics:
                 for (method, status, route), histogram in sorted(self.server_duration.items())
             ),
         )
-        yield _histograms(UPSTREAM_DURATION, _by_backend(self.upstream_duration))
-        yield _histograms(UPSTREAM_TTFT, _by_backend(self.upstream_ttft))
+        duration, ttft = self.attempt_duration, self.attempt_ttft
+        by_backend = _by_backend_labels
+        yield _histograms(UPSTREAM_DURATION, _merged(duration, by_backend))
+        yield _histograms(UPSTREAM_TTFT, _merged(ttft, by_backend))
+        counts: dict[Labels, int] = {}
+        for key, histogram in duration.items():
+            labels = _outcome_labels(key)
+            counts[labels] = counts.get(labels, 0) + histogram.count
         yield Series(
-            UPSTREAM_REQUESTS,
-            tuple(
-                (
-                    (
-                        ("canary.route", route),
-                        ("canary.variant", variant),
-                        ("canary.backend", backend),
-                        ("outcome", outcome),
-                        *((("error.type", error_type),) if error_type else ()),
-                    ),
-                    float(count),
-                )
-                for (route, variant, backend, outcome, error_type), count in sorted(
-                    self.upstream_requests.items()
-                )
-            ),
+            UPSTREAM_REQUESTS, tuple((labels, float(n)) for labels, n in sorted(counts.items()))
         )
-        yield _histograms(
-            OPERATION_DURATION,
-            (
-                (
-                    (
-                        ("gen_ai.operation.name", operation),
-                        ("gen_ai.provider.name", PROVIDER),
-                        ("canary.route", route),
-                        ("canary.variant", variant),
-                        *((("error.type", error_type),) if error_type else ()),
-                    ),
-                    histogram,
-                )
-                for (route, variant, operation, error_type), histogram in sorted(
-                    self.operation_duration.items()
-                )
-            ),
-        )
-        yield _histograms(
-            TIME_TO_FIRST_CHUNK,
-            (
-                (
-                    (
-                        ("gen_ai.operation.name", operation),
-                        ("gen_ai.provider.name", PROVIDER),
-                        ("canary.route", route),
-                        ("canary.variant", variant),
-                    ),
-                    histogram,
-                )
-                for (route, variant, operation), histogram in sorted(self.first_chunk.items())
-            ),
-        )
+        yield _histograms(OPERATION_DURATION, _merged(duration, _operation_labels))
+        yield _histograms(TIME_TO_FIRST_CHUNK, _merged(ttft, _first_chunk_labels))
         yield _histograms(
             TOKEN_USAGE,
             (
@@ -523,16 +510,64 @@ def _add(
         histogram.add_traced(value, bounds, trace[0], trace[1])
 
 
-def _by_backend(
-    histograms: Mapping[tuple[str, str, str], SeriesHistogram],
-) -> Iterable[tuple[Labels, SeriesHistogram]]:
+def _by_backend_labels(key: AttemptKey) -> Labels | None:
+    route, variant, backend, _operation, _outcome, _error = key
+    return (("canary.route", route), ("canary.variant", variant), ("canary.backend", backend))
+
+
+def _outcome_labels(key: AttemptKey) -> Labels:
+    route, variant, backend, _operation, outcome, error_type = key
     return (
-        (
-            (("canary.route", route), ("canary.variant", variant), ("canary.backend", backend)),
-            histogram,
-        )
-        for (route, variant, backend), histogram in sorted(histograms.items())
+        ("canary.route", route),
+        ("canary.variant", variant),
+        ("canary.backend", backend),
+        ("outcome", outcome),
+        *((("error.type", error_type),) if error_type else ()),
     )
+
+
+def _operation_labels(key: AttemptKey) -> Labels | None:
+    """A GenAI operation's attempt that ended (a client that left is not one), by the
+    conventions' attributes."""
+    route, variant, _backend, operation, outcome, error_type = key
+    if not operation or outcome == "cancelled":
+        return None
+    return (
+        ("gen_ai.operation.name", operation),
+        ("gen_ai.provider.name", PROVIDER),
+        ("canary.route", route),
+        ("canary.variant", variant),
+        *((("error.type", error_type),) if error_type else ()),
+    )
+
+
+def _first_chunk_labels(key: AttemptKey) -> Labels | None:
+    route, variant, _backend, operation, outcome, _error = key
+    if not operation or outcome == "cancelled":
+        return None
+    return (
+        ("gen_ai.operation.name", operation),
+        ("gen_ai.provider.name", PROVIDER),
+        ("canary.route", route),
+        ("canary.variant", variant),
+    )
+
+
+def _merged(
+    histograms: Mapping[AttemptKey, SeriesHistogram],
+    labels_of: Callable[[AttemptKey], Labels | None],
+) -> Iterable[tuple[Labels, SeriesHistogram]]:
+    """The attempts' histograms merged by the labels of one family (None: not in it)."""
+    merged: dict[Labels, SeriesHistogram] = {}
+    for key, histogram in histograms.items():
+        labels = labels_of(key)
+        if labels is None:
+            continue
+        total = merged.get(labels)
+        if total is None:
+            total = merged[labels] = SeriesHistogram()
+        total.combine(histogram)
+    return sorted(merged.items())
 
 
 def _histograms(family: Family, items: Iterable[tuple[Labels, SeriesHistogram]]) -> Series:
