@@ -32,6 +32,8 @@ from otlp_sink import SinkCounts
 from system import Children, free_port, process_tree, wait_for_port
 
 __all__ = [
+    "BEFORE_LABELS",
+    "BEFORE_RATIOS",
     "BENCH_DIR",
     "CANARY_ROUTE",
     "CANARY_SALT",
@@ -47,6 +49,7 @@ __all__ = [
     "start_sink",
     "start_target",
     "stop_sink",
+    "use_before_tree",
 ]
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
@@ -66,6 +69,23 @@ TARGETS: Final = {
 
 TELEMETRY_RATIOS: Final = {"canary-proxy-otel-0.01": 0.01, "canary-proxy-otel-1": 1.0}
 """The telemetry targets: canary-proxy's config plus OTLP export at this trace sample ratio."""
+
+BEFORE_RATIOS: Final = {"before-otel-0.01": 0.01, "before-otel-1": 1.0}
+"""`make bench-telemetry --before TREE`: the same telemetry targets, run from another
+source tree (the code before a change), to set the two side by side in one run."""
+BEFORE_LABELS: Final = {
+    "before-otel-0.01": "before, traces 1%",
+    "before-otel-1": "before, traces 100%",
+}
+_before_tree: list[Path] = []
+
+
+def use_before_tree(tree: Path) -> None:
+    """Run the `BEFORE_RATIOS` targets from the proxy package in `tree`."""
+    if not (tree / "proxy" / "cli.py").exists():
+        raise ValueError(f"{tree} has no proxy/cli.py: not a canary-proxy source tree")
+    _before_tree[:] = [tree.resolve()]
+
 
 # A 50/50 split of scenario (c)'s 500 streams puts about 250 on each variant, close to
 # the default pool of 256 per backend; past it streams would queue for a connection.
@@ -102,6 +122,18 @@ class Running:
 def _canary_proxy_command() -> str:
     beside_python = Path(sys.executable).with_name("canary-proxy")
     return str(beside_python) if beside_python.exists() else "canary-proxy"
+
+
+def _before_command() -> list[str]:
+    """This Python, running the proxy of the `--before` tree (its own dependencies are
+    this environment's: the older code needs no package the newer lacks)."""
+    if not _before_tree:
+        raise ValueError("a before target needs use_before_tree() first")
+    launch = (
+        "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+        "from proxy.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", launch, str(_before_tree[0])]
 
 
 def start_backend(children: Children, workdir: Path, *, tokens_per_s: float) -> Running:
@@ -151,17 +183,21 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         argv += ["--upstream", backend.url]
         if name == "baseline-uvloop":
             argv.append("--uvloop")
-    elif name == "canary-proxy" or name in TELEMETRY_RATIOS:
+    elif name == "canary-proxy" or name in TELEMETRY_RATIOS or name in BEFORE_RATIOS:
         telemetry = ""
-        if name in TELEMETRY_RATIOS:
+        ratios = {**TELEMETRY_RATIOS, **BEFORE_RATIOS}
+        if name in ratios:
             sink = start_sink(children, workdir)
-            telemetry = _telemetry_section(sink.url, TELEMETRY_RATIOS[name])
+            telemetry = _telemetry_section(sink.url, ratios[name])
         admin_port = free_port()
         admin_url = f"http://127.0.0.1:{admin_port}"
         config = _write_canary_config(
             workdir / f"canary-{port}", port, admin_port, backend.url, telemetry
         )
-        argv = [_canary_proxy_command(), "run", "-c", str(config), "--log-level", "warning"]
+        run = ["run", "-c", str(config), "--log-level", "warning"]
+        argv = (
+            [*_before_command(), *run] if name in BEFORE_RATIOS else [_canary_proxy_command(), *run]
+        )
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
     process = children.start(argv, core=PROXY_CORE, log=log, cwd=workdir)

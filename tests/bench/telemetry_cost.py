@@ -1,5 +1,9 @@
 """`make bench-telemetry`: what telemetry costs canary-proxy, measured interleaved.
 
+With `--before TREE` (a source tree of the code before a change), the two telemetry
+targets also run from that tree, in the same round-robin, and the report sets new
+against old ("÷ before").
+
 `run.py` measures each target for 10 s, minutes apart from the others; on a shared
 machine whose speed drifts by 20-40% over minutes, the ratio of two such figures is
 mostly drift. This file owns the other way: the three canary-proxy targets of
@@ -57,7 +61,7 @@ from typing import Final
 import scenarios
 from document import DOC, TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block
 from otlp_sink import SinkCounts
-from report import TELEMETRY_AIMS, markdown_table
+from report import BEFORE_AIM, TELEMETRY_AIMS, markdown_table
 from scenarios import THROUGHPUT_CONNECTIONS, MeasurementError, measure_streams, wrk_post
 from stream_client import SETTLE_S, TAIL_S
 from system import (
@@ -71,6 +75,8 @@ from system import (
     wait_until_quiet,
 )
 from targets import (
+    BEFORE_LABELS,
+    BEFORE_RATIOS,
     LOAD_CORE,
     TARGETS,
     TELEMETRY_RATIOS,
@@ -78,13 +84,22 @@ from targets import (
     start_backend,
     start_target,
     stop_sink,
+    use_before_tree,
 )
 
 __all__ = ["main"]
 
 OFF: Final = "canary-proxy"
-NAMES: Final = (OFF, *TELEMETRY_RATIOS)  # the round-robin order, before rotation
-SHORT: Final = {OFF: "off", **{name: f"{r:.0%}" for name, r in TELEMETRY_RATIOS.items()}}
+# The round-robin order, before rotation; `--before` adds BEFORE_RATIOS' targets.
+NAMES: list[str] = [OFF, *TELEMETRY_RATIOS]
+SHORT: Final = {
+    OFF: "off",
+    **{name: f"{r:.0%}" for name, r in TELEMETRY_RATIOS.items()},
+    **{name: f"b{r:.0%}" for name, r in BEFORE_RATIOS.items()},
+}
+LABELS: Final = {**TARGETS, **BEFORE_LABELS}
+# Each telemetry target's counterpart in the code before (`--before`).
+BEFORE_OF: Final = dict(zip(TELEMETRY_RATIOS, BEFORE_RATIOS, strict=True))
 SPANS_PER_TRACE: Final = 2  # a server span, and a client span for its one backend attempt
 
 
@@ -156,11 +171,11 @@ class Phase:
     received: dict[str, SinkCounts] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
-    def ratios(self, name: str, per_stream: bool = False) -> list[float]:
-        """`name`'s figure over the off run's, per cycle where both were measured."""
+    def ratios(self, name: str, per_stream: bool = False, over: str = OFF) -> list[float]:
+        """`name`'s figure over `over`'s run (off), per cycle where both were measured."""
         found = []
         for by in self.runs.values():
-            on, off = by.get(name), by.get(OFF)
+            on, off = by.get(name), by.get(over)
             if on is None or off is None:
                 continue
             if per_stream:
@@ -175,7 +190,7 @@ class Phase:
 
 def _order(cycle: int) -> tuple[str, ...]:
     shift = (cycle - 1) % len(NAMES)
-    return NAMES[shift:] + NAMES[:shift]
+    return (*NAMES[shift:], *NAMES[:shift])
 
 
 def _cpu(targets: dict[str, Running]) -> dict[str, float]:
@@ -241,7 +256,7 @@ def _collect_spans(
     """Check no target restarted; let the last spans reach the sinks; stop them."""
     for name, target in targets.items():
         if set(process_tree(target.pids[0])) != set(target.pids):
-            phase.failures.append(f"{phase.name}: {TARGETS[name]}'s processes changed")
+            phase.failures.append(f"{phase.name}: {LABELS[name]}'s processes changed")
     time.sleep(settings.drain_s)
     for name, target in targets.items():
         if target.sink is not None:
@@ -347,34 +362,61 @@ def _verdict(checks: Sequence[tuple[str, list[float]]], aim: float) -> str:
 
 
 def summary_table(requests: Phase, streams: Phase) -> str:
+    before = any(name in NAMES for name in BEFORE_RATIOS)
     header: tuple[str, ...] = ("telemetry", "CPU µs/req", "÷ off", "CPU µs/chunk", "÷ off")
-    header += ("CPU/stream, whole run ÷ off", "aim", "within aim?")
+    header += ("CPU/stream, whole run ÷ off",)
+    header += ("CPU µs/req ÷ before", "CPU µs/chunk ÷ before") if before else ()
+    header += ("aim", "within aim?")
+    dash = ("—",) * (2 if before else 0)
     rows = [
         (
-            f"off ({TARGETS[OFF]})",
+            f"off ({LABELS[OFF]})",
             _median_us(requests, OFF, 1),
             "—",
             _median_us(streams, OFF, 2),
-            "—",
-            "—",
-            "—",
-            "—",
+            *("—", "—", *dash, "—", "—"),
         )
     ]
     for name in TELEMETRY_RATIOS:
         aim = TELEMETRY_AIMS[name]
         per_request, per_chunk = requests.ratios(name), streams.ratios(name)
         checks = [("CPU/request", per_request), ("CPU/chunk", per_chunk)]
+        aim_text = f"≤ {aim:.2f}× off"
+        compared: tuple[str, ...] = ()
+        if before:
+            was = BEFORE_OF[name]
+            against = requests.ratios(name, over=was), streams.ratios(name, over=was)
+            compared = (_spread(against[0]), _spread(against[1]))
+            if TELEMETRY_RATIOS[name] < 1.0:
+                checks = [("CPU/request ÷ before", against[0])]
+                aim, aim_text = BEFORE_AIM, f"≤ {BEFORE_AIM:.2f}× before"
         rows.append(
             (
-                TARGETS[name],
+                LABELS[name],
                 _median_us(requests, name, 1),
                 _spread(per_request),
                 _median_us(streams, name, 2),
                 _spread(per_chunk),
                 _spread(streams.ratios(name, per_stream=True)),
-                f"≤ {aim:.2f}×",
+                *compared,
+                aim_text,
                 _verdict(checks, aim),
+            )
+        )
+    for name in BEFORE_RATIOS:
+        if name not in NAMES:
+            continue
+        rows.append(
+            (
+                LABELS[name],
+                _median_us(requests, name, 1),
+                _spread(requests.ratios(name)),
+                _median_us(streams, name, 2),
+                _spread(streams.ratios(name)),
+                _spread(streams.ratios(name, per_stream=True)),
+                *dash,
+                "—",
+                "—",
             )
         )
     return markdown_table(header, rows)
@@ -383,12 +425,14 @@ def summary_table(requests: Phase, streams: Phase) -> str:
 def cycles_table(phase: Phase, unit: str, digits: int) -> str:
     header: tuple[str, ...] = ("cycle", "order")
     header += tuple(f"{SHORT[name]} µs/{unit}" for name in NAMES)
-    header += tuple(f"{SHORT[name]} ÷ off" for name in TELEMETRY_RATIOS)
+    header += tuple(f"{SHORT[name]} ÷ off" for name in NAMES if name != OFF)
     rows = []
     for cycle, by in sorted(phase.runs.items()):
         cells = [str(cycle), " → ".join(SHORT[name] for name in _order(cycle))]
         cells += [f"{by[name].per_unit_us:.{digits}f}" if name in by else "—" for name in NAMES]
-        for name in TELEMETRY_RATIOS:
+        for name in NAMES:
+            if name == OFF:
+                continue
             ok = name in by and OFF in by
             cells.append(f"{by[name].per_unit_us / by[OFF].per_unit_us:.2f}×" if ok else "—")
         rows.append(tuple(cells))
@@ -407,14 +451,14 @@ def spans_table(requests: Phase, streams: Phase) -> str:
     header += ("trace POSTs", "undecodable")
     rows = []
     for phase, what in ((requests, "requests"), (streams, "streams")):
-        for name, ratio in TELEMETRY_RATIOS.items():
+        for name, ratio in {**TELEMETRY_RATIOS, **BEFORE_RATIOS}.items():
             counts, sent = phase.received.get(name), phase.sent.get(name, 0)
             if counts is None:
                 continue
             traced = counts.spans / SPANS_PER_TRACE / max(sent, 1)
             rows.append(
                 (
-                    TARGETS[name],
+                    LABELS[name],
                     phase.name,
                     f"{sent:,} {what}",
                     f"{counts.spans:,}",
@@ -441,7 +485,7 @@ def idle_summary(phase: Phase) -> str:
         return f"{phase.name}: not measured"
     return (
         f"{phase.name}: each idle target used {statistics.median(shares):.2%} of a core at "
-        f"the median, {max(shares):.2%} at most; the two together "
+        f"the median, {max(shares):.2%} at most; the others together "
         f"{statistics.median(against):.2%} of the loaded target's CPU at the median, "
         f"{max(against):.2%} at most"
     )
@@ -451,9 +495,12 @@ def _verdict_words(requests: Phase, streams: Phase) -> str:
     parts = []
     for name in TELEMETRY_RATIOS:
         aim = TELEMETRY_AIMS[name]
-        per_request, per_chunk = requests.ratios(name), streams.ratios(name)
-        verdict = _verdict([("CPU/request", per_request), ("CPU/chunk", per_chunk)], aim)
-        parts.append(f"{SHORT[name]} traced (aim ≤ {aim:.2f}×): {verdict}")
+        checks = [("CPU/request", requests.ratios(name)), ("CPU/chunk", streams.ratios(name))]
+        against = f"aim ≤ {aim:.2f}× off"
+        if TELEMETRY_RATIOS[name] < 1.0 and BEFORE_OF[name] in NAMES:
+            aim, against = BEFORE_AIM, f"aim ≤ {BEFORE_AIM:.2f}× before"
+            checks = [("CPU/request ÷ before", requests.ratios(name, over=BEFORE_OF[name]))]
+        parts.append(f"{SHORT[name]} traced ({against}): {_verdict(checks, aim)}")
     return "; ".join(parts)
 
 
@@ -486,16 +533,24 @@ def section(
     generated = _para(f"""Generated by `make bench-telemetry` (`tests/bench/telemetry_cost.py`) on
         {started:%Y-%m-%d %H:%M %Z}; the run took {elapsed_s / 60:.1f} minutes,
         {settings.cycles} cycles. `make bench` keeps this section as it is.""")
-    why = _para("""The table above compares runs minutes apart, and this machine's speed
+    before = [name for name in NAMES if name in BEFORE_RATIOS]
+    also = (
+        """, and the same two telemetry targets run from the code before the move to the
+        OpenTelemetry SDK (`--before`: "b1%", "b100%"), so that new and old are set side
+        by side in one run"""
+        if before
+        else ""
+    )
+    why = _para(f"""The table above compares runs minutes apart, and this machine's speed
         drifts by tens of percent over minutes, so its ratios carry that drift. Here the
-        three canary-proxy targets run side by side — telemetry off, traces 1%, traces
-        100%, the configs of the table above, each telemetry target exporting to its own
-        `otlp_sink.py` — all three on core 0, with the fake backend, the sinks and the
-        load generator on core 1. Short measured runs go to one target after another,
-        off → 1% → 100%, the order rotated by one target each cycle, so that each ratio
-        compares runs seconds apart.""")
+        canary-proxy targets run side by side — telemetry off, traces 1%, traces 100%,
+        the configs of the table above, each telemetry target exporting to its own
+        `otlp_sink.py`{also} — all {len(NAMES)} on core 0, with the fake backend, the sinks
+        and the load generator on core 1. Short measured runs go to one target after
+        another, {" → ".join(SHORT[name] for name in NAMES)}, the order rotated by one
+        target each cycle, so that each ratio compares runs seconds apart.""")
     method_requests = _para(f"""**Requests**: one fresh fake backend (no token delay) and
-        the three targets, fresh; one {settings.warmup_s} s warm-up per target, then per
+        the {len(NAMES)} targets, fresh; one {settings.warmup_s} s warm-up per target, then per
         cycle one `{wrk}` run per target. CPU per request = the target's utime + stime
         from the start of wrk's run until {settings.drain_s:g} s after its end (the exporter
         sends every second, so the run's last batch is counted; every target gets the same
@@ -511,11 +566,13 @@ def section(
         until {settings.drain_s:g} s after its last stream ÷ the {settings.streams} measured
         streams (the client's 20 short warm-up streams and its idle second are in it too,
         alike for every target).""")
-    method_ratio = _para(""""÷ off" is the target's figure over the off target's in the
-        same cycle: the median over the cycles, and their range. The aims (the telemetry
-        issue): within 15% of telemetry off with 1% of requests traced, within 50% with
-        every request traced; "within aim?" judges the medians of CPU/request and
-        CPU/chunk, and counts the cycles over the aim.""")
+    method_ratio = _para(f""""÷ off" is the target's figure over the off target's in the
+        same cycle ("÷ before": over the same telemetry target of the code before): the
+        median over the cycles, and their range. The aims (the telemetry issues): with
+        every request traced, within {TELEMETRY_AIMS["canary-proxy-otel-1"]:.2f}× of
+        telemetry off; with 1% traced, within {BEFORE_AIM:.2f}× of the code before where it
+        ran, else within {TELEMETRY_AIMS["canary-proxy-otel-0.01"]:.2f}× of off; "within
+        aim?" judges the medians, and counts the cycles over the aim.""")
     verdict = _para(f"Verdict: {_verdict_words(requests, streams)}.")
     spans = _para(f"""Spans received by the sinks over each phase, against what the
         target was sent (warm-ups included; {SPANS_PER_TRACE} spans, server and client, per
@@ -577,6 +634,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"round-robin cycles per phase (default {FULL.cycles}, {QUICK.cycles} with --quick)",
     )
     parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also run the telemetry targets from this source tree (the code before a "
+        "change, e.g. `git archive main | tar -x -C TREE`), side by side",
+    )
+    parser.add_argument(
         "--output",
         type=Path,
         help="put the section into this page (default: docs/benchmarks.md after a full "
@@ -593,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.cycles is not None:
         settings = dataclasses.replace(settings, cycles=args.cycles)
+    if args.before is not None:
+        use_before_tree(args.before)
+        NAMES.extend(BEFORE_RATIOS)
     install_signal_exit()
     os.sched_setaffinity(0, {LOAD_CORE})
     started = datetime.now().astimezone()
