@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, proxy_yaml, running_proxy
+from tests.harness import RunningProxy, closed_port, proxy_yaml, running_proxy, until
 from tests.otlp_receiver import attributes, grpc_receiver, otlp_receiver
 
 CHAT = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -556,9 +556,10 @@ async def test_traces_and_metrics_over_grpc(backends: Backends) -> None:
 
 
 async def test_a_grpc_endpoint_that_takes_only_traces_is_not_an_export_failure(
-    backends: Backends,
+    backends: Backends, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Jaeger's OTLP/gRPC receiver answers UNIMPLEMENTED to the metrics service.
+    monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "100")
     with grpc_receiver() as receiver:
         receiver.refuse_metrics = True
         config = proxy_yaml(
@@ -569,9 +570,12 @@ async def test_a_grpc_endpoint_that_takes_only_traces_is_not_an_export_failure(
         async with running_proxy(config) as proxy:
             await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
             spans = await receiver.wait_for_spans(2)
-        telemetry = proxy.server.telemetry_status()
+            await until(lambda: proxy.server.telemetry_status()["metrics_taken"] is False, 5.0)
+            await asyncio.sleep(0.5)  # two intervals more: none sent
+            telemetry = proxy.server.telemetry_status()
+            posts = receiver.metric_posts
     assert len(spans) == 2
-    assert receiver.metric_posts == 1
+    assert posts == 1
     assert telemetry["export_failures"] == 0, telemetry["last_export_error"]
     assert telemetry["metrics_taken"] is False
 
