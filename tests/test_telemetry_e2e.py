@@ -634,3 +634,32 @@ async def test_paths_outside_the_genai_operations_are_plain_http_client_spans(
     for span in clients:
         assert not any(key.startswith("gen_ai.") for key in attributes(span))
     assert "gen_ai_client_operation_duration_seconds_count" not in body.decode()
+
+
+async def test_a_rollout_decision_is_a_span_of_its_own(backends: Backends, tmp_path: Any) -> None:
+    async with otlp_receiver() as receiver:
+        config = proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            route=(
+                "rollout:\n"
+                "  weight: 10\n"
+                "  auto: {steps: [10, 50, 100], interval: 1h, min_requests: 10}"
+            ),
+            top=telemetry_yaml(receiver.endpoint) + f"\nstate: {{path: '{tmp_path / 'state.db'}'}}",
+        )
+        async with running_proxy(config) as proxy:
+            url = f"http://127.0.0.1:{proxy.server.admin_port}/api/routes/chat/pause"
+            async with aiohttp.ClientSession() as session, session.post(url) as response:
+                assert response.status == 200, await response.text()
+            spans = await receiver.wait_for_spans(1)
+    decisions = [s for s in spans if s.name == "canary.rollout chat"]
+    assert decisions, [s.name for s in spans]
+    decision = decisions[-1]
+    assert decision.kind == Span.SPAN_KIND_INTERNAL
+    values = attributes(decision)
+    assert values["canary.route"] == "chat"
+    assert values["canary.rollout.action"] == "pause"
+    (event,) = decision.events
+    assert event.name == "decision"
+    assert attributes(event)["canary.rollout.reason"]
