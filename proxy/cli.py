@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from proxy import __version__
 from proxy.config import ConfigError, EnvSecrets, load_config, summarize
 from proxy.config.model import Config, Route
-from proxy.fake_backend import add_arguments as add_fake_backend_arguments
+from proxy.fake_backend.options import add_arguments as add_fake_backend_arguments
 from proxy.routing.assignment import bucket_of, canary_from_weight, canary_threshold, choose_variant
 
 __all__ = ["main"]

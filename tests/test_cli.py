@@ -25,6 +25,7 @@ import string
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ EXAMPLE = ROOT / "config" / "example.yaml"
 COMMAND = (sys.executable, "-m", "proxy")
 PROCESS_TIMEOUT_S = 20.0
 STOP_WITHIN_S = 5.0
+CONCURRENT_COMMANDS = max(2, os.cpu_count() or 1)
 
 ADMIN_TOKEN = "admin-token-must-never-be-printed-7f3a"
 V1_API_KEY = "sk-v1-key-must-never-be-printed-91c2"
@@ -74,32 +76,28 @@ def child_env() -> dict[str, str]:
 def run_many(
     argvs: Sequence[Sequence[str]], env: Mapping[str, str] | None = None, cwd: Path = ROOT
 ) -> list[CliResult]:
-    """Run `canary-proxy ARGV...` for each argv concurrently, and wait for them all."""
+    """Run `canary-proxy ARGV...` for each argv, a few at a time, and wait for them all.
+
+    A few at a time, not all at once: twenty Pythons starting together on two busy
+    cores can take longer than any one command's timeout.
+    """
     environ = dict(env if env is not None else child_env())
-    processes: list[subprocess.Popen[str]] = []
-    try:
-        for argv in argvs:
-            processes.append(
-                subprocess.Popen(
-                    [*COMMAND, *argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=environ,
-                    cwd=cwd,
-                )
-            )
-        results: list[CliResult] = []
-        for argv, process in zip(argvs, processes, strict=True):
-            out, err = process.communicate(timeout=PROCESS_TIMEOUT_S)
-            results.append(CliResult(tuple(argv), process.returncode, out, err))
-        return results
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+
+    def run(argv: Sequence[str]) -> CliResult:
+        done = subprocess.run(
+            [*COMMAND, *argv],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            env=environ,
+            cwd=cwd,
+            timeout=PROCESS_TIMEOUT_S,
+            check=False,
+        )
+        return CliResult(tuple(argv), done.returncode, done.stdout, done.stderr)
+
+    with ThreadPoolExecutor(max_workers=CONCURRENT_COMMANDS) as pool:
+        return list(pool.map(run, argvs))
 
 
 def run_one(*argv: str, env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> CliResult:

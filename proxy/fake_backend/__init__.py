@@ -60,8 +60,12 @@ Modules: `options` (flags and settings), `plan` (pure: request → what to answe
 counters), `server` (the aiohttp low-level server, the only I/O).
 """
 
+from typing import TYPE_CHECKING, Any
+
 from proxy.fake_backend.options import FakeBackendOptions, add_arguments, options_from_args
-from proxy.fake_backend.server import FakeBackend, run_forever
+
+if TYPE_CHECKING:
+    from proxy.fake_backend.server import FakeBackend, run_forever
 
 __all__ = [
     "FakeBackend",
@@ -70,3 +74,13 @@ __all__ = [
     "options_from_args",
     "run_forever",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The server (and aiohttp under it) loads only when used: the command line's
+    # flags and every other command start without it.
+    if name in ("FakeBackend", "run_forever"):
+        from proxy.fake_backend import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
