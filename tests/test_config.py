@@ -117,10 +117,11 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert (auto.checks.latency_p95.max_s, auto.checks.latency_p95.max_ratio) == (20, 1.25)
     assert cfg.routes[1].stable == cfg.routes[1].canary == "llama-v1"
     assert cfg.telemetry.otlp_endpoint == "http://127.0.0.1:4318"
-    assert (cfg.state.store, cfg.state.path, cfg.state.url) == (
+    assert (cfg.state.store, cfg.state.path, cfg.state.url, cfg.state.cluster) == (
         StateStoreKind.SQLITE,
         "canary-state.db",
         None,
+        False,
     )
 
 
@@ -521,6 +522,17 @@ BAD_CASES = [
      "state.url: must not carry credentials"),
     (config("state: {path: ''}"),
      "state.path: must not be empty"),
+    (config("state: {cluster: true}"),
+     "state.cluster: only used when state.store is redis (store is sqlite)"),
+    (config("state: {store: redis, url: 'redis://h:6379', cluster: 'yes'}"),
+     "state.cluster: must be true or false, got 'yes'"),
+    (config("state: {store: redis, url: 'unix:///run/redis.sock', cluster: true}"),
+     "state.url: must be redis:// or rediss:// when state.cluster is true"),
+    (config("state: {store: redis, url: 'redis://h:6379/2', cluster: true}"),
+     "state.url: must name database 0 when state.cluster is true (a cluster has no other), "
+     "got '/2'"),
+    (config("state: {store: redis, url: 'redis://h:6379', clustered: true}"),
+     "state.clustered: unknown key 'clustered' (did you mean 'cluster'?)"),
     # YAML itself
     (config(route="sticky:\n  salt: a\n  salt: b"),
      "routes[0].sticky.salt: duplicate key (line 10; first on line 9)"),
@@ -609,6 +621,30 @@ def test_unreadable_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert caught.value.problems == (
         f"{missing}: cannot read the config file: No such file or directory",
     )
+
+
+@pytest.mark.parametrize(
+    ("state", "cluster", "shown"),
+    [
+        ("{store: redis, url: 'redis://r:6379/0'}", False, "redis redis://r:6379/0"),
+        (
+            "{store: redis, url: 'redis://r:6379/0', cluster: false}",
+            False,
+            "redis redis://r:6379/0",
+        ),
+        (
+            "{store: redis, url: 'rediss://node-1:6380', cluster: true}",
+            True,
+            "redis cluster, nodes found from rediss://node-1:6380",
+        ),
+    ],
+)
+def test_a_redis_state_store_is_one_server_unless_it_says_cluster(
+    state: str, cluster: bool, shown: str
+) -> None:
+    cfg = parse_config(config(f"state: {state}"), environ={})
+    assert (cfg.state.store, cfg.state.cluster) == (StateStoreKind.REDIS, cluster)
+    assert summarize(cfg).splitlines()[-1].split(None, 1) == ["state", shown]
 
 
 def test_secrets_never_appear_in_repr_summary_or_errors() -> None:

@@ -1,9 +1,11 @@
-"""A fleet of replicas sharing `state.store: redis` (SPEC §10), with a real redis-server.
+"""A fleet of replicas sharing `state.store: redis` (SPEC §10), with a real redis-server
+and a real three-node Redis Cluster.
 
 Three `canary-proxy run` processes, as three pods would run, share one config file
 (ports 0) and one Redis; traffic goes through all three. One controller decides for
 them all, every replica serves its decisions within 2 s, a dead leader's lease passes
-on, and a Redis outage costs no request.
+on, and a Redis outage costs no request. On a cluster, two replicas roll back one
+route and keep rolling out another, each route's keys in one slot.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.store.redis import PREFIX
 from tests.conftest import Backends
 from tests.harness import BackendProcess, start_backend
-from tests.proxy_process import ProxyProcess, proxy_processes, send
-from tests.redis_server import RedisServer
+from tests.proxy_process import CHAT, ProxyProcess, proxy_processes, send
+from tests.redis_server import RedisClusterNodes, RedisServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -384,3 +388,103 @@ async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(
                 break
             await asyncio.sleep(0.1)
         assert seen == 40, "every request of the replica that left is counted"
+
+
+def cluster_config(path: Path, faulty: str, healthy: str, cluster: RedisClusterNodes) -> Path:
+    """Two routes whose keys live on different cluster nodes: `chat` ramps a faulty
+    canary, `completions` a healthy one (which needs many passes to advance)."""
+    auto = (
+        "      auto:\n"
+        "        steps: [20, 50, 100]\n"
+        "        interval: 1s\n"
+        "        min_requests: 30\n"
+        "        pass_intervals: 1000\n"
+        "        failure_limit: 1\n"
+        "        checks: {error_rate: {max: 0.2, max_increase: 0.05}}\n"
+    )
+    path.write_text(
+        "listen: 127.0.0.1:0\n"
+        "admin: {listen: 127.0.0.1:0}\n"
+        "backends:\n"
+        f"  v1: {{url: '{healthy}'}}\n"
+        f"  v2: {{url: '{faulty}'}}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    match: {path_prefix: /v1/chat/}\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+        "    rollout:\n"
+        "      weight: 20\n"
+        f"{auto}"
+        "  - name: completions\n"
+        "    match: {path_prefix: /v1/completions}\n"
+        "    stable: v1\n"
+        "    canary: v1\n"
+        "    rollout:\n"
+        "      weight: 20\n"
+        f"{auto}"
+        f"state: {{store: redis, url: '{cluster.url}', cluster: true}}\n"
+    )
+    return path
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: object, user: str) -> int:
+    async with session.post(url, json=body, headers={"x-user-id": user}) as answer:
+        await answer.read()
+        return answer.status
+
+
+async def test_two_replicas_on_a_redis_cluster_roll_back_one_route_and_not_the_other(
+    tmp_path: Path,
+    redis_cluster: RedisClusterNodes,
+    faulty_pair: tuple[BackendProcess, BackendProcess],
+) -> None:
+    stable, canary = faulty_pair
+    config = cluster_config(tmp_path / "proxy.yaml", canary.url, stable.url, redis_cluster)
+    completion = {"model": "m", "prompt": "hi", "max_tokens": 2}
+    with proxy_processes(config, config) as replicas:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            rollouts: list[dict[str, Any]] = []
+            for n in range(1, 5001):
+                replica = replicas[n % 2]
+                user = f"user-{n}"
+                await post(session, f"{replica.url}/v1/chat/completions", CHAT, user)
+                status = await post(session, f"{replica.url}/v1/completions", completion, user)
+                assert status == 200, "the healthy route's requests all succeed"
+                if n % 20 == 0:
+                    documents = await asyncio.gather(*(r.status() for r in replicas))
+                    rollouts = [{r["name"]: r["rollout"] for r in d["routes"]} for d in documents]
+                    if all(r["chat"]["status"] == "rolled_back" for r in rollouts):
+                        break
+                assert time.monotonic() < deadline, rollouts
+                await asyncio.sleep(0.003)
+            else:
+                raise AssertionError(f"no rollback after 5000 requests: {rollouts}")
+        documents = await asyncio.gather(*(r.status() for r in replicas))
+    for document in documents:
+        assert document["controller"]["store_up"] is True, document["controller"]
+        assert len(document["processes"]) == 2
+        routes = {r["name"]: r for r in document["routes"]}
+        assert routes["chat"]["weight"] == 0
+        assert routes["completions"]["rollout"]["status"] == "progressing"
+        assert routes["completions"]["weight"] == 20
+    rollbacks = [
+        [d for d in routes["chat"]["rollout"]["decisions"] if d["action"] == "rollback"]
+        for routes in ({r["name"]: r for r in doc["routes"]} for doc in documents)
+    ]
+    assert [len(r) for r in rollbacks] == [1, 1], "one decision, seen alike by both"
+    assert rollbacks[0] == rollbacks[1]
+    explained = [r for r in replicas if "route chat: " in r.log and "rolled back" in r.log]
+    assert len(explained) == 1, "decided and explained by one controller, not two"
+    assert all("the state store is unreachable" not in r.log for r in replicas)
+    # What the replicas wrote: each route's keys in one slot, the two routes on two nodes.
+    held = await asyncio.to_thread(redis_cluster.keys)
+    for route in ("chat", "completions"):
+        keys = [key for key in held if key.startswith(f"{PREFIX}{{{route}}}:")]
+        assert f"{PREFIX}{{{route}}}:state" in keys
+        assert any(":stats:canary:" in key for key in keys), keys
+        slots = {await asyncio.to_thread(redis_cluster.keyslot, key) for key in keys}
+        assert len(slots) == 1, f"{route}: {slots}"
+    nodes = {held[f"{PREFIX}{{{route}}}:state"] for route in ("chat", "completions")}
+    assert len(nodes) == 2

@@ -1,6 +1,7 @@
-"""Every state store, on real files and a real redis-server: compare-and-set state, the
-lease, shared stats, heartbeats. Each behaviour runs against each store kind; what only
-one of them does is tested beside it (and in test_store_redis.py)."""
+"""Every state store, on real files, a real redis-server, a real three-node Redis
+Cluster and in memory: compare-and-set state, the lease, shared stats, heartbeats. Each
+behaviour runs against each store, Redis both ways; what only one of them does is
+tested beside it (and in test_store_redis.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,17 @@ def db_path(tmp_path: Path) -> str:
 Connect = Callable[[], AbstractAsyncContextManager[StateStore]]
 
 
-@pytest.fixture(params=[*StateStoreKind, "memory"], ids=str)
+# Every store kind, Redis both as one server and as a three-node Redis Cluster, and the
+# store in memory (no kind of its own).
+SETUPS = {
+    "sqlite": StateStoreKind.SQLITE,
+    "redis": StateStoreKind.REDIS,
+    "redis-cluster": StateStoreKind.REDIS,
+    "memory": None,
+}
+
+
+@pytest.fixture(params=list(SETUPS))
 def connect(request: pytest.FixtureRequest, db_path: str) -> Connect:
     if request.param == "memory":  # one store in memory: every "process" opens the same
         shared = MemoryStore()
@@ -46,7 +57,10 @@ def connect(request: pytest.FixtureRequest, db_path: str) -> Connect:
             yield shared
 
         return in_memory
-    if request.param is StateStoreKind.REDIS:
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        config = StateConfig(StateStoreKind.REDIS, url=url, cluster=True)
+    elif request.param == "redis":
         config = StateConfig(StateStoreKind.REDIS, url=request.getfixturevalue("redis_server").url)
     else:
         config = StateConfig(StateStoreKind.SQLITE, db_path)
@@ -326,8 +340,9 @@ async def test_open_store_picks_sqlite_from_the_config(db_path: str) -> None:
         await store.close()
 
 
-def test_every_store_kind_is_available() -> None:
+def test_every_store_kind_is_available_and_tested() -> None:
     assert set(STORES) == set(StateStoreKind)
+    assert set(SETUPS.values()) - {None} == set(StateStoreKind)
 
 
 def test_workers_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:

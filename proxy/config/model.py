@@ -277,6 +277,7 @@ class StateConfig:
     store: StateStoreKind = StateStoreKind.SQLITE
     path: str = "canary-state.db"
     url: str | None = None
+    cluster: bool = False  # url names a node of a Redis Cluster (or Valkey in cluster mode)
 
 
 @dataclass(frozen=True, slots=True)

@@ -399,20 +399,34 @@ def _read_telemetry(reader: Reader) -> TelemetryConfig | None:
 
 
 def _read_state(reader: Reader) -> StateConfig | None:
-    fields = reader.fields(("store", "path", "url"))
+    fields = reader.fields(("store", "path", "url", "cluster"))
     if fields is None:
         return None
     defaults = StateConfig()
     store = fields.get("store", lambda r: r.choice(StateStoreKind), defaults.store)
     url = fields.get("url", _read_redis_url, None)
+    cluster = fields.get("cluster", Reader.boolean, defaults.cluster)
     if store is StateStoreKind.REDIS and "url" not in fields:
         reader.key("url").error("required when state.store is redis")
-    if store is not StateStoreKind.REDIS and "url" in fields:
-        reader.key("url").error(f"only used when state.store is redis (store is {store})")
+    for name in ("url", "cluster"):
+        if store is not StateStoreKind.REDIS and name in fields:
+            reader.key(name).error(f"only used when state.store is redis (store is {store})")
+    if cluster and url is not None:
+        # What a cluster client cannot do: a cluster is reached over TCP, and has
+        # database 0 only.
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "unix":
+            reader.key("url").error("must be redis:// or rediss:// when state.cluster is true")
+        elif parts.path.strip("/") not in ("", "0"):
+            reader.key("url").error(
+                f"must name database 0 when state.cluster is true (a cluster has no "
+                f"other), got {parts.path!r}"
+            )
     return StateConfig(
         store=store,
         path=fields.get("path", Reader.string, defaults.path),
         url=url,
+        cluster=cluster,
     )
 
 

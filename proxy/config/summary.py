@@ -229,6 +229,8 @@ def _telemetry(telemetry: TelemetryConfig) -> str:
 
 def _state(state: StateConfig) -> str:
     if state.store is StateStoreKind.REDIS:
+        if state.cluster:
+            return f"redis cluster, nodes found from {_redacted_url(state.url or '')}"
         return f"redis {_redacted_url(state.url or '')}"
     return f"sqlite {state.path}"
 

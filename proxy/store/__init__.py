@@ -1,7 +1,8 @@
 """Where rollout state lives: a registry of state stores, chosen by `state.store`.
 
 `sqlite` (the default) is one file on one machine (`proxy.store.sqlite`); `redis` is
-one server shared by a fleet of replicas (`proxy.store.redis`). Where the state lives
+one Redis server, or one Redis Cluster (`state.cluster`), shared by a fleet of replicas
+(`proxy.store.redis`). Where the state lives
 is the only difference between the two: nothing else forks on it.
 """
 
@@ -26,7 +27,7 @@ def _sqlite(config: StateConfig) -> StateStore:
 def _redis(config: StateConfig) -> StateStore:
     if config.url is None:
         raise ConfigError("state.url: required when state.store is redis")
-    return RedisStore(config.url)
+    return RedisStore(config.url, cluster=config.cluster)
 
 
 STORES: Final[dict[StateStoreKind, Callable[[StateConfig], StateStore]]] = {
