@@ -2,7 +2,7 @@
 
 Rules the deployment files must keep:
 1. Every YAML file in deploy/ and config/ parses, without duplicate keys, and every
-   proxy config among them (config/*.yaml, deploy/compose-config*.yaml and the
+   proxy config among them (config/*.yaml, deploy/compose/*/config.yaml and the
    Kubernetes ConfigMap's embedded config) passes `canary-proxy check`.
 2. Each ecosystem's validator accepts its files, offline: the Kubernetes manifests
    validate strictly (unknown fields fail) against the schemas bundled by
@@ -14,9 +14,10 @@ Rules the deployment files must keep:
 3. The files agree with each other and with the proxy: probes hit the admin port the
    config listens on; grace periods outlast `shutdown_grace`; Services, the
    PodDisruptionBudget and Prometheus find the pods and ports that exist; the config
-   is mounted where the image reads it, as a directory on Kubernetes so edits reload;
-   the Grafana dashboard asks for metric names and labels that a running proxy's
-   `/metrics` really has.
+   is mounted where the image reads it, as a directory (a ConfigMap's, or one of
+   deploy/compose/) so that edits reload; Redis keeps its rollout states in an
+   append-only file on a volume that outlives its container; the Grafana dashboard
+   asks for metric names and labels that a running proxy's `/metrics` really has.
 
 `check` runs through the command's entry point in this process, and the running proxy
 whose /metrics the dashboard is held to starts once per module.
@@ -73,6 +74,7 @@ KUBERNETES_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 # CI, as on a laptop; `check` warns of them and passes, `check --env` requires them.
 CHECK_ENV = {"CANARY_ADMIN_TOKEN": "admin-token-for-check", "V1_API_KEY": "sk-for-check"}
 PROXY_CONFIG_MOUNT = "/etc/canary-proxy/config.yaml"  # the image's documented path
+PROXY_CONFIG_DIR = str(Path(PROXY_CONFIG_MOUNT).parent)  # what is mounted: the directory
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = frozenset({"job", "instance"})
 
@@ -226,14 +228,68 @@ def compose() -> dict[str, Any]:
 
 
 def proxy_services() -> dict[str, tuple[dict[str, Any], Path]]:
-    """The compose services that run the proxy, with the config file each mounts."""
+    """The compose services that run the proxy, with the config file each reads (in
+    the directory it mounts)."""
     found = {}
     for name, service in compose()["services"].items():
         for volume in service.get("volumes", []):
             source, target = volume.split(":")[:2]
-            if target == PROXY_CONFIG_MOUNT:
-                found[name] = (service, DEPLOY / source)
+            if target == PROXY_CONFIG_DIR:
+                found[name] = (service, DEPLOY / source / Path(PROXY_CONFIG_MOUNT).name)
     return found
+
+
+def runs_the_proxy(document: dict[str, Any], service: dict[str, Any]) -> bool:
+    """Whether a compose service runs `canary-proxy run` (the image's default command)."""
+    command = service.get("command")
+    image = document["x-canary-proxy-image"]["image"]
+    return service.get("image") == image and (command is None or command[0] == "run")
+
+
+def config_mount_problems(document: dict[str, Any]) -> list[str]:
+    """Why a proxy of this compose file would miss an edit of its config: each must
+    mount a directory of deploy/ holding config.yaml at the image's config directory,
+    and no file alone (a single-file bind mount keeps the file's old inode, so an
+    editor's write-and-rename never reaches the container)."""
+    problems = []
+    for name, service in document["services"].items():
+        if not runs_the_proxy(document, service):
+            continue
+        mounts = [volume.split(":") for volume in service.get("volumes", [])]
+        for source, target, *_ in mounts:
+            if (DEPLOY / source).is_file():
+                problems.append(f"{name}: the file {source} is mounted alone at {target}")
+        sources = [source for source, target, *_ in mounts if target == PROXY_CONFIG_DIR]
+        name_in_dir = Path(PROXY_CONFIG_MOUNT).name
+        if len(sources) != 1 or not (DEPLOY / sources[0] / name_in_dir).is_file():
+            problems.append(f"{name}: no directory holding {name_in_dir} at {PROXY_CONFIG_DIR}")
+    return problems
+
+
+def option_value(argv: list[str], option: str) -> str | None:
+    """The word after `option` in a command line, if it is there."""
+    return argv[argv.index(option) + 1] if option in argv[:-1] else None
+
+
+def redis_persistence_problems(document: dict[str, Any], name: str) -> list[str]:
+    """Why the compose service `name`'s Redis would lose the rollout states: it must
+    append to a file (AOF) in a directory that is a named volume."""
+    service = document["services"][name]
+    command = [str(word) for word in service.get("command") or []]
+    problems = []
+    if command[:1] != ["redis-server"] or option_value(command, "--appendonly") != "yes":
+        problems.append(f"{name}: not redis-server --appendonly yes: {command}")
+    data = option_value(command, "--dir") or "/data"  # the image's working directory
+    sources = []
+    for volume in service.get("volumes", []):
+        parts = str(volume).split(":")
+        if len(parts) == 1:  # an anonymous volume: a new one for each new container
+            parts.insert(0, "")
+        if parts[1] == data:
+            sources.append(parts[0])
+    if not sources or sources[0] not in (document.get("volumes") or {}):
+        problems.append(f"{name}: {data} is not on a named volume of the file")
+    return problems
 
 
 def compose_profiles(service: dict[str, Any]) -> frozenset[str]:
@@ -316,7 +372,7 @@ CONFIGMAP_CONFIG = "deploy/kubernetes/configmap.yaml: config.yaml"
 
 def shipped_config_files() -> dict[str, Path]:
     """Every proxy config shipped as a file of its own, by name."""
-    paths = [*sorted(CONFIG.glob("*.yaml")), *sorted(DEPLOY.glob("compose-config*.yaml"))]
+    paths = [*sorted(CONFIG.glob("*.yaml")), *sorted(DEPLOY.glob("compose/*/config.yaml"))]
     return {rel(path): path for path in paths}
 
 
@@ -608,7 +664,7 @@ def test_check_refuses_a_broken_config(checked: dict[str, CheckResult]) -> None:
 
 def test_every_compose_and_kubernetes_config_is_among_those_checked() -> None:
     names = set(shipped_config_names())
-    assert {"deploy/compose-config.yaml", "deploy/compose-config-fleet.yaml"} <= names
+    assert {"deploy/compose/proxy/config.yaml", "deploy/compose/fleet/config.yaml"} <= names
     assert {rel(path) for _, path in proxy_services().values()} <= names
 
 
@@ -650,6 +706,7 @@ def test_the_manifests_hold_each_kind_the_deployment_needs() -> None:
         ("PodDisruptionBudget", "canary-proxy"),
         ("Deployment", "canary-proxy-redis"),
         ("Service", "canary-proxy-redis"),
+        ("PersistentVolumeClaim", "canary-proxy-redis"),
     } <= kinds
 
 
@@ -755,6 +812,23 @@ def test_disruption_budget_covers_the_proxy_pods_only_and_allows_a_drain() -> No
     assert 1 <= budget["minAvailable"] < proxy_deployment()["spec"]["replicas"]
 
 
+def test_kubernetes_redis_appends_to_a_file_on_a_persistent_volume_claim() -> None:
+    redis = manifest("Deployment", "canary-proxy-redis")
+    pod = redis["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    argv = [*container.get("command", []), *container["args"]]
+    assert argv[0] == "redis-server"
+    assert option_value(argv, "--appendonly") == "yes"
+    data = option_value(argv, "--dir")
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == data]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    claim = manifest("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    # One pod at a time on a ReadWriteOnce volume: the old one goes before the new starts.
+    assert (redis["spec"]["replicas"], redis["spec"]["strategy"]["type"]) == (1, "Recreate")
+
+
 def test_replicas_share_state_in_the_redis_service() -> None:
     state = configmap_config()["state"]
     assert state["store"] == "redis"
@@ -806,11 +880,58 @@ def test_compose_spec_rejects_a_broken_compose_file() -> None:
     assert any(error.startswith("services/jaeger/ports") for error in errors), errors
 
 
-def test_compose_bind_mounts_exist() -> None:
-    for name, service in compose()["services"].items():
+def test_compose_bind_mounts_exist_and_named_volumes_are_declared() -> None:
+    document = compose()
+    for name, service in document["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert (DEPLOY / source).exists(), f"{name}: {source}"
+            if source.startswith((".", "/")):
+                assert (DEPLOY / source).exists(), f"{name}: {source}"
+            else:
+                assert source in document["volumes"], f"{name}: {source}"
+
+
+def test_compose_mounts_each_proxy_config_as_a_directory_so_edits_reload() -> None:
+    document = compose()
+    services = document["services"]
+    proxies = {name for name, service in services.items() if runs_the_proxy(document, service)}
+    assert proxies == set(proxy_services())
+    assert len(proxies) == 3
+    assert config_mount_problems(document) == []
+
+
+def test_a_single_file_config_mount_is_caught() -> None:
+    broken = copy.deepcopy(compose())
+    broken["services"]["proxy"]["volumes"] = [
+        f"./compose/proxy/config.yaml:{PROXY_CONFIG_MOUNT}:ro"
+    ]
+    assert config_mount_problems(broken) == [
+        f"proxy: the file ./compose/proxy/config.yaml is mounted alone at {PROXY_CONFIG_MOUNT}",
+        f"proxy: no directory holding config.yaml at {PROXY_CONFIG_DIR}",
+    ]
+
+
+def test_compose_redis_appends_to_a_file_on_a_named_volume() -> None:
+    services = proxy_services().values()
+    (fleet_config,) = {path for service, path in services if compose_profiles(service)}
+    redis_host, _ = url_host_port(load_one(fleet_config)["state"]["url"])
+    assert redis_persistence_problems(compose(), redis_host) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda redis: redis.pop("command"), "not redis-server --appendonly yes"),
+        (lambda redis: redis["command"].__setitem__(2, "no"), "not redis-server --appendonly yes"),
+        (lambda redis: redis.pop("volumes"), "/data is not on a named volume"),
+        (lambda redis: redis.update(volumes=["/data"]), "/data is not on a named volume"),
+    ],
+    ids=["no command", "appendonly no", "no volume", "anonymous volume"],
+)
+def test_a_redis_without_aof_on_a_named_volume_is_caught(change: Any, problem: str) -> None:
+    broken = copy.deepcopy(compose())
+    change(broken["services"]["redis"])
+    assert any(problem in found for found in redis_persistence_problems(broken, "redis"))
 
 
 def test_compose_runs_a_proxy_and_a_fleet_of_two_sharing_redis() -> None:
