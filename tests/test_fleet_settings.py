@@ -85,6 +85,7 @@ def test_a_secret_value_is_not_shared_or_compared() -> None:
         ("{connect: 2s}", "{connect: 3s}", "backends.v1.timeouts.connect"),
         ("api_key_env: V1_KEY", "api_key_env: OTHER_KEY", "backends.v1.api_key_env"),
         ("6379/0", "6379/1", "state.url"),
+        ("6379/0'}", "6379/0', cluster: true}", "state.cluster"),
     ],
 )
 def test_a_shared_setting_that_differs_is_named_by_its_path(old: str, new: str, path: str) -> None:

@@ -64,6 +64,7 @@ def shared_settings(config: Config) -> dict[str, JsonValue]:
     settings["state.store"] = state.store.value
     if state.store is StateStoreKind.REDIS:
         settings["state.url"] = state.url
+        settings["state.cluster"] = state.cluster
     else:
         settings["state.path"] = state.path
     return settings
