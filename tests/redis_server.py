@@ -13,6 +13,7 @@ dependency; a test fails where neither is there (never skips).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -84,22 +85,38 @@ def start_cluster(binary: str, directory: Path) -> RedisClusterNodes:
 
 
 def _free_port(*, with_bus: bool = False) -> int:
-    """A free port; `with_bus`: one whose cluster bus port (+10000) is free too."""
+    """A free port below the kernel's ephemeral range; `with_bus`: one whose cluster bus
+    port (+10000) is free and below it too.
+
+    Below the range, because a server is stopped and started again on its port: while
+    it is down, an outgoing connection of any process could be given an ephemeral port,
+    this one included, and the restart would find it taken.
+    """
+    low, top = 10000, _ephemeral_floor() - (_CLUSTER_BUS_OFFSET if with_bus else 0)
+    if top - low < 1000:  # an unusual range: take what the kernel gives
+        low, top = top, 65536 - (_CLUSTER_BUS_OFFSET if with_bus else 0)
     for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        if not with_bus:
+        port = random.randrange(low, top)
+        wanted = (port, port + _CLUSTER_BUS_OFFSET) if with_bus else (port,)
+        if all(_bindable(p) for p in wanted):
             return port
-        if port + _CLUSTER_BUS_OFFSET > 65535:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port + _CLUSTER_BUS_OFFSET))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port with a free cluster bus port")
+    raise RuntimeError(f"no free port in [{low}, {top})")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RedisServer:
