@@ -167,7 +167,8 @@ def test_check_accepts_the_example_and_never_prints_its_secrets() -> None:
     assert result.returncode == 0, result
     assert result.stderr == ""
     assert result.stdout.rstrip().endswith(f"{EXAMPLE}: ok")
-    for expected in ("llama-v1", "llama-v2", "chat", "embeddings", "$V1_API_KEY", "5% canary"):
+    expected_rows = ("llama-v1", "llama-v2", "chat", "embeddings", "$V1_API_KEY", "5% canary")
+    for expected in (*expected_rows, "idle client connections closed after 75s"):
         assert expected in result.stdout, expected
     assert ADMIN_TOKEN not in result.stdout + result.stderr
     assert V1_API_KEY not in result.stdout + result.stderr

@@ -74,6 +74,7 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert (cfg.admin.token_env, cfg.admin.token) == ("CANARY_ADMIN_TOKEN", ADMIN_TOKEN)
     assert (cfg.limits.max_body_bytes, cfg.limits.max_concurrency) == (10485760, 2048)
     assert cfg.limits.header_timeout_s == 10.0
+    assert cfg.limits.keepalive_timeout_s == 75.0
     assert cfg.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),)
     assert cfg.shutdown_grace_s == 30.0
     v1 = cfg.backends["llama-v1"]
@@ -129,6 +130,13 @@ def test_example_shows_how_to_validate_it() -> None:
     assert "canary-proxy check -c config/example.yaml" in EXAMPLE.read_text().split("\n\n")[0]
 
 
+@pytest.mark.parametrize(("text", "seconds"), [("500ms", 0.5), ("2m", 120.0), ("90", 90.0)])
+def test_keepalive_timeout_is_a_duration(text: str, seconds: float) -> None:
+    cfg = parse_config(config(f"limits: {{keepalive_timeout: {text}}}"), environ={})
+    assert cfg.limits.keepalive_timeout_s == seconds
+    assert cfg.limits.header_timeout_s == 10.0  # the other limits keep their defaults
+
+
 def test_minimal_config_gets_the_documented_defaults() -> None:
     cfg = parse_config(config(), environ={})
     defaults = Config(backends=MappingProxyType({}), routes=())
@@ -141,6 +149,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         defaults.state,
     )
     assert (cfg.trusted_proxies, cfg.shutdown_grace_s) == ((), 30.0)
+    assert cfg.limits.keepalive_timeout_s == 75.0
     route = cfg.routes[0]
     assert (route.match.path_prefix, route.match.models) == ("/", None)
     assert route.sticky.keys == (
@@ -337,6 +346,10 @@ BAD_CASES = [
      "got 'fast'"),
     (config("limits: {header_timeout: 0}"),
      "limits.header_timeout: must be longer than zero"),
+    (config("limits: {keepalive_timeout: 0}"),
+     "limits.keepalive_timeout: must be longer than zero"),
+    (config("limits: {keepalive_timeout: forever}"),
+     'limits.keepalive_timeout: must be a duration like "2s"'),
     (config("trusted_proxies: [10.0.0.0/33]"),
      "trusted_proxies[0]: must be an IP address or a CIDR"),
     (config("trusted_proxies: 10.0.0.0/8"),

@@ -10,13 +10,15 @@ import asyncio
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.server.reload import ReloadOutcome
 from tests.conftest import Backends
-from tests.harness import proxy_yaml, running_proxy
+from tests.harness import proxy_yaml, running_proxy, running_proxy_file
 from tests.raw import RawAnswer, read_answer, send_raw
 
 CHAT = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
@@ -268,6 +270,74 @@ async def test_an_idle_kept_alive_connection_is_not_a_late_head(backends: Backen
     assert (first.statuses, first.closed) == ([200], False)
     assert (second.statuses, second.closed) == ([200], False)
     assert (third.data, third.closed) == (b"", True)
+
+
+async def kept_alive(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, RawAnswer]:
+    """A new connection that has been answered one request and is kept open."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(GET + b"\r\n")
+    return reader, writer, await read_answer(reader, quiet_s=0.2)
+
+
+async def test_an_idle_connection_is_closed_after_keepalive_timeout(backends: Backends) -> None:
+    async with running_proxy(config(backends, "limits: {keepalive_timeout: 500ms}")) as proxy:
+        assert proxy.server.port is not None
+        reader, writer, first = await kept_alive(proxy.server.port)
+        answered = time.monotonic() - 0.2  # read_answer waited 0.2 s of quiet
+        idle = await read_answer(reader, quiet_s=3.0)
+        closed_after = time.monotonic() - answered
+        writer.close()
+    assert (first.statuses, first.closed) == ([200], False)
+    assert (idle.data, idle.closed) == (b"", True)
+    assert 0.4 < closed_after < 1.5, closed_after
+
+
+async def test_a_connection_used_within_keepalive_timeout_stays_open(backends: Backends) -> None:
+    async with running_proxy(config(backends, "limits: {keepalive_timeout: 600ms}")) as proxy:
+        assert proxy.server.port is not None
+        reader, writer, first = await kept_alive(proxy.server.port)
+        answers = [first]
+        for _ in range(4):  # 4 x (0.2 + 0.2) s: past the timeout in all, never idle that long
+            await asyncio.sleep(0.2)
+            writer.write(GET + b"\r\n")
+            answers.append(await read_answer(reader, quiet_s=0.2))
+        writer.close()
+    assert [(a.statuses, a.closed) for a in answers] == [([200], False)] * 5
+
+
+async def test_a_head_begun_before_keepalive_timeout_is_not_cut_by_it(backends: Backends) -> None:
+    # Idle ends at a request's first byte; from there its head has header_timeout.
+    top = "limits: {keepalive_timeout: 400ms, header_timeout: 3s}"
+    async with running_proxy(config(backends, top)) as proxy:
+        assert proxy.server.port is not None
+        reader, writer, first = await kept_alive(proxy.server.port)
+        writer.write(GET[:12])
+        await asyncio.sleep(0.6)  # the idle deadline passes while the head is under way
+        writer.write(GET[12:] + b"\r\n")
+        second = await read_answer(reader, quiet_s=0.3)
+        writer.close()
+    assert (first.statuses, first.closed) == ([200], False)
+    assert (second.statuses, second.closed) == ([200], False)
+
+
+async def test_a_reload_gives_new_connections_the_new_keepalive_timeout(
+    backends: Backends, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config(backends, "limits: {keepalive_timeout: 300ms}"))
+    async with running_proxy_file(str(path), watch=False) as proxy:
+        assert proxy.server.port is not None
+        old_reader, old_writer, _ = await kept_alive(proxy.server.port)
+        path.write_text(config(backends, "limits: {keepalive_timeout: 30s}"))
+        assert (await proxy.server.reload("test")).outcome is ReloadOutcome.APPLIED
+        new_reader, new_writer, _ = await kept_alive(proxy.server.port)
+        old, new = await asyncio.gather(
+            read_answer(old_reader, quiet_s=1.0), read_answer(new_reader, quiet_s=1.0)
+        )
+        old_writer.close()
+        new_writer.close()
+    assert old.closed, "a connection keeps the timeout it opened with"
+    assert not new.closed
 
 
 async def test_overload_refusals_never_reach_the_backend(backends: Backends) -> None:

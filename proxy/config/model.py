@@ -128,6 +128,11 @@ class Limits:
     max_body_bytes: int = 10 * 1024 * 1024
     max_concurrency: int = 2048
     header_timeout_s: float = 10.0
+    # The longest a client connection may sit idle between requests. Above the 60 s after
+    # which load balancers in front drop an idle connection (AWS ALB, nginx's upstream
+    # keepalive_timeout), so the proxy is not the side that closes one they reuse; 75 s
+    # is nginx's own default.
+    keepalive_timeout_s: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)

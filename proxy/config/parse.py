@@ -230,7 +230,9 @@ def _read_secret_env(reader: Reader, env: _Environment) -> tuple[str, str | None
 
 
 def _read_limits(reader: Reader) -> Limits | None:
-    fields = reader.fields(("max_body_bytes", "max_concurrency", "header_timeout"))
+    fields = reader.fields(
+        ("max_body_bytes", "max_concurrency", "header_timeout", "keepalive_timeout")
+    )
     if fields is None:
         return None
     defaults = Limits()
@@ -238,6 +240,9 @@ def _read_limits(reader: Reader) -> Limits | None:
         max_body_bytes=fields.get("max_body_bytes", _read_count, defaults.max_body_bytes),
         max_concurrency=fields.get("max_concurrency", _read_count, defaults.max_concurrency),
         header_timeout_s=fields.get("header_timeout", Reader.duration, defaults.header_timeout_s),
+        keepalive_timeout_s=fields.get(
+            "keepalive_timeout", Reader.duration, defaults.keepalive_timeout_s
+        ),
     )
 
 

@@ -42,7 +42,7 @@ def summarize(config: Config) -> str:
         _row("config", f"{config.source or '<config>'} (version {config.version or '-'})"),
         _row("listen", str(config.listen)),
         _row("admin", _admin(config.admin)),
-        _row("limits", _limits(config.limits)),
+        *_limits(config.limits),
         _row("trusted", _networks(str(n) for n in config.trusted_proxies)),
         _row("shutdown", f"grace {format_duration(config.shutdown_grace_s)}"),
         "",
@@ -86,11 +86,18 @@ def _unset(secret: str | None) -> str:
     return "" if secret else ", not set here"
 
 
-def _limits(limits: Limits) -> str:
-    return (
-        f"body up to {limits.max_body_bytes} bytes, {limits.max_concurrency} in flight, "
-        f"request head within {format_duration(limits.header_timeout_s)}"
-    )
+def _limits(limits: Limits) -> list[str]:
+    return [
+        _row(
+            "limits",
+            f"body up to {limits.max_body_bytes} bytes, {limits.max_concurrency} in flight, "
+            f"request head within {format_duration(limits.header_timeout_s)}",
+        ),
+        _row(
+            "",
+            f"idle client connections closed after {format_duration(limits.keepalive_timeout_s)}",
+        ),
+    ]
 
 
 def _networks(networks: Iterable[str]) -> str:

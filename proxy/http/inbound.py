@@ -23,6 +23,9 @@ Rules:
    no more HTTP on such a connection.
 5. An error of the proxy itself (a bug) is still answered in OpenAI's shape, 500,
    and logged at ERROR with its traceback.
+6. A connection idle between requests longer than `limits.keepalive_timeout` is closed
+   (aiohttp's keep-alive timer). Idle ends at a request's first byte: from there the
+   head is Rule 1's.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ _CONTENT_TYPE: Final = "application/json"
 
 
 class ClientConnection(RequestHandler):
-    """One client connection to the public port (aiohttp's `RequestHandler`, Rules 1-5).
+    """One client connection to the public port (aiohttp's `RequestHandler`, Rules 1-6).
 
     It reads three attributes of aiohttp's handler that have no public name: `_waiter`
     (set while the connection waits for a request head), `_messages` (parsed requests
@@ -76,8 +79,13 @@ class ClientConnection(RequestHandler):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             # A head has begun and is not complete yet (Rule 1).
-            if data and self._head_timer is None:
-                self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
+            if data:
+                if self._head_timer is None:
+                    self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
+                # Rule 6: no longer idle. aiohttp's idle timer would close a connection
+                # whose head is under way; this public call stops it (keep-alive is on
+                # already, or the connection would not be waiting for a head).
+                self.keep_alive(True)
             return
         messages = self._messages
         if not messages and not self._request_in_progress:
@@ -149,8 +157,8 @@ class ClientConnection(RequestHandler):
 class PublicServer(web.Server):
     """aiohttp's low-level server whose connections are `ClientConnection`s.
 
-    The head timeout is read from the config in force when a connection opens, so a
-    reload applies it to new connections.
+    The head and keep-alive timeouts are read from the config in force when a
+    connection opens, so a reload applies them to new connections.
     """
 
     def __init__(
@@ -162,10 +170,12 @@ class PublicServer(web.Server):
         self._handler_kwargs = handler_kwargs
 
     def __call__(self) -> ClientConnection:
+        limits = self._forwarder.table.config.limits
         return ClientConnection(
             self,
             loop=self._event_loop,
-            head_timeout_s=self._forwarder.table.config.limits.header_timeout_s,
+            head_timeout_s=limits.header_timeout_s,
+            keepalive_timeout=limits.keepalive_timeout_s,
             **self._handler_kwargs,
         )
 
