@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,63 @@ async def test_bad_http_is_answered_400_and_closed_and_never_forwarded(
     assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "aaaaaaaaaa" not in logged
+
+
+# Versions llhttp parses and the proxy does not speak (and two it does not parse), each
+# with what the answer must name. Parts are sent 0.1 s apart on one connection.
+OTHER_VERSIONS = {
+    "http09-bare-line": ([b"GET /v1/models\r\n"], "HTTP/0.9 is not supported"),
+    "http09-bare-line-lf": ([b"GET /v1/models\n"], "HTTP/0.9 is not supported"),
+    "http09-line-and-headers": (
+        [b"GET /v1/models\r\nHost: proxy\r\n\r\n"],
+        "HTTP/0.9 is not supported",
+    ),
+    "http09-line-in-pieces": ([b"GE", b"T /v1/models\r\n", b"\r\n"], "HTTP/0.9 is not supported"),
+    "http09-named": ([b"GET /v1/models HTTP/0.9\r\nHost: proxy\r\n\r\n"], "HTTP/0.9 is not"),
+    "http20": ([b"GET /v1/models HTTP/2.0\r\nHost: proxy\r\n\r\n"], "HTTP/2.0 is not supported"),
+    "http20-with-body": (
+        [
+            b"POST /v1/chat/completions HTTP/2.0\r\nHost: proxy\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(CHAT), CHAT)
+        ],
+        "HTTP/2.0 is not supported",
+    ),
+    "http20-after-a-good-request": (
+        [GET + b"\r\n", b"GET /v1/models HTTP/2.0\r\nHost: proxy\r\n\r\n"],
+        "HTTP/2.0 is not supported",
+    ),
+    "http09-after-a-good-request": (
+        [GET + b"\r\n", b"GET /v1/models\r\nHost: proxy\r\n\r\n"],
+        "HTTP/0.9 is not supported",
+    ),
+    "http37": ([b"GET /v1/models HTTP/3.7\r\nHost: proxy\r\n\r\n"], "version is not supported"),
+    "http12": ([b"GET /v1/models HTTP/1.2\r\nHost: proxy\r\n\r\n"], "version is not supported"),
+}
+
+
+@pytest.mark.parametrize(("parts", "named"), OTHER_VERSIONS.values(), ids=OTHER_VERSIONS.keys())
+async def test_a_version_other_than_http_1_0_and_1_1_is_400_closed_and_never_forwarded(
+    backends: Backends, parts: list[bytes], named: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await clear(backends)
+    async with running_proxy(config(backends)) as proxy:
+        assert proxy.server.port is not None
+        answer = await send_raw(proxy.server.port, *parts, pause_s=0.1)
+    received = await backend_requests(backends)
+    good_first = parts[0] == GET + b"\r\n"
+    # Every status line is HTTP/1.x; a second answer follows the first's body on its line.
+    statuses = [int(code) for code in re.findall(rb"HTTP/1\.[01] (\d{3}) ", answer.data)]
+    assert statuses == ([200, 400] if good_first else [400]), answer.data
+    assert re.search(rb"HTTP/(0\.9|2\.0) \d{3} ", answer.data) is None
+    assert answer.closed
+    error = json.loads(answer.data.rpartition(b"\r\n\r\n")[2])["error"]  # the last answer's
+    assert (error["type"], error["code"]) == ("proxy_error", "bad_http")
+    assert error["message"].startswith("the request is not valid HTTP/1.1: ")
+    assert named in error["message"]
+    assert "send HTTP/1.1 or HTTP/1.0" in error["message"]
+    assert [r["path"] for r in received] == (["/v1/models"] if good_first else [])
+    assert [r for r in caplog.records if r.levelno > logging.DEBUG] == []
 
 
 async def test_a_smuggled_request_never_reaches_the_backend(backends: Backends) -> None:

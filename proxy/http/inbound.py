@@ -4,8 +4,8 @@ aiohttp parses requests with llhttp in its strict mode, which already refuses wh
 request smuggling needs (Content-Length beside Transfer-Encoding, two lengths, a
 length that is not a number, obs-folded lines, control bytes in the request line,
 unknown methods, lines over 8190 bytes, more than 128 headers). This module adds
-what a server at the edge needs beyond that, per connection, at no cost per request
-on the usual path (a whole head in one read).
+what a server at the edge needs beyond that, per connection, at almost no cost per
+request on the usual path (a whole head in one read: a type check).
 
 Rules:
 1. A request head must arrive whole within `limits.header_timeout`: for the first
@@ -26,43 +26,68 @@ Rules:
 6. A connection idle between requests longer than `limits.keepalive_timeout` is closed
    (aiohttp's keep-alive timer). Idle ends at a request's first byte: from there the
    head is Rule 1's.
+7. The proxy speaks HTTP/1.1 and HTTP/1.0 and no other version. llhttp lets two more
+   through, HTTP/0.9 (a request line without a version) and HTTP/2.0 (a request line
+   that says so): such a request is answered 400 `bad_http` in HTTP/1.x, as in Rule 2,
+   and never reaches the `Forwarder`. A bare HTTP/0.9 request line as a connection's
+   first bytes (`GET /path` and a line end, after which llhttp would wait for headers)
+   is answered at once; the same line arriving in pieces, or later on a kept-alive
+   connection, gets its answer when its headers end, or is closed by Rule 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections.abc import Awaitable
 from typing import Any, Final
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.errors import BadHttp, ProxyError, error_body
 from proxy.http.forwarding import Forwarder
 
-__all__ = ["ClientConnection", "PublicServer"]
+__all__ = ["ClientConnection", "PublicServer", "UnsupportedVersion"]
 
 log = logging.getLogger("proxy.http.inbound")
 
 _MAX_REASON_CHARS: Final = 80
 _CONTENT_TYPE: Final = "application/json"
+_NOT_HTTP_1: Final = "the request is not valid HTTP/1.1"
+_VERSIONS_SPOKEN: Final = "send HTTP/1.1 or HTTP/1.0"
+_HTTP_1: Final = (HttpVersion11, HttpVersion10)
+# A request line without a version (`GET /path` and a line end): HTTP/0.9 (Rule 7).
+_HTTP09_LINE: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+\r?\n")
+_HTTP09_REASON: Final = f"HTTP/0.9 is not supported ({_VERSIONS_SPOKEN})"
+_HTTP09_BODY: Final = error_body(BadHttp(f"{_NOT_HTTP_1}: {_HTTP09_REASON}"))
+# Written raw: there is no request to answer through aiohttp, only a line.
+_HTTP09_ANSWER: Final = (
+    b"HTTP/1.0 400 Bad Request\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_HTTP09_BODY), _HTTP09_BODY)
+)
 
 
 class ClientConnection(RequestHandler):
-    """One client connection to the public port (aiohttp's `RequestHandler`, Rules 1-6).
+    """One client connection to the public port (aiohttp's `RequestHandler`, Rules 1-7).
 
     It reads three attributes of aiohttp's handler that have no public name: `_waiter`
     (set while the connection waits for a request head), `_messages` (parsed requests
     not yet handled) and `_current_request`. The tests of this module fail if they change.
     """
 
-    __slots__ = ("_head_timeout_s", "_head_timer")
+    __slots__ = ("_fresh", "_head_timeout_s", "_head_timer")
 
     def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
+        self._fresh = True  # no byte received yet
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -75,6 +100,11 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._fresh:
+            self._fresh = False
+            if _HTTP09_LINE.match(data) is not None:
+                self._refuse_http09()
+                return
         super().data_received(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -115,6 +145,14 @@ class ClientConnection(RequestHandler):
         self.close()
         transport.close()
 
+    def _refuse_http09(self) -> None:
+        """Rule 7: answer a bare HTTP/0.9 request line at once, in HTTP/1.0, and close."""
+        log.debug("answered 400 to %s: %s", _peer(self), _HTTP09_REASON)
+        transport = self.transport
+        if transport is not None:
+            transport.write(_HTTP09_ANSWER)
+        self.force_close()  # the transport sends what it holds before it closes
+
     def _head_late(self) -> None:
         self._head_timer = None
         waiter = self._waiter
@@ -139,7 +177,7 @@ class ClientConnection(RequestHandler):
             raise ConnectionError("an answer was under way; the connection is closed")
         error: ProxyError
         if isinstance(exc, HttpProcessingError) and status < 500:
-            error = BadHttp(f"the request is not valid HTTP/1.1: {_reason(exc)}")
+            error = BadHttp(f"{_NOT_HTTP_1}: {_reason(exc)}")
             log.debug("answered 400 to %s: %s", request.remote, error.message)
         else:
             log.error(
@@ -154,6 +192,41 @@ class ClientConnection(RequestHandler):
         return response
 
 
+class UnsupportedVersion(web.BaseRequest):
+    """A request in an HTTP version other than 1.0 and 1.1 (Rule 7), to be refused.
+
+    It says HTTP/1.x itself, so that its answer's status line is one its client's
+    parser may read: HTTP/1.1 to an HTTP/2.0 request line, HTTP/1.0 to an HTTP/0.9 one.
+    """
+
+    ATTRS = web.BaseRequest.ATTRS | frozenset(["sent_version"])
+
+    def __init__(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        sent = message.version
+        answered_in = RawRequestMessage(
+            message.method,
+            message.path,
+            HttpVersion11 if sent.major >= 1 else HttpVersion10,
+            message.headers,
+            message.raw_headers,
+            True,  # should_close
+            message.compression,
+            message.upgrade,
+            message.chunked,
+            message.url,
+        )
+        super().__init__(answered_in, payload, protocol, writer, task, loop)
+        self.sent_version = sent
+
+
 class PublicServer(web.Server):
     """aiohttp's low-level server whose connections are `ClientConnection`s.
 
@@ -164,7 +237,11 @@ class PublicServer(web.Server):
     def __init__(
         self, forwarder: Forwarder, *, handler_cancellation: bool, **handler_kwargs: Any
     ) -> None:
-        super().__init__(forwarder, handler_cancellation=handler_cancellation)
+        super().__init__(
+            self._dispatch,
+            request_factory=self._make_request,
+            handler_cancellation=handler_cancellation,
+        )
         self._forwarder = forwarder
         self._event_loop = asyncio.get_running_loop()
         self._handler_kwargs = handler_kwargs
@@ -179,13 +256,54 @@ class PublicServer(web.Server):
             **self._handler_kwargs,
         )
 
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        """What aiohttp's own factory makes, or an `UnsupportedVersion` (Rule 7)."""
+        if message.version in _HTTP_1:
+            return web.BaseRequest(message, payload, protocol, writer, task, self._event_loop)
+        return UnsupportedVersion(message, payload, protocol, writer, task, self._event_loop)
+
+    def _dispatch(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function, not a coroutine: the Forwarder's coroutine is handed to
+        # aiohttp as it is, with no frame of this module's around it. `type() is`, not
+        # isinstance: through the ABC metaclass of a request isinstance costs 0.5 µs.
+        if type(request) is UnsupportedVersion:
+            return _refuse_version(request)
+        return self._forwarder(request)
+
+
+async def _refuse_version(request: UnsupportedVersion) -> web.StreamResponse:
+    """Rule 7: 400 `bad_http`, the connection closed; nothing is forwarded."""
+    version = request.sent_version
+    error = BadHttp(
+        f"{_NOT_HTTP_1}: HTTP/{version.major}.{version.minor} is not supported ({_VERSIONS_SPOKEN})"
+    )
+    log.debug("answered 400 to %s: %s", request.remote, error.message)
+    response = web.Response(status=error.status, body=error_body(error), content_type=_CONTENT_TYPE)
+    response.force_close()
+    return response
+
 
 def _reason(exc: HttpProcessingError) -> str:
     """llhttp's reason for refusing a request, without the client's bytes that follow it."""
     if isinstance(exc, LineTooLong):
         return "a request line or header is too long"
-    first_line = str(exc.message).split("\n", 1)[0]
-    return first_line.split(":", 1)[0].strip()[:_MAX_REASON_CHARS] or "malformed request"
+    lines = str(exc.message).split("\n", 2)
+    reason = lines[0].split(":", 1)[0].strip()
+    if isinstance(exc, BadStatusLine) and len(lines) > 1:
+        # aiohttp says "Bad status line" of a request line too; llhttp's reason follows.
+        detail = lines[1].split(":", 1)[0].strip()
+        if detail == "Invalid HTTP version":
+            reason = f"this HTTP version is not supported ({_VERSIONS_SPOKEN})"
+        elif detail:
+            reason = f"bad request line ({detail})"
+    return reason[:_MAX_REASON_CHARS] or "malformed request"
 
 
 def _peer(handler: RequestHandler) -> object:
