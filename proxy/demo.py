@@ -114,6 +114,7 @@ async def _processes(
                 host, port = _local_address(config.backends[name].url)
                 await _ensure_free(host, port)
                 argv = ("--host", host, "--port", str(port), "--model", name, *flags)
+                argv += ("--log-level", "warning")  # as the proxy's: the screen is the demo's
                 started.append(await _spawn(state_dir, "fake-backend", *argv))
                 await _wait_listening(host, port, f"fake backend {name}")
             for address in (config.listen, config.admin.listen):

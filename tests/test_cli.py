@@ -481,6 +481,11 @@ BAD_FLAGS = {
         ("fake-backend", "--latency", "-1"),
         "canary-proxy: error: --latency must be a finite number >= 0, got -1.0",
     ),
+    "fake-backend unknown log level": (
+        ("fake-backend", "--log-level", "loud"),
+        "canary-proxy fake-backend: error: argument --log-level: invalid choice: 'loud' "
+        "(choose from 'debug', 'info', 'warning', 'error')",
+    ),
 }
 
 

@@ -55,6 +55,9 @@ Introspection (never counted nor recorded):
     GET    /fake/traffic    {stream_bytes_sent}: bytes of token events handed to the
                             socket so far (it stops growing when a reader stops reading)
 
+Log (stderr, `--log-level`, default info): one line per client that sends bad HTTP or
+leaves before its answer is whole; never a traceback for those.
+
 Modules: `options` (flags and settings), `plan` (pure: request → what to answer),
 `wire` (pure: pre-encoded bodies and SSE events), `journal` (recorded requests,
 counters), `server` (the aiohttp low-level server, the only I/O).

@@ -11,8 +11,9 @@ import argparse
 import math
 from dataclasses import dataclass
 
-__all__ = ["FakeBackendOptions", "add_arguments", "options_from_args"]
+__all__ = ["LOG_LEVELS", "FakeBackendOptions", "add_arguments", "options_from_args"]
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _MAX_PORT = 65535
 
 
@@ -29,6 +30,8 @@ class FakeBackendOptions:
         model: the model name every answer reports (and the `x-fake-model` header).
         seed: seed of the error draws; None draws from fresh entropy.
         default_tokens: tokens generated when a request gives no `max_tokens`.
+        log_level: the level of the log on stderr of `canary-proxy fake-backend`
+            (`run_forever`); a server started in-process logs where its host says.
     """
 
     host: str = "127.0.0.1"
@@ -40,6 +43,7 @@ class FakeBackendOptions:
     model: str = "fake-model"
     seed: int | None = None
     default_tokens: int = 16
+    log_level: str = "info"
 
     def __post_init__(self) -> None:
         problem = _first_problem(self)
@@ -66,6 +70,8 @@ def _first_problem(options: FakeBackendOptions) -> str | None:
         return "--model must not be empty"
     if options.default_tokens < 0:
         return f"default_tokens must be >= 0, got {options.default_tokens}"
+    if options.log_level not in LOG_LEVELS:
+        return f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {options.log_level}"
     return None
 
 
@@ -115,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=_DEFAULTS.seed, help="seed of the injected errors"
     )
+    parser.add_argument(
+        "--log-level",
+        default=_DEFAULTS.log_level,
+        choices=LOG_LEVELS,
+        help="log level (default %(default)s): a client that leaves before its answer is "
+        "whole, or sends bad HTTP, is one line at info",
+    )
 
 
 def options_from_args(ns: argparse.Namespace) -> FakeBackendOptions:
@@ -132,4 +145,5 @@ def options_from_args(ns: argparse.Namespace) -> FakeBackendOptions:
         tokens_per_s=ns.tokens_per_s,
         model=ns.model,
         seed=ns.seed,
+        log_level=ns.log_level,
     )

@@ -9,6 +9,10 @@ Rule 2: the server notices a client leaving at once, even while it sleeps betwee
         connection is lost, and the CancelledError is counted as `cancelled`.
 Rule 3: a deliberate break (reset, cut, garbage) closes the transport and returns
         without awaiting, so it is counted `aborted`, never `cancelled`.
+Rule 4: a client that sends bad HTTP, or leaves before its answer is whole, is one
+        log line at INFO, never a traceback (a TLS handshake, which aiohttp calls
+        noise, at DEBUG); a bug still logs its traceback at ERROR. The rules are the
+        admin port's (`proxy.http.serverlog`), kept here too: this package stands alone.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import itertools
 import logging
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
@@ -65,6 +71,9 @@ _MAX_BODY_BYTES = 64 * 1024 * 1024
 _SHUTDOWN_GRACE_S = 0.5
 _BACKLOG = 1024
 _INTROSPECTION_PREFIX = "/fake/"
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_UNANSWERED = "before its answer was whole"
+_MAX_REASON_CHARS = 80
 
 _Handled = tuple[web.StreamResponse, Outcome]
 _Introspect = Callable[[], web.Response]
@@ -137,6 +146,7 @@ class FakeBackend:
             request_factory=self._make_request,
             handler_cancellation=True,
             access_log=None,
+            logger=_NetworkErrorLog(logger),  # aiohttp's server logs through it (Rule 4)
         )
         runner = web.ServerRunner(server, shutdown_timeout=_SHUTDOWN_GRACE_S)
         await runner.setup()
@@ -183,9 +193,21 @@ class FakeBackend:
                 await asyncio.sleep(plan.latency_s)
             response, outcome = await self._perform(request, plan.action)
             return response
-        except ConnectionError:
+        except ConnectionError as exc:
+            transport = request.transport
+            if transport is not None and not transport.is_closing():
+                raise  # not the client's doing: a bug, logged with its traceback
             # The client left while we wrote; aiohttp sees it too on its own final write.
+            _client_left(request, exc)
             return web.Response()
+        except asyncio.CancelledError:
+            if self._runner is None:  # stopping: what still runs is cancelled
+                logger.info(
+                    "%s %s: cancelled, the server is stopping", request.method, request.path
+                )
+            else:  # Rule 2: the client left
+                _client_left(request)
+            raise
         finally:
             stats.end(outcome, is_fault)
 
@@ -362,6 +384,44 @@ class FakeBackend:
             self._stream_bytes_sent += len(event)
 
 
+class _NetworkErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logs through it (Rule 4): a request it could not parse is one
+    line, in llhttp's words without the client's bytes; anything else as it came."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, None)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")  # aiohttp passes the exception itself
+        if not isinstance(exc, HttpProcessingError):
+            super().log(level, msg, *args, **kwargs)
+            return
+        if isinstance(exc, LineTooLong):
+            reason = "a request line or header is too long"
+        else:
+            reason = str(exc.message).split("\n", 1)[0].split(":", 1)[0].strip()
+        level = min(level, logging.INFO)
+        if self.logger.isEnabledFor(level):
+            text = str(msg) % args if args else str(msg)
+            self.logger.log(level, "%s: not valid HTTP: %s", text, reason[:_MAX_REASON_CHARS])
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return msg, kwargs  # no `extra`: the records are the wrapped logger's own
+
+
+def _client_left(request: web.BaseRequest, exc: BaseException | None = None) -> None:
+    """Rule 4: the one line for a client gone before its answer was whole."""
+    detail = f" ({str(exc)[:_MAX_REASON_CHARS] or type(exc).__name__})" if exc else ""
+    logger.info(
+        "%s %s from %s: the client left %s%s",
+        request.method,
+        request.path,
+        request.remote or "an address no longer known",
+        _UNANSWERED,
+        detail,
+    )
+
+
 def _close(request: web.BaseRequest, last_bytes: bytes = b"") -> None:
     """Close the connection after writing `last_bytes`; buffered bytes are still flushed."""
     transport = request.transport
@@ -381,7 +441,9 @@ async def run_forever(options: FakeBackendOptions) -> None:
     """Serve `options` until SIGINT or SIGTERM, for `canary-proxy fake-backend`.
 
     Prints one line, `fake-backend listening on http://HOST:PORT model=NAME`, once bound.
+    Logs to stderr at `options.log_level`, in the format of `canary-proxy run`.
     """
+    logging.basicConfig(level=options.log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
     backend = FakeBackend(options)
     await backend.start()
     stopping = asyncio.Event()

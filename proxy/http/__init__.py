@@ -8,4 +8,6 @@
 - **http1**, **pool**, **upstreams**, **deadlines** (`proxy.http.*`): HTTP/1.1 to the
   backends, kept-alive connection pools, and their timeouts.
 - **relay** (`proxy.http.relay`): a backend's answer to the client as it arrives.
+- **serverlog** (`proxy.http.serverlog`): bad HTTP and clients gone mid-exchange on the
+  admin ports, one log line each instead of aiohttp's tracebacks.
 """

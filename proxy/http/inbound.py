@@ -45,19 +45,19 @@ from typing import Any, Final
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_exceptions import BadStatusLine, HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.errors import BadHttp, ProxyError, error_body
 from proxy.http.forwarding import Forwarder
+from proxy.http.serverlog import bad_http_reason
 
 __all__ = ["ClientConnection", "PublicServer", "UnsupportedVersion"]
 
 log = logging.getLogger("proxy.http.inbound")
 
-_MAX_REASON_CHARS: Final = 80
 _CONTENT_TYPE: Final = "application/json"
 _NOT_HTTP_1: Final = "the request is not valid HTTP/1.1"
 _VERSIONS_SPOKEN: Final = "send HTTP/1.1 or HTTP/1.0"
@@ -177,7 +177,7 @@ class ClientConnection(RequestHandler):
             raise ConnectionError("an answer was under way; the connection is closed")
         error: ProxyError
         if isinstance(exc, HttpProcessingError) and status < 500:
-            error = BadHttp(f"{_NOT_HTTP_1}: {_reason(exc)}")
+            error = BadHttp(f"{_NOT_HTTP_1}: {bad_http_reason(exc)}")
             log.debug("answered 400 to %s: %s", request.remote, error.message)
         else:
             log.error(
@@ -288,22 +288,6 @@ async def _refuse_version(request: UnsupportedVersion) -> web.StreamResponse:
     response = web.Response(status=error.status, body=error_body(error), content_type=_CONTENT_TYPE)
     response.force_close()
     return response
-
-
-def _reason(exc: HttpProcessingError) -> str:
-    """llhttp's reason for refusing a request, without the client's bytes that follow it."""
-    if isinstance(exc, LineTooLong):
-        return "a request line or header is too long"
-    lines = str(exc.message).split("\n", 2)
-    reason = lines[0].split(":", 1)[0].strip()
-    if isinstance(exc, BadStatusLine) and len(lines) > 1:
-        # aiohttp says "Bad status line" of a request line too; llhttp's reason follows.
-        detail = lines[1].split(":", 1)[0].strip()
-        if detail == "Invalid HTTP version":
-            reason = f"this HTTP version is not supported ({_VERSIONS_SPOKEN})"
-        elif detail:
-            reason = f"bad request line ({detail})"
-    return reason[:_MAX_REASON_CHARS] or "malformed request"
 
 
 def _peer(handler: RequestHandler) -> object:

@@ -7,6 +7,9 @@ Rules:
    when `admin.token_env` is set (compared in constant time).
 3. The status page reads the same window stats as the rollout judge: those of every
    process that shares the state store (workers and replicas), merged.
+4. A client that sends bad HTTP or leaves mid-exchange is one log line, not a
+   traceback; a bug in a handler still logs its traceback at ERROR
+   (`proxy.http.serverlog`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from __future__ import annotations
 import datetime
 import hmac
 import json
+import logging
 from typing import Final, Protocol
 
 from aiohttp import web
 
 from proxy import __version__
+from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
 from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused
 from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
@@ -28,6 +33,8 @@ from proxy.telemetry.prometheus import render
 from proxy.telemetry.recorder import Recorder
 
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
+
+log = logging.getLogger("proxy.server.admin")
 
 STATUS_WINDOW_S: Final = 60.0
 _MAX_WINDOW_S: Final = 3600.0
@@ -72,7 +79,10 @@ class AdminView(Protocol):
 
 
 def build_admin_app(view: AdminView) -> web.Application:
-    app = web.Application()
+    app = web.Application(
+        middlewares=[one_line_network_errors(log)],
+        handler_args={"logger": NetworkErrorLog(log)},  # aiohttp's server logs through it
+    )
     routes = web.RouteTableDef()
 
     @routes.get("/healthz")

@@ -41,6 +41,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config.model import Config, ListenAddress
+from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
 from proxy.telemetry.exposition import WORKER_ACCEPT, merge_expositions
 
 __all__ = ["Supervisor", "supervise"]
@@ -268,7 +269,11 @@ class Supervisor:
         return alive[0] if alive else None
 
     def _admin_app(self) -> web.Application:
-        app = web.Application()
+        # Bad HTTP and clients gone mid-exchange: one line each (proxy.http.serverlog).
+        app = web.Application(
+            middlewares=[one_line_network_errors(log)],
+            handler_args={"logger": NetworkErrorLog(log)},
+        )
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
