@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -54,3 +55,33 @@ def test_every_imported_package_is_declared() -> None:
 @pytest.mark.timeout(10)
 def test_the_check_finds_the_packages_it_should() -> None:
     assert {"aiohttp", "multidict", "yaml", "mmh3"} <= third_party_imports()
+
+
+@pytest.mark.timeout(30)
+def test_a_proxy_without_a_redis_store_never_imports_redis(tmp_path: Path) -> None:
+    """The public path (server, store, telemetry) loads, and redis stays out."""
+    code = (
+        "import sys\n"
+        "import proxy.cli, proxy.server.app, proxy.store\n"
+        "from proxy.config.model import StateConfig\n"
+        f"proxy.store.open_store(StateConfig(path={str(tmp_path / 'state.db')!r}))\n"
+        "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.timeout(30)
+def test_a_redis_store_imports_redis_when_opened() -> None:
+    code = (
+        "import sys, proxy.store\n"
+        "from proxy.config.model import StateConfig, StateStoreKind\n"
+        "proxy.store.open_store(StateConfig(StateStoreKind.REDIS, url='redis://127.0.0.1:1/0'))\n"
+        "print('redis' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=True
+    )
+    assert result.stdout.strip() == "True"
