@@ -87,27 +87,68 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def proxy_yaml(stable: str, canary: str, route: str = "", top: str = "", backend: str = "") -> str:
-    """A config with backends v1 (stable) and v2 (canary) and one route `chat`.
+def proxy_yaml(
+    stable: str = "http://127.0.0.1:1",
+    canary: str = "http://127.0.0.1:2",
+    route: str = "",
+    top: str = "",
+    backend: str = "",
+    *,
+    listen: str = "127.0.0.1:0",
+    admin: str = "{listen: 127.0.0.1:0}",
+) -> str:
+    """The tests' one builder of config files: backends v1 (stable) and v2 (canary), one
+    route `chat`, the proxy and the admin port on 127.0.0.1 (free ports unless told).
 
     `route` lines are added to the route, `top` lines at the top level and `backend`
     lines to both backends; each is YAML indented as at its place.
     """
-    backend_lines = "".join(f"    {line}\n" for line in backend.splitlines() if line)
-    route_lines = "".join(f"    {line}\n" for line in route.splitlines() if line)
     return (
-        "listen: 127.0.0.1:0\n"
-        "admin: {listen: 127.0.0.1:0}\n"
-        f"{top}\n"
+        f"listen: {listen}\n"
+        f"admin: {admin}\n"
+        f"{_lines(top, '')}"
         "backends:\n"
-        f"  v1:\n    url: {stable}\n{backend_lines}"
-        f"  v2:\n    url: {canary}\n{backend_lines}"
+        f"  v1:\n    url: {stable}\n{_lines(backend, '    ')}"
+        f"  v2:\n    url: {canary}\n{_lines(backend, '    ')}"
         "routes:\n"
         "  - name: chat\n"
         "    stable: v1\n"
         "    canary: v2\n"
-        f"{route_lines}"
+        f"{_lines(route, '    ')}"
     )
+
+
+def auto_rollout(
+    weight: float = 0,
+    *,
+    steps: str = "[20, 50, 100]",
+    interval: str = "1s",
+    min_requests: int = 30,
+    pass_intervals: int = 1,
+    failure_limit: int = 1,
+    checks: str = "error_rate: {max: 0.2, max_increase: 0.05}",
+) -> str:
+    """A route's automatic rollout from `weight`, as `proxy_yaml`'s `route` lines."""
+    return (
+        "rollout:\n"
+        f"  weight: {weight}\n"
+        "  auto:\n"
+        f"    steps: {steps}\n"
+        f"    interval: {interval}\n"
+        f"    min_requests: {min_requests}\n"
+        f"    pass_intervals: {pass_intervals}\n"
+        f"    failure_limit: {failure_limit}\n"
+        f"    checks: {{{checks}}}\n"
+    )
+
+
+def sticky(salt: str) -> str:
+    """Users keyed by their `x-user-id` header, as `proxy_yaml`'s `route` lines."""
+    return f"sticky: {{keys: [header:x-user-id], salt: {salt}}}\n"
+
+
+def _lines(text: str, indent: str) -> str:
+    return "".join(f"{indent}{line}\n" for line in text.splitlines() if line)
 
 
 @dataclass

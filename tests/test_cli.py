@@ -35,7 +35,7 @@ import pytest
 
 from proxy import __version__
 from tests.conftest import Backends
-from tests.harness import closed_port
+from tests.harness import closed_port, proxy_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
@@ -102,20 +102,6 @@ def run_many(
 
 def run_one(*argv: str, env: Mapping[str, str] | None = None, cwd: Path = ROOT) -> CliResult:
     return run_many([argv], env, cwd)[0]
-
-
-def minimal_yaml(listen: str = "127.0.0.1:0", stable: str = "", canary: str = "") -> str:
-    return (
-        f"listen: {listen}\n"
-        "admin: {listen: 127.0.0.1:0}\n"
-        "backends:\n"
-        f"  v1: {{url: '{stable or 'http://127.0.0.1:1'}'}}\n"
-        f"  v2: {{url: '{canary or 'http://127.0.0.1:2'}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-    )
 
 
 # --- help and version --------------------------------------------------------------------
@@ -691,8 +677,7 @@ async def test_run_serves_requests_and_exits_0_on_sigterm(
 ) -> None:
     path = tmp_path / "proxy.yaml"
     path.write_text(
-        minimal_yaml(stable=backends.stable.url, canary=backends.canary.url)
-        + "    override_header: x-canary\n"
+        proxy_yaml(backends.stable.url, backends.canary.url, route="override_header: x-canary")
     )
     child = await start_child("run", "-c", str(path), cwd=tmp_path)  # its state files go there
     try:
@@ -728,7 +713,7 @@ def test_run_on_a_busy_port_is_one_cannot_listen_line_and_exit_1(
     busy_port: int, tmp_path: Path
 ) -> None:
     path = tmp_path / "busy.yaml"
-    path.write_text(minimal_yaml(listen=f"127.0.0.1:{busy_port}"))
+    path.write_text(proxy_yaml(listen=f"127.0.0.1:{busy_port}"))
     result = run_one("run", "-c", str(path), cwd=tmp_path)
     assert result.returncode == 1, result
     result.assert_no_traceback()

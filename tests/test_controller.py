@@ -30,38 +30,26 @@ from proxy.rollout.planner import (
 from proxy.rollout.planner import Fleet as FleetView
 from proxy.server.controller import LEASE_S, Controller
 from proxy.store.memory import MemoryStore
+from tests.harness import auto_rollout, proxy_yaml, sticky
 
 pytestmark = pytest.mark.timeout(20)
 
 START = 1_800_000_000.0
 
-CONFIG = """\
-backends:
-  v1: {{url: 'http://10.0.0.1:8000'}}
-  v2: {{url: '{canary_url}'}}
-routes:
-  - name: chat
-    stable: v1
-    canary: v2
-    sticky: {{keys: [header:x-user-id], salt: s}}
-    rollout:
-      weight: {weight}
-      auto:
-        steps: {steps}
-        interval: 5s
-        min_requests: 50
-        pass_intervals: 2
-        failure_limit: 2
-        checks:
-          error_rate: {{max: 0.05, max_increase: 0.02}}
-          latency_p95: {{max_ratio: 1.5}}
-"""
-
 
 def config(
     *, weight: float = 0, steps: str = "[10, 50, 100]", canary_url: str = "http://10.0.0.2:8000"
 ) -> Config:
-    return parse_config(CONFIG.format(weight=weight, steps=steps, canary_url=canary_url))
+    rollout = auto_rollout(
+        weight,
+        steps=steps,
+        interval="5s",
+        min_requests=50,
+        pass_intervals=2,
+        failure_limit=2,
+        checks="error_rate: {max: 0.05, max_increase: 0.02}, latency_p95: {max_ratio: 1.5}",
+    )
+    return parse_config(proxy_yaml("http://10.0.0.1:8000", canary_url, route=sticky("s") + rollout))
 
 
 class Clock:

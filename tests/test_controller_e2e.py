@@ -21,8 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import (
     BackendProcess,
     RunningProxy,
+    auto_rollout,
+    proxy_yaml,
     running_proxy_file,
     start_backend,
+    sticky,
 )
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -47,31 +50,16 @@ def write_config(
     min_requests: int = 30,
     checks: str = "error_rate: {max: 0.2, max_increase: 0.05}",
     admin: str = "{listen: 127.0.0.1:0}",
-    extra: str = "",
 ) -> None:
+    rollout = auto_rollout(weight, steps=steps, min_requests=min_requests, checks=checks)
     path.write_text(
-        "listen: 127.0.0.1:0\n"
-        f"admin: {admin}\n"
-        "backends:\n"
-        f"  v1: {{url: '{stable}'}}\n"
-        f"  v2: {{url: '{canary}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    sticky: {keys: [header:x-user-id], salt: ctl}\n"
-        "    override_header: x-canary\n"
-        "    rollout:\n"
-        f"      weight: {weight}\n"
-        "      auto:\n"
-        f"        steps: {steps}\n"
-        "        interval: 1s\n"
-        f"        min_requests: {min_requests}\n"
-        "        pass_intervals: 1\n"
-        "        failure_limit: 1\n"
-        f"        checks: {{{checks}}}\n"
-        f"{extra}"
-        f"state: {{path: '{path.parent / 'state.db'}'}}\n"
+        proxy_yaml(
+            stable,
+            canary,
+            route=sticky("ctl") + "override_header: x-canary\n" + rollout,
+            top=f"state: {{path: '{path.parent / 'state.db'}'}}",
+            admin=admin,
+        )
     )
 
 

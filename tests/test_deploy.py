@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main as cli_main
 from tests.conftest import Backends
-from tests.harness import closed_port
+from tests.harness import auto_rollout, closed_port, proxy_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -487,19 +487,14 @@ def exposed(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
     port, admin_port = closed_port(), closed_port()
     config = scratch / "config.yaml"
     config.write_text(
-        f"listen: 127.0.0.1:{port}\n"
-        f"admin: {{listen: 127.0.0.1:{admin_port}}}\n"
-        "backends:\n"
-        f"  v1: {{url: '{backends.stable.url}'}}\n"
-        f"  v2: {{url: '{backends.canary.url}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    rollout:\n"
-        "      weight: 50\n"
-        "      auto: {steps: [50, 100], interval: 100ms, min_requests: 100000}\n"
-        f"state: {{path: '{scratch / 'state.db'}'}}\n"
+        proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            route=auto_rollout(50, steps="[50, 100]", interval="100ms", min_requests=100000),
+            top=f"state: {{path: '{scratch / 'state.db'}'}}",
+            listen=f"127.0.0.1:{port}",
+            admin=f"{{listen: 127.0.0.1:{admin_port}}}",
+        )
     )
     log = scratch / "proxy.log"
     with log.open("wb") as sink:

@@ -27,7 +27,7 @@ import pytest
 
 from proxy.store.redis import PREFIX
 from tests.conftest import Backends
-from tests.harness import BackendProcess, start_backend
+from tests.harness import BackendProcess, auto_rollout, proxy_yaml, start_backend, sticky
 from tests.proxy_process import CHAT, ProxyProcess, proxy_processes, send
 from tests.redis_server import RedisClusterNodes, RedisServer
 
@@ -57,31 +57,16 @@ def fleet_config(
     steps: str = "[20, 50, 100]",
     listen: tuple[int, int] = (0, 0),
 ) -> Path:
-    rollout = (
-        "      auto:\n"
-        f"        steps: {steps}\n"
-        "        interval: 1s\n"
-        "        min_requests: 30\n"
-        f"        pass_intervals: {pass_intervals}\n"
-        "        failure_limit: 1\n"
-        "        checks: {error_rate: {max: 0.2, max_increase: 0.05}}\n"
-    )
     path.write_text(
-        f"# {comment}\n"
-        f"listen: 127.0.0.1:{listen[0]}\n"
-        f"admin: {{listen: 127.0.0.1:{listen[1]}}}\n"
-        "backends:\n"
-        f"  v1: {{url: '{stable}'}}\n"
-        f"  v2: {{url: '{canary}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    sticky: {keys: [header:x-user-id], salt: fleet}\n"
-        "    rollout:\n"
-        f"      weight: {weight}\n"
-        f"{rollout}"
-        f"state: {{store: redis, url: '{redis_url}'}}\n"
+        proxy_yaml(
+            stable,
+            canary,
+            route=sticky("fleet")
+            + auto_rollout(weight, steps=steps, pass_intervals=pass_intervals),
+            top=f"# {comment}\nstate: {{store: redis, url: '{redis_url}'}}",
+            listen=f"127.0.0.1:{listen[0]}",
+            admin=f"{{listen: 127.0.0.1:{listen[1]}}}",
+        )
     )
     return path
 

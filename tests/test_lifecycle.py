@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Backends
-from tests.harness import proxy_yaml, running_proxy
+from tests.harness import auto_rollout, proxy_yaml, running_proxy, sticky
 from tests.raw import read_answer
 
 PUBLIC = re.compile(r"listening on http://127\.0\.0\.1:(\d+), admin on http://127\.0\.0\.1:(\d+)")
@@ -77,20 +77,14 @@ async def running(config: Path) -> AsyncIterator[Child]:
         await process.communicate()
 
 
-def write_config(path: Path, backends: Backends, extra: str) -> Path:
+def write_config(path: Path, backends: Backends, *, route: str = "", top: str = "") -> Path:
     path.write_text(
-        "listen: 127.0.0.1:0\n"
-        "admin: {listen: 127.0.0.1:0}\n"
-        "backends:\n"
-        f"  v1: {{url: '{backends.stable.url}'}}\n"
-        f"  v2: {{url: '{backends.canary.url}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    sticky: {keys: [header:x-user-id], salt: life}\n"
-        f"{extra}"
-        f"state: {{path: '{path.parent / 'state.db'}'}}\n"
+        proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            route=sticky("life") + route,
+            top=f"{top}\nstate: {{path: '{path.parent / 'state.db'}'}}",
+        )
     )
     return path
 
@@ -108,7 +102,7 @@ async def refused(port: int) -> bool:
 async def test_sigterm_stops_accepting_turns_unready_and_lets_streams_finish(
     backends: Backends, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path / "proxy.yaml", backends, "shutdown_grace: 10s\n")
+    config = write_config(tmp_path / "proxy.yaml", backends, top="shutdown_grace: 10s")
     async with running(config) as child, aiohttp.ClientSession() as session:
         assert (await child.admin("/readyz"))[0] == 200
         async with session.post(
@@ -144,7 +138,7 @@ async def test_sigterm_stops_accepting_turns_unready_and_lets_streams_finish(
 async def test_a_stream_longer_than_shutdown_grace_is_cut_and_the_process_exits_0(
     backends: Backends, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path / "proxy.yaml", backends, "shutdown_grace: 1s\n")
+    config = write_config(tmp_path / "proxy.yaml", backends, top="shutdown_grace: 1s")
     async with running(config) as child, aiohttp.ClientSession() as session:
         async with session.post(
             f"{child.url}/v1/chat/completions",
@@ -181,17 +175,12 @@ async def traffic(session: aiohttp.ClientSession, url: str, stop: asyncio.Event)
 
 @pytest.mark.timeout(60)
 async def test_sigkill_during_a_rollout_loses_no_state(backends: Backends, tmp_path: Path) -> None:
-    auto = (
-        "    rollout:\n"
-        "      weight: 0\n"
-        "      auto:\n"
-        "        steps: [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]\n"
-        "        interval: 1s\n"
-        "        min_requests: 3\n"
-        "        pass_intervals: 1\n"
-        "        checks: {error_rate: {max: 0.5}}\n"
+    auto = auto_rollout(
+        steps="[10, 20, 30, 40, 50, 60, 70, 80, 90, 100]",
+        min_requests=3,
+        checks="error_rate: {max: 0.5}",
     )
-    config = write_config(tmp_path / "proxy.yaml", backends, auto)
+    config = write_config(tmp_path / "proxy.yaml", backends, route=auto)
     seen: list[tuple[float, int]] = []  # (weight, decisions) as /api/status said
     async with running(config) as child, aiohttp.ClientSession() as session:
         stop = asyncio.Event()

@@ -22,26 +22,29 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, running_proxy_file, start_backend, until
+from tests.harness import (
+    RunningProxy,
+    closed_port,
+    proxy_yaml,
+    running_proxy_file,
+    start_backend,
+    sticky,
+    until,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 USERS = [f"user-{i}" for i in range(60)]
 
 
-def config_text(stable: str, canary: str, weight: float, extra: str = "", port: int = 0) -> str:
-    return (
-        f"listen: 127.0.0.1:{port}\n"
-        "admin: {listen: 127.0.0.1:0}\n"
-        "backends:\n"
-        f"  v1: {{url: '{stable}'}}\n"
-        f"  v2: {{url: '{canary}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    sticky: {keys: [header:x-user-id], salt: r}\n"
-        f"    rollout: {{weight: {weight}}}\n"
-        f"{extra}"
+def config_text(
+    stable: str, canary: str, weight: float, port: int = 0, admin: str = "{listen: 127.0.0.1:0}"
+) -> str:
+    return proxy_yaml(
+        stable,
+        canary,
+        route=sticky("r") + f"rollout: {{weight: {weight}}}",
+        listen=f"127.0.0.1:{port}",
+        admin=admin,
     )
 
 
@@ -305,10 +308,10 @@ async def test_an_invalid_config_changes_nothing_and_says_why_everywhere(
     replacements = {
         "UNKNOWN": good + "bogus: 1\n",
         "ENV": good.replace(
-            f"v1: {{url: '{backends.stable.url}'}}",
-            f"v1: {{url: '{backends.stable.url}', api_key_env: RELOAD_TEST_MISSING_KEY}}",
+            f"url: {backends.stable.url}\n",
+            f"url: {backends.stable.url}\n    api_key_env: RELOAD_TEST_MISSING_KEY\n",
         ),
-        "REMOVED": good.replace(f"  v2: {{url: '{backends.canary.url}'}}\n", ""),
+        "REMOVED": good.replace(f"  v2:\n    url: {backends.canary.url}\n", ""),
         "LISTEN": good.replace("listen: 127.0.0.1:0\n", f"listen: 127.0.0.1:{closed_port()}\n", 1),
     }
     caplog.set_level(logging.ERROR, logger="proxy.server.app")
@@ -369,12 +372,8 @@ async def test_reload_needs_the_admin_token_when_there_is_one(
 ) -> None:
     monkeypatch.setenv("RELOAD_TEST_ADMIN_TOKEN", "s3cret-token")
     path = tmp_path / "proxy.yaml"
-    path.write_text(
-        config_text(backends.stable.url, backends.canary.url, 0).replace(
-            "admin: {listen: 127.0.0.1:0}",
-            "admin: {listen: 127.0.0.1:0, token_env: RELOAD_TEST_ADMIN_TOKEN}",
-        )
-    )
+    with_token = "{listen: 127.0.0.1:0, token_env: RELOAD_TEST_ADMIN_TOKEN}"
+    path.write_text(config_text(backends.stable.url, backends.canary.url, 0, admin=with_token))
     async with running_proxy_file(str(path), watch=False) as proxy:
         without, _ = await admin(proxy, "/api/reload", "POST")
         wrong, _ = await admin(

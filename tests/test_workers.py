@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Backends
+from tests.harness import auto_rollout, proxy_yaml, sticky
 from tests.proxy_process import ProxyProcess, proxy_processes, send
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,25 +29,17 @@ def write_config(
     path: Path,
     backends: Backends,
     *,
-    weight: float = 50,
-    auto: str = "",
+    rollout: str = "rollout: {weight: 50}",
     admin: str = "{listen: 127.0.0.1:0}",
 ) -> Path:
     path.write_text(
-        "listen: 127.0.0.1:0\n"
-        f"admin: {admin}\n"
-        "backends:\n"
-        f"  v1: {{url: '{backends.stable.url}'}}\n"
-        f"  v2: {{url: '{backends.canary.url}'}}\n"
-        "routes:\n"
-        "  - name: chat\n"
-        "    stable: v1\n"
-        "    canary: v2\n"
-        "    sticky: {keys: [header:x-user-id], salt: workers}\n"
-        "    rollout:\n"
-        f"      weight: {weight}\n"
-        f"{auto}"
-        f"state: {{path: '{path.parent / 'state.db'}'}}\n"
+        proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            route=sticky("workers") + rollout,
+            top=f"state: {{path: '{path.parent / 'state.db'}'}}",
+            admin=admin,
+        )
     )
     return path
 
@@ -55,15 +48,10 @@ def write_config(
 def two_workers(tmp_path: Path, backends: Backends) -> Iterator[ProxyProcess]:
     # An automatic rollout that judges every second but cannot advance before 80
     # canary requests: more than either worker alone gets in these tests.
-    auto = (
-        "      auto:\n"
-        "        steps: [50, 100]\n"
-        "        interval: 1s\n"
-        "        min_requests: 80\n"
-        "        pass_intervals: 1000\n"
-        "        checks: {error_rate: {max: 0.5}}\n"
+    rollout = auto_rollout(
+        50, steps="[50, 100]", min_requests=80, pass_intervals=1000, checks="error_rate: {max: 0.5}"
     )
-    config = write_config(tmp_path / "proxy.yaml", backends, auto=auto)
+    config = write_config(tmp_path / "proxy.yaml", backends, rollout=rollout)
     with proxy_processes(config, workers=2) as (proxy,):
         yield proxy
 
@@ -163,11 +151,11 @@ async def test_a_killed_worker_is_started_again(two_workers: ProxyProcess) -> No
 async def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(
     tmp_path: Path, backends: Backends
 ) -> None:
-    config = write_config(tmp_path / "proxy.yaml", backends, weight=0)
+    config = write_config(tmp_path / "proxy.yaml", backends, rollout="rollout: {weight: 0}")
     proxy = ProxyProcess(config, "--no-watch", workers=2)
     try:
         pids = [w["pid"] for w in (await proxy.status())["workers"]]
-        write_config(config, backends, weight=100)
+        write_config(config, backends, rollout="rollout: {weight: 100}")
         await asyncio.sleep(1.5)
         assert await per_worker(proxy, "canary_weight_ratio") == {"0": 0.0, "1": 0.0}
         proxy.signal(signal.SIGHUP)
@@ -218,9 +206,9 @@ def test_workers_that_cannot_start_fail_the_command_with_their_reason(
 async def test_the_supervisors_admin_port_asks_for_the_workers_token(
     tmp_path: Path, backends: Backends
 ) -> None:
-    auto = "      auto: {steps: [50, 100], interval: 1h}\n"
+    rollout = auto_rollout(50, steps="[50, 100]", interval="1h")
     admin = "{listen: 127.0.0.1:0, token_env: WORKERS_TEST_TOKEN}"
-    config = write_config(tmp_path / "proxy.yaml", backends, auto=auto, admin=admin)
+    config = write_config(tmp_path / "proxy.yaml", backends, rollout=rollout, admin=admin)
     proxy = ProxyProcess(config, workers=2, env={"WORKERS_TEST_TOKEN": "s3cret"})
     try:
         refused = [
