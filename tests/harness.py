@@ -7,6 +7,8 @@ command serves with, so a test can start one per config cheaply.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import re
@@ -15,15 +17,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import aiohttp
 
 from proxy.config import load_config, parse_config
 from proxy.server.app import ProxyServer
+
+T = TypeVar("T")
 
 _LISTENING = re.compile(rb"listening on http://([\d.]+):(\d+)")
 
@@ -189,25 +193,74 @@ async def _get_json(url: str) -> Any:
         return json.loads(await response.read())
 
 
-async def until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll a condition until it holds or `timeout_s` passes; whether it holds."""
-    import asyncio
+@overload
+async def eventually(
+    what: str,
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout_s: float,
+    holds: Callable[[T], object] = ...,
+    interval_s: float = ...,
+) -> T: ...
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        await asyncio.sleep(0.05)
-    return condition()
+
+@overload
+async def eventually(
+    what: str,
+    probe: Callable[[], T],
+    *,
+    timeout_s: float,
+    holds: Callable[[T], object] = ...,
+    interval_s: float = ...,
+) -> T: ...
 
 
-async def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.05) -> Any:
-    """Poll an async predicate until it returns something truthy; its value, or None."""
-    import asyncio
+async def eventually(
+    what: str,
+    probe: Callable[[], Any],
+    *,
+    timeout_s: float,
+    holds: Callable[[Any], object] = bool,
+    interval_s: float = 0.05,
+) -> Any:
+    """Probe (a function, or a coroutine function) until `holds` its value; that value.
 
+    Fails the test naming `what` was awaited and the last value seen once `timeout_s`
+    passes; the probe always runs once more at the deadline.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        value = await predicate()
-        if value or time.monotonic() > deadline:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if holds(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(_not_within(what, timeout_s, value))
         await asyncio.sleep(interval_s)
+
+
+def eventually_sync(
+    what: str,
+    probe: Callable[[], T],
+    *,
+    timeout_s: float,
+    holds: Callable[[T], object] = bool,
+    interval_s: float = 0.05,
+) -> T:
+    """`eventually` for code without an event loop: blocks while it waits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = probe()
+        if holds(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(_not_within(what, timeout_s, value))
+        time.sleep(interval_s)
+
+
+def _not_within(what: str, timeout_s: float, value: object) -> str:
+    seen = repr(value)
+    if len(seen) > 2000:
+        seen = seen[:2000] + "..."
+    return f"{what}: not within {timeout_s:g}s; last seen: {seen}"

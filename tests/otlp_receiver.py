@@ -35,6 +35,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
+from tests.harness import eventually
+
 TLS_DIR = Path(__file__).parent / "tls"
 CERTIFICATE = TLS_DIR / "receiver.pem"  # self-signed for 127.0.0.1, the CA of itself
 _KEY = TLS_DIR / "receiver.key"
@@ -68,12 +70,12 @@ class Receiver:
         ]
 
     async def wait_for_spans(self, count: int, timeout_s: float = 5.0) -> list[Span]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if len(self.spans()) >= count:
-                break
-            await asyncio.sleep(0.05)
-        return self.spans()
+        return await eventually(
+            f"{count} spans at the collector",
+            self.spans,
+            holds=lambda spans: len(spans) >= count,
+            timeout_s=timeout_s,
+        )
 
     async def wait_for_metrics(self, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s

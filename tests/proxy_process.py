@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,12 +161,3 @@ async def send(
     async with session.post(f"{url}/v1/chat/completions", json=CHAT, headers=headers) as r:
         await r.read()
         return r.status, r.headers.get("x-canary-variant", "?")
-
-
-def wait_until(predicate: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())

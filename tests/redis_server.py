@@ -18,12 +18,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Final
 
 import pytest
 import redis
+
+from tests.harness import eventually_sync
 
 __all__ = [
     "RedisClusterNodes",
@@ -162,14 +163,23 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while not self.ping():
-            if self._process.poll() is not None:
+        process = self._process
+
+        def answers() -> bool:
+            if process.poll() is not None:
                 raise ServerExited(f"redis-server on port {self.port} exited at start")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
-            time.sleep(0.005)
+            return self.ping()
+
+        try:
+            eventually_sync(
+                f"redis-server on port {self.port} answering PING",
+                answers,
+                timeout_s=_START_TIMEOUT_S,
+                interval_s=0.005,
+            )
+        except AssertionError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Kill it: its data is gone, its port is free for `start()`."""
@@ -279,19 +289,22 @@ class RedisClusterNodes:
                     client.execute_command("CLUSTER MEET", "127.0.0.1", other.port)
 
     def _wait_until_ok(self) -> None:
-        deadline = time.monotonic() + _CLUSTER_TIMEOUT_S
-        while True:
-            infos = []
+        def infos() -> list[dict[str, str]]:
+            seen = []
             for node in self.nodes:
                 with self.client(node) as client:
-                    infos.append(client.execute_command("CLUSTER INFO"))
-            if all(
+                    seen.append(client.execute_command("CLUSTER INFO"))
+            return seen
+
+        eventually_sync(
+            "the Redis Cluster up",
+            infos,
+            holds=lambda infos: all(
                 info["cluster_state"] == "ok"
                 and int(info["cluster_known_nodes"]) == len(self.nodes)
                 and int(info["cluster_slots_ok"]) == _CLUSTER_SLOTS
                 for info in infos
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Redis Cluster did not come up: {infos}")
-            time.sleep(0.02)
+            ),
+            timeout_s=_CLUSTER_TIMEOUT_S,
+            interval_s=0.02,
+        )

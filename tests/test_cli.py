@@ -236,7 +236,7 @@ def test_check_env_accepts_the_example_when_its_secrets_are_set() -> None:
 def test_check_says_when_the_state_store_is_a_redis_cluster(tmp_path: Path) -> None:
     path = tmp_path / "fleet.yaml"
     path.write_text(
-        minimal_yaml() + "state: {store: redis, url: 'redis://redis-0:6379', cluster: true}\n"
+        proxy_yaml(top="state: {store: redis, url: 'redis://redis-0:6379', cluster: true}")
     )
     result = run_one("check", "-c", str(path))
     assert result.returncode == 0, result

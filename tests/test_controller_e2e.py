@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.harness import (
     BackendProcess,
     RunningProxy,
     auto_rollout,
+    eventually,
     proxy_yaml,
     running_proxy_file,
     start_backend,
@@ -104,27 +104,23 @@ async def admin_json(proxy: RunningProxy, method: str, path: str, token: str | N
         return json.loads(body) if response.status == 200 else (response.status, body)
 
 
-async def until_judged(proxy: RunningProxy, timeout_s: float = 5) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if rollout(await status(proxy)).get("last_verdict"):
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
 def rollout(document: dict[str, Any]) -> dict[str, Any]:
     (route,) = document["routes"]
     return route["rollout"] | {"weight": route["weight"]}
 
 
+async def current_rollout(proxy: RunningProxy) -> dict[str, Any]:
+    return rollout(await status(proxy))
+
+
 async def wait_for_status(proxy: RunningProxy, wanted: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = rollout(await status(proxy))
-        if current["status"] == wanted or time.monotonic() > deadline:
-            return current
-        await asyncio.sleep(0.2)
+    return await eventually(
+        f"the rollout {wanted}",
+        lambda: current_rollout(proxy),
+        holds=lambda current: current["status"] == wanted,
+        timeout_s=timeout_s,
+        interval_s=0.2,
+    )
 
 
 @pytest.mark.timeout(60)
@@ -360,7 +356,13 @@ async def test_the_status_command_prints_the_rollout_table(
     path = tmp_path / "proxy.yaml"
     write_config(path, stable.url, canary.url, min_requests=100_000)
     async with running_proxy_file(str(path)) as proxy:
-        judged = await until_judged(proxy)
+        await eventually(
+            "a judgement",
+            lambda: current_rollout(proxy),
+            holds=lambda current: current.get("last_verdict"),
+            timeout_s=5,
+            interval_s=0.1,
+        )
         result = await asyncio.to_thread(
             subprocess.run,
             [
@@ -375,7 +377,6 @@ async def test_the_status_command_prints_the_rollout_table(
             text=True,
             timeout=30,
         )
-    assert judged
     assert result.returncode == 0, result.stderr
     header, row = [
         line for line in result.stdout.splitlines() if line.startswith(("route", "chat"))

@@ -37,7 +37,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -54,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main as cli_main
 from tests.conftest import Backends
-from tests.harness import auto_rollout, closed_port, proxy_yaml
+from tests.harness import auto_rollout, closed_port, eventually_sync, proxy_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -469,15 +468,15 @@ def http(
 
 
 def wait_ready(admin: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert process.poll() is None, f"the proxy exited: {log.read_text()}"
         try:
             http(f"{admin}/readyz")
-            return
         except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-    raise AssertionError(f"the proxy did not get ready: {log.read_text()}")
+            return False
+        return True
+
+    eventually_sync(f"{admin}/readyz", ready, timeout_s=PROCESS_TIMEOUT_S, interval_s=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -520,12 +519,13 @@ def exposed(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Ite
                     **faults,
                 )
         http(f"{admin}/api/reload", method="POST")
-        deadline = time.monotonic() + 3.0
-        while True:
-            found = read_exposed(http(f"{admin}/metrics").decode())
-            if "canary_rollout_decisions_total" in found.labels or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        found = eventually_sync(
+            "the reload's decision on /metrics",
+            lambda: read_exposed(http(f"{admin}/metrics").decode()),
+            holds=lambda found: "canary_rollout_decisions_total" in found.labels,
+            timeout_s=3.0,
+            interval_s=0.1,
+        )
         yield found
     finally:
         process.send_signal(signal.SIGTERM)

@@ -48,6 +48,7 @@ from proxy.fake_backend.wire import (
     completion_body,
     completion_text,
 )
+from tests.harness import eventually
 
 CHAT = "/v1/chat/completions"
 TEXT = "/v1/completions"
@@ -496,14 +497,14 @@ async def collect_lines(response: aiohttp.ClientResponse, into: list[bytes]) -> 
 async def wait_for_stats(
     session: aiohttp.ClientSession, backend: FakeBackend, timeout_s: float, **expected: int
 ) -> dict[str, int]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats: dict[str, int] = await fake_json(session, backend, "/fake/stats")
-        if all(stats[name] == value for name, value in expected.items()):
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"stats {stats} never reached {expected}")
-        await asyncio.sleep(0.02)
+    stats: dict[str, int] = await eventually(
+        f"stats {expected}",
+        lambda: fake_json(session, backend, "/fake/stats"),
+        holds=lambda stats: all(stats[name] == value for name, value in expected.items()),
+        timeout_s=timeout_s,
+        interval_s=0.02,
+    )
+    return stats
 
 
 def stream_events(raw: bytes) -> list[bytes]:
@@ -994,11 +995,15 @@ async def test_run_forever_prints_its_address_and_stops_on_sigterm(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     task = asyncio.create_task(run_forever(FakeBackendOptions(port=0, model=MODEL)))
-    deadline = time.monotonic() + 5
-    out = ""
-    while "listening" not in out and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-        out += capsys.readouterr().out
+    printed: list[str] = []
+
+    def output() -> str:
+        printed.append(capsys.readouterr().out)
+        return "".join(printed)
+
+    out = await eventually(
+        "the listening line", output, holds=lambda out: "listening" in out, timeout_s=5
+    )
     line = out.strip()
     assert line.startswith("fake-backend listening on http://127.0.0.1:")
     assert line.endswith(f" model={MODEL}")

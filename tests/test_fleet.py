@@ -27,7 +27,14 @@ import pytest
 
 from proxy.store.redis import PREFIX
 from tests.conftest import Backends
-from tests.harness import BackendProcess, auto_rollout, proxy_yaml, start_backend, sticky
+from tests.harness import (
+    BackendProcess,
+    auto_rollout,
+    eventually,
+    proxy_yaml,
+    start_backend,
+    sticky,
+)
 from tests.proxy_process import CHAT, ProxyProcess, proxy_processes, send
 from tests.redis_server import RedisClusterNodes, RedisServer
 
@@ -104,17 +111,30 @@ async def traffic(replicas: list[ProxyProcess]) -> AsyncIterator[list[tuple[int,
 
 async def the_leader(replicas: list[ProxyProcess], timeout_s: float = 10.0) -> int:
     """Wait until exactly one replica holds the lease; its position."""
-    deadline = time.monotonic() + timeout_s
-    while len(held := await leaders(replicas)) != 1:
-        assert time.monotonic() < deadline, held
-        await asyncio.sleep(0.1)
+    held = await eventually(
+        "one leader",
+        lambda: leaders(replicas),
+        holds=lambda held: len(held) == 1,
+        timeout_s=timeout_s,
+        interval_s=0.1,
+    )
     return held[0]
 
 
 async def leaders(replicas: list[ProxyProcess]) -> list[int]:
     """Which replicas (by position) hold the lease, by their own account."""
-    documents = await asyncio.gather(*(r.status() for r in replicas))
+    documents = await statuses(replicas)
     return [n for n, d in enumerate(documents) if d["controller"]["leader"]]
+
+
+async def statuses(replicas: list[ProxyProcess]) -> list[dict[str, Any]]:
+    """Each replica's /api/status document."""
+    return list(await asyncio.gather(*(r.status() for r in replicas)))
+
+
+async def served_weights(replicas: list[ProxyProcess]) -> list[float]:
+    """`canary_weight_ratio` on every replica's /metrics."""
+    return [value for r in replicas for _, value in await r.samples("canary_weight_ratio")]
 
 
 async def test_one_rollback_decided_once_and_served_by_every_replica(
@@ -124,26 +144,25 @@ async def test_one_rollback_decided_once_and_served_by_every_replica(
     config = fleet_config(tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url)
     with proxy_processes(config, config, config) as replicas:
         async with traffic(replicas):
-            deadline = time.monotonic() + 30
-            while True:
-                documents = await asyncio.gather(*(r.status() for r in replicas))
-                rollouts = [d["routes"][0]["rollout"] for d in documents]
-                if any(r["status"] == "rolled_back" for r in rollouts):
-                    break
-                assert time.monotonic() < deadline, rollouts
-                await asyncio.sleep(0.1)
+            await eventually(
+                "a rollback on some replica",
+                lambda: statuses(replicas),
+                holds=lambda documents: any(
+                    d["routes"][0]["rollout"]["status"] == "rolled_back" for d in documents
+                ),
+                timeout_s=30,
+                interval_s=0.1,
+            )
             # From the first replica seen serving it, every replica within 2 s.
             seen = time.monotonic()
-            while True:
-                weights = [
-                    value for r in replicas for _, value in await r.samples("canary_weight_ratio")
-                ]
-                if weights == [0.0, 0.0, 0.0] or time.monotonic() - seen > 5:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(
+                "weight 0 on every replica",
+                lambda: served_weights(replicas),
+                holds=lambda weights: weights == [0.0, 0.0, 0.0],
+                timeout_s=5,
+            )
             elapsed = time.monotonic() - seen
-        documents = await asyncio.gather(*(r.status() for r in replicas))
-    assert weights == [0.0, 0.0, 0.0]
+        documents = await statuses(replicas)
     assert elapsed <= 2.0, f"every replica served the rollback {elapsed:.2f}s after the first"
     rollbacks = [
         [d for d in doc["routes"][0]["rollout"]["decisions"] if d["action"] == "rollback"]
@@ -166,9 +185,9 @@ async def test_a_dead_leaders_lease_passes_on_within_the_lease_time(
         rest = [r for r in replicas if r is not leader]
         os.kill(leader.pid, signal.SIGKILL)
         killed = time.monotonic()
-        while (taken := await leaders(rest)) == []:
-            assert time.monotonic() - killed < LEASE_S + 3, "nobody took the lease"
-            await asyncio.sleep(0.1)
+        taken = await eventually(
+            "a new leader", lambda: leaders(rest), timeout_s=LEASE_S + 3, interval_s=0.1
+        )
         elapsed = time.monotonic() - killed
         assert len(taken) == 1
         assert elapsed <= LEASE_S + 2.0, f"the lease passed on after {elapsed:.1f}s"
@@ -187,38 +206,41 @@ async def test_a_redis_outage_fails_no_request_and_decisions_resume(
             await asyncio.sleep(1.5)
             before = len(answers)
             redis_server.stop()
-            deadline = time.monotonic() + 5
-            while True:
-                documents = await asyncio.gather(*(r.status() for r in replicas))
-                if all(d["controller"]["store_up"] is False for d in documents):
-                    break
-                assert time.monotonic() < deadline, [d["controller"] for d in documents]
-                await asyncio.sleep(0.1)
+            await eventually(
+                "every replica seeing the store down",
+                lambda: statuses(replicas),
+                holds=lambda documents: all(
+                    d["controller"]["store_up"] is False for d in documents
+                ),
+                timeout_s=5,
+                interval_s=0.1,
+            )
             await asyncio.sleep(2.0)
             during = answers[before:]
             up = [value for r in replicas for _, value in await r.samples("canary_state_store_up")]
             redis_server.start()
-            deadline = time.monotonic() + 8
-            while True:
-                documents = await asyncio.gather(*(r.status() for r in replicas))
-                if all(d["controller"]["store_up"] for d in documents) and (
-                    await leaders(replicas)
-                ):
-                    break
-                assert time.monotonic() < deadline, [d["controller"] for d in documents]
-                await asyncio.sleep(0.1)
+            await eventually(
+                "every replica seeing the store up again",
+                lambda: statuses(replicas),
+                holds=lambda documents: all(d["controller"]["store_up"] for d in documents),
+                timeout_s=8,
+                interval_s=0.1,
+            )
+            await eventually(
+                "a leader again", lambda: leaders(replicas), timeout_s=8, interval_s=0.1
+            )
         after = answers[before + len(during) :]
         # Decisions resume: an operator's action goes through and reaches every replica.
         code, answer = await replicas[0].admin("POST", "/api/routes/chat/pause")
-        deadline = time.monotonic() + 3
-        while True:
-            statuses = [
-                d["routes"][0]["rollout"]["status"]
-                for d in await asyncio.gather(*(r.status() for r in replicas))
-            ]
-            if statuses == ["paused"] * 3 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(
+            "the pause on every replica",
+            lambda: statuses(replicas),
+            holds=lambda documents: all(
+                d["routes"][0]["rollout"]["status"] == "paused" for d in documents
+            ),
+            timeout_s=3,
+            interval_s=0.1,
+        )
     assert len(during) > 50
     assert {code for code, _ in answers} == {200}, "no request failed"
     assert max(seconds for _, seconds in during) < 0.5, "no request waited on the store"
@@ -228,7 +250,6 @@ async def test_a_redis_outage_fails_no_request_and_decisions_resume(
     assert all("the state store answers again" in r.log for r in replicas)
     assert after, "requests went on after Redis came back"
     assert code == 200, answer
-    assert statuses == ["paused"] * 3
     assert any("restored it from memory" in r.log for r in replicas), (
         "the Redis restarted empty; the state came back from the replicas"
     )
@@ -261,15 +282,20 @@ async def test_a_replica_started_while_redis_is_down_serves_its_config_weights(
         assert "state store redis: DOWN since" in shown.stdout
         assert "decisions paused" in shown.stdout
         redis_server.start()
-        deadline = time.monotonic() + 6
-        while not (document := await replica.status())["controller"]["store_up"]:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
-        deadline = time.monotonic() + 3
-        while document["routes"][0]["rollout"].get("status") != "progressing":
-            assert time.monotonic() < deadline, document["routes"][0]["rollout"]
-            await asyncio.sleep(0.1)
-            document = await replica.status()
+        await eventually(
+            "the store up",
+            replica.status,
+            holds=lambda document: document["controller"]["store_up"],
+            timeout_s=6,
+            interval_s=0.1,
+        )
+        document = await eventually(
+            "the rollout progressing",
+            replica.status,
+            holds=lambda document: document["routes"][0]["rollout"].get("status") == "progressing",
+            timeout_s=3,
+            interval_s=0.1,
+        )
         assert document["routes"][0]["rollout"]["weight"] == 100
 
 
@@ -288,14 +314,13 @@ async def test_replicas_on_one_host_with_their_own_ports_promote_a_healthy_canar
     )
     with proxy_processes(first, second) as replicas:
         async with traffic(replicas):
-            deadline = time.monotonic() + 45
-            while True:
-                documents = await asyncio.gather(*(r.status() for r in replicas))
-                if all(d["routes"][0]["rollout"]["status"] == "promoted" for d in documents):
-                    break
-                assert time.monotonic() < deadline, [d["routes"][0] for d in documents]
-                assert not any(d["controller"]["held_because"] for d in documents), documents
-                await asyncio.sleep(0.2)
+            documents = await eventually(
+                "the promotion on both replicas",
+                lambda: statuses(replicas),
+                holds=promoted_and_never_held,
+                timeout_s=45,
+                interval_s=0.2,
+            )
     assert [d["routes"][0]["weight"] for d in documents] == [100, 100]
     assert len({d["config"]["version"] for d in documents}) == 2, "the files differ"
     assert len({d["config"]["fleet_version"] for d in documents}) == 1, "what they share agrees"
@@ -312,7 +337,7 @@ async def test_replicas_with_different_steps_hold_and_say_which_setting_differs(
     with proxy_processes(first, second) as replicas:
         async with traffic(replicas):
             await asyncio.sleep(5)
-            documents = await asyncio.gather(*(r.status() for r in replicas))
+            documents = await statuses(replicas)
             held = [d["controller"]["held_because"] for d in documents if d["controller"]["leader"]]
             shown = await asyncio.to_thread(
                 subprocess.run,
@@ -323,10 +348,13 @@ async def test_replicas_with_different_steps_hold_and_say_which_setting_differs(
             )
             # The same steps everywhere: the rollout goes on (each replica reloads).
             fleet_config(second, *args, pass_intervals=1, comment="fixed")
-            deadline = time.monotonic() + 15
-            while (await replicas[1].status())["routes"][0]["weight"] <= 20:
-                assert time.monotonic() < deadline, "the rollout never went on"
-                await asyncio.sleep(0.2)
+            await eventually(
+                "the rollout going on",
+                replicas[1].status,
+                holds=lambda document: document["routes"][0]["weight"] > 20,
+                timeout_s=15,
+                interval_s=0.2,
+            )
     assert [d["routes"][0]["weight"] for d in documents] == [20, 20], "held at step one"
     assert held
     why = "the live processes do not share one config: routes.chat.rollout.auto.steps ("
@@ -337,6 +365,17 @@ async def test_replicas_with_different_steps_hold_and_say_which_setting_differs(
     assert f"steps held: {why}" in shown.stdout, shown.stdout
     assert any(f"rollout steps held: {why}" in r.log for r in replicas)
     assert any("share one config again" in r.log for r in replicas)
+
+
+def promoted_and_never_held(documents: list[dict[str, Any]]) -> bool:
+    assert not any(d["controller"]["held_because"] for d in documents), documents
+    return all(d["routes"][0]["rollout"]["status"] == "promoted" for d in documents)
+
+
+async def counted(proxy: ProxyProcess) -> int:
+    """The requests /api/status counts on the route, both variants."""
+    variants = (await proxy.status())["routes"][0]["variants"]
+    return int(variants["stable"]["requests"] + variants["canary"]["requests"])
 
 
 def free_ports(count: int) -> tuple[int, ...]:
@@ -361,18 +400,17 @@ async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(
         assert {code for code, _ in answers} == {200}
         stopped = time.monotonic()
         assert leaving.stop() == 0  # SIGTERM at once: the last slices are unpublished
-        # The lease is released, not left to expire.
-        while not await leaders([staying]):
-            assert time.monotonic() - stopped < LEASE_S - 1, "the lease was not handed on"
-            await asyncio.sleep(0.1)
-        deadline = time.monotonic() + 4
-        while True:
-            variants = (await staying.status())["routes"][0]["variants"]
-            seen = variants["stable"]["requests"] + variants["canary"]["requests"]
-            if seen == 40 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
-        assert seen == 40, "every request of the replica that left is counted"
+        await eventually("the lease handed on", lambda: leaders([staying]), timeout_s=LEASE_S)
+        handed_on = time.monotonic() - stopped
+        assert handed_on < LEASE_S - 1, f"the lease expired ({handed_on:.1f}s), not released"
+        # Every request of the replica that left is counted.
+        await eventually(
+            "the 40 requests counted",
+            lambda: counted(staying),
+            holds=lambda seen: seen == 40,
+            timeout_s=4,
+            interval_s=0.1,
+        )
 
 
 def cluster_config(path: Path, faulty: str, healthy: str, cluster: RedisClusterNodes) -> Path:

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fake_backend.wire import JSON_GARBAGE_BODY
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, proxy_yaml, running_proxy, until
+from tests.harness import RunningProxy, closed_port, eventually, proxy_yaml, running_proxy
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 TIMEOUTS = "timeouts: {connect: 1s, first_byte: 300ms, idle: 300ms}"
@@ -126,7 +126,12 @@ async def test_a_backend_fault_has_its_answer_and_counts_against_its_variant(
     async with running_proxy(canary_config(backends, fault.refused)) as proxy:
         status, body = await ask(proxy, fault)
         counts = await upstream_counts(proxy)
-        assert await until(lambda: busy_connections(proxy) == 0, 2.0)
+        await eventually(
+            "no busy upstream connection",
+            lambda: busy_connections(proxy),
+            holds=lambda busy: busy == 0,
+            timeout_s=2,
+        )
     assert status == fault.status, body[:300]
     if fault.code is not None:
         assert json.loads(body)["error"]["code"] == fault.code
@@ -165,11 +170,23 @@ async def test_faults_leak_no_file_descriptor_task_or_connection(backends: Backe
 
     async with running_proxy(config) as proxy:
         await every_fault(proxy)  # warm: pools, lazily made objects
-        assert await until(lambda: busy_connections(proxy) == 0, 2.0)
+        await eventually(
+            "no busy upstream connection",
+            lambda: busy_connections(proxy),
+            holds=lambda busy: busy == 0,
+            timeout_s=2,
+        )
         fds = open_fds()
         tasks = len(asyncio.all_tasks())
         for _ in range(3):
             await every_fault(proxy)
-        assert await until(lambda: busy_connections(proxy) == 0, 2.0)
-        assert await until(lambda: open_fds() <= fds, 2.0), (open_fds(), fds)
+        await eventually(
+            "no busy upstream connection",
+            lambda: busy_connections(proxy),
+            holds=lambda busy: busy == 0,
+            timeout_s=2,
+        )
+        await eventually(
+            f"at most {fds} open files", open_fds, holds=lambda now: now <= fds, timeout_s=2
+        )
         assert len(asyncio.all_tasks()) <= tasks

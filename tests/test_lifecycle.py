@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import Backends
-from tests.harness import auto_rollout, proxy_yaml, running_proxy, sticky
+from tests.harness import auto_rollout, eventually, proxy_yaml, running_proxy, sticky
 from tests.raw import read_answer
 
 PUBLIC = re.compile(r"listening on http://127\.0\.0\.1:(\d+), admin on http://127\.0\.0\.1:(\d+)")
@@ -181,29 +181,35 @@ async def test_sigkill_during_a_rollout_loses_no_state(backends: Backends, tmp_p
         checks="error_rate: {max: 0.5}",
     )
     config = write_config(tmp_path / "proxy.yaml", backends, route=auto)
-    seen: list[tuple[float, int]] = []  # (weight, decisions) as /api/status said
     async with running(config) as child, aiohttp.ClientSession() as session:
+
+        async def reported() -> tuple[float, int]:
+            """(weight, decisions) as /api/status says."""
+            _, status = await child.admin("/api/status")
+            return rollout(status)
+
         stop = asyncio.Event()
         load = [asyncio.create_task(traffic(session, child.url, stop)) for _ in range(4)]
         try:
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and (not seen or seen[-1][0] < 20):
-                _, status = await child.admin("/api/status")
-                seen.append(rollout(status))
-                await asyncio.sleep(0.1)
+            seen = await eventually(
+                "the rollout at 20%",
+                reported,
+                holds=lambda seen: seen[0] >= 20,
+                timeout_s=15,
+                interval_s=0.1,
+            )
             # Killed in the middle of traffic and of the controller's work.
             child.process.kill()
             await child.process.wait()
         finally:
             stop.set()
             await asyncio.gather(*load, return_exceptions=True)
-    assert seen[-1][0] >= 20, f"the rollout never moved: {seen}"
     with sqlite3.connect(tmp_path / "state.db") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     async with running(config) as child:
         _, status = await child.admin("/api/status")
     # Nothing the proxy reported before the kill is lost.
-    assert rollout(status) >= seen[-1], (rollout(status), seen[-1])
+    assert rollout(status) >= seen, (rollout(status), seen)
 
 
 async def test_a_request_that_reaches_a_draining_proxy_gets_503_draining(

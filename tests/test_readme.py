@@ -27,12 +27,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.harness import eventually_sync
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -242,11 +243,17 @@ class Newcomer:
                 stderr=subprocess.STDOUT,
             )
         self.background.append((process, log))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while "listening on" not in log.read_text():
+
+        def output() -> str:
             assert process.poll() is None, f"README line {step.line}: {log.read_text()}"
-            assert time.monotonic() < deadline, f"README line {step.line}: never listened"
-            time.sleep(0.05)
+            return log.read_text()
+
+        eventually_sync(
+            f"README line {step.line} listening",
+            output,
+            holds=lambda text: "listening on" in text,
+            timeout_s=START_TIMEOUT_S,
+        )
 
     def stop(self) -> None:
         for process, _ in self.background:

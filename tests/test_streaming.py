@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.conftest import Backends
-from tests.harness import BackendProcess, proxy_yaml, running_proxy, start_backend, wait_for
+from tests.harness import BackendProcess, eventually, proxy_yaml, running_proxy, start_backend
 
 STREAM = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
@@ -103,10 +103,12 @@ async def test_client_disconnect_mid_stream_cancels_the_backend_within_two_secon
         await session.close()
         left_at = time.monotonic()
 
-        async def cancelled() -> bool:
-            return (await slow_canary.stats())["cancelled"] == 1
-
-        assert await wait_for(cancelled, timeout_s=2.0)
+        await eventually(
+            "the backend's stream cancelled",
+            slow_canary.stats,
+            holds=lambda stats: stats["cancelled"] == 1,
+            timeout_s=2.0,
+        )
         assert time.monotonic() - left_at < 2.0
         assert (await slow_canary.stats())["in_flight"] == 0
 
@@ -125,10 +127,12 @@ async def test_client_disconnect_before_the_answer_cancels_the_backend(
                     headers={"x-user-id": "u", "x-fake-hang": "1"},
                 )
 
-        async def cancelled() -> bool:
-            return (await slow_canary.stats())["cancelled"] == 1
-
-        assert await wait_for(cancelled, timeout_s=2.0)
+        await eventually(
+            "the backend's stream cancelled",
+            slow_canary.stats,
+            holds=lambda stats: stats["cancelled"] == 1,
+            timeout_s=2.0,
+        )
 
 
 @pytest.mark.parametrize(

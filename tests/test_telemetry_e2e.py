@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, proxy_yaml, running_proxy, until
+from tests.harness import RunningProxy, closed_port, eventually, proxy_yaml, running_proxy
 from tests.otlp_receiver import attributes, grpc_receiver, otlp_receiver
 
 CHAT = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -469,13 +469,17 @@ async def latencies(url: str, count: int) -> list[float]:
 
 
 async def wait_for_export_failure(proxy: RunningProxy) -> dict[str, Any]:
-    deadline = time.monotonic() + 15
-    while True:
+    async def telemetry() -> dict[str, Any]:
         _, body = await admin_get(proxy, "/api/status")
-        telemetry: dict[str, Any] = json.loads(body)["telemetry"]
-        if telemetry["export_failures"] or time.monotonic() > deadline:
-            return telemetry
-        await asyncio.sleep(0.2)
+        return json.loads(body)["telemetry"]  # type: ignore[no-any-return]
+
+    return await eventually(
+        "an export failure",
+        telemetry,
+        holds=lambda telemetry: telemetry["export_failures"],
+        timeout_s=15,
+        interval_s=0.2,
+    )
 
 
 @pytest.mark.timeout(90)
@@ -570,7 +574,11 @@ async def test_a_grpc_endpoint_that_takes_only_traces_is_not_an_export_failure(
         async with running_proxy(config) as proxy:
             await post(f"{proxy.url}/v1/chat/completions", json=CHAT)
             spans = await receiver.wait_for_spans(2)
-            await until(lambda: proxy.server.telemetry_status()["metrics_taken"] is False, 5.0)
+            await eventually(
+                "the metrics refused",
+                lambda: proxy.server.telemetry_status()["metrics_taken"] is False,
+                timeout_s=5.0,
+            )
             await asyncio.sleep(0.5)  # two intervals more: none sent
             telemetry = proxy.server.telemetry_status()
             posts = receiver.metric_posts

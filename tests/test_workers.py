@@ -14,12 +14,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import Backends
-from tests.harness import auto_rollout, proxy_yaml, sticky
+from tests.harness import auto_rollout, eventually, proxy_yaml, sticky
 from tests.proxy_process import ProxyProcess, proxy_processes, send
 
 pytestmark = pytest.mark.timeout(60)
@@ -83,19 +84,21 @@ async def test_both_workers_serve_and_are_judged_together(two_workers: ProxyProc
     )
 
     # The status page, and the judge, count every worker's requests.
-    deadline = time.monotonic() + 6
-    while True:
-        document = await proxy.status()
+    def counted_and_judged(document: dict[str, Any]) -> bool:
         variants = document["routes"][0]["variants"]
         verdict = document["routes"][0]["rollout"]["last_verdict"]
         total = variants["stable"]["requests"] + variants["canary"]["requests"]
-        judged = verdict["canary_n"] if verdict else 0
-        if (total == 240 and judged == canary_sent) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert total == 240
-    assert variants["canary"]["requests"] == canary_sent
-    assert judged == canary_sent, verdict
+        return total == 240 and verdict is not None and verdict["canary_n"] == canary_sent
+
+    document = await eventually(
+        f"240 requests counted and {canary_sent} canary requests judged",
+        proxy.status,
+        holds=counted_and_judged,
+        timeout_s=6,
+        interval_s=0.2,
+    )
+    assert document["routes"][0]["variants"]["canary"]["requests"] == canary_sent
+    judged = document["routes"][0]["rollout"]["last_verdict"]["canary_n"]
     assert judged > max(canary_by_worker.values()), "the judge saw more than one worker's share"
     assert sorted(w["worker"] for w in document["workers"]) == [0, 1]
     assert len(document["processes"]) == 2
@@ -110,13 +113,13 @@ async def test_an_operator_decision_reaches_both_workers_within_2s(
     code, answer = await proxy.admin("POST", "/api/routes/chat/rollback")
     assert code == 200, answer
     decided = time.monotonic()
-    while True:
-        weights = await per_worker(proxy, "canary_weight_ratio")
-        if weights == {"0": 0.0, "1": 0.0} or time.monotonic() - decided > 5:
-            break
-        await asyncio.sleep(0.05)
+    await eventually(
+        "weight 0 on both workers",
+        lambda: per_worker(proxy, "canary_weight_ratio"),
+        holds=lambda weights: weights == {"0": 0.0, "1": 0.0},
+        timeout_s=5,
+    )
     elapsed = time.monotonic() - decided
-    assert weights == {"0": 0.0, "1": 0.0}
     assert elapsed <= 2.0, f"both workers served the rollback after {elapsed:.2f}s"
     async with aiohttp.ClientSession() as session:
         answers = [await send(session, proxy.url, f"user-{n}") for n in range(60)]
@@ -127,17 +130,20 @@ async def test_a_killed_worker_is_started_again(two_workers: ProxyProcess) -> No
     proxy = two_workers
     before = {w["worker"]: w["pid"] for w in (await proxy.status())["workers"]}
     os.kill(before[1], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while True:
+
+    async def worker_1_and_readiness() -> tuple[dict[str, Any], int]:
         document = await proxy.status()
-        workers = {w["worker"]: w for w in document["workers"]}
         code, _ = await proxy.admin("GET", "/readyz")
-        replaced = workers[1]["pid"] != before[1] and workers[1]["alive"]
-        if (replaced and code == 200) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert replaced
-    assert code == 200
+        return next(w for w in document["workers"] if w["worker"] == 1), code
+
+    await eventually(
+        "worker 1 replaced and the supervisor ready",
+        worker_1_and_readiness,
+        holds=lambda seen: seen[0]["pid"] != before[1] and seen[0]["alive"] and seen[1] == 200,
+        timeout_s=15,
+        interval_s=0.1,
+    )
+    workers = {w["worker"]: w for w in (await proxy.status())["workers"]}
     assert workers[1]["restarts"] == 1
     assert workers[0]["pid"] == before[0], "the other worker was left alone"
     assert "worker 1 (pid" in proxy.log
@@ -159,10 +165,13 @@ async def test_sighup_reloads_every_worker_and_sigterm_stops_them_all(
         await asyncio.sleep(1.5)
         assert await per_worker(proxy, "canary_weight_ratio") == {"0": 0.0, "1": 0.0}
         proxy.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 5
-        while await per_worker(proxy, "canary_weight_ratio") != {"0": 1.0, "1": 1.0}:
-            assert time.monotonic() < deadline, "a worker did not reload on SIGHUP"
-            await asyncio.sleep(0.1)
+        await eventually(
+            "weight 100% on both workers after SIGHUP",
+            lambda: per_worker(proxy, "canary_weight_ratio"),
+            holds=lambda weights: weights == {"0": 1.0, "1": 1.0},
+            timeout_s=5,
+            interval_s=0.1,
+        )
         versions = {
             labels["canary_config_version"]
             for labels, _ in await proxy.samples("canary_config_info")
