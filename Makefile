@@ -20,7 +20,8 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check proxy tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict proxy
+	$(BIN)/mypy --strict proxy tests
+	MYPYPATH=tests/bench $(BIN)/mypy --strict --explicit-package-bases tests/bench/*.py
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -90,7 +90,8 @@ async def steady_traffic(url: str, pace_s: float = 0.004) -> AsyncIterator[list[
 
 
 async def status(proxy: RunningProxy) -> dict[str, Any]:
-    return await admin_json(proxy, "GET", "/api/status")
+    document: dict[str, Any] = await admin_json(proxy, "GET", "/api/status")
+    return document
 
 
 async def admin_json(proxy: RunningProxy, method: str, path: str, token: str | None = None) -> Any:
@@ -106,7 +107,7 @@ async def admin_json(proxy: RunningProxy, method: str, path: str, token: str | N
 
 def rollout(document: dict[str, Any]) -> dict[str, Any]:
     (route,) = document["routes"]
-    return route["rollout"] | {"weight": route["weight"]}
+    return {**route["rollout"], "weight": route["weight"]}
 
 
 async def current_rollout(proxy: RunningProxy) -> dict[str, Any]:

@@ -127,7 +127,8 @@ async def test_expiry_and_outside_cancellation_together_stay_a_cancellation(
 async def test_stop_ends_the_ticker() -> None:
     ticker = Deadlines(tick_s=0.01)
     ticker.start()
-    assert ticker.running
+    running = [ticker.running]
     await ticker.stop()
-    assert not ticker.running
+    running.append(ticker.running)
+    assert running == [True, False]
     await ticker.stop()  # twice is harmless

@@ -307,10 +307,10 @@ async def test_replicas_on_one_host_with_their_own_ports_promote_a_healthy_canar
     stable = backends.stable
     args = (stable.url, stable.url, redis_server.url)
     first = fleet_config(
-        tmp_path / "a.yaml", *args, pass_intervals=1, comment="unit a", listen=free_ports(2)
+        tmp_path / "a.yaml", *args, pass_intervals=1, comment="unit a", listen=free_ports()
     )
     second = fleet_config(
-        tmp_path / "b.yaml", *args, pass_intervals=1, comment="unit b", listen=free_ports(2)
+        tmp_path / "b.yaml", *args, pass_intervals=1, comment="unit b", listen=free_ports()
     )
     with proxy_processes(first, second) as replicas:
         async with traffic(replicas):
@@ -378,13 +378,12 @@ async def counted(proxy: ProxyProcess) -> int:
     return int(variants["stable"]["requests"] + variants["canary"]["requests"])
 
 
-def free_ports(count: int) -> tuple[int, ...]:
-    """Ports on 127.0.0.1 free right now, all different."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return tuple(int(sock.getsockname()[1]) for sock in sockets)
+def free_ports() -> tuple[int, int]:
+    """Two ports on 127.0.0.1 free right now, different: a proxy's and its admin's."""
+    with socket.socket() as one, socket.socket() as two:
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        return int(one.getsockname()[1]), int(two.getsockname()[1])
 
 
 async def test_a_replica_that_drains_hands_on_its_lease_and_its_last_stats(

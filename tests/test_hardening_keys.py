@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 
 import mmh3
 import pytest
@@ -91,7 +92,7 @@ ODD_REQUESTS = {
 }
 
 
-def odd_request(head_lines: bytes, body: dict[str, object]) -> bytes:
+def odd_request(head_lines: bytes, body: Mapping[str, object]) -> bytes:
     payload = json.dumps({"messages": [], "max_tokens": 1, **body}).encode()
     return (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"

@@ -218,7 +218,7 @@ def test_openmetrics_carries_exemplars_with_trace_ids() -> None:
     assert text.endswith("# EOF\n")
     exemplars = [
         sample.exemplar
-        for family in openmetrics_families(text)
+        for family in openmetrics_families(text)  # type: ignore[no-untyped-call]
         if family.name == "canary_upstream_duration_seconds"
         for sample in family.samples
         if sample.exemplar is not None

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,13 +276,13 @@ def test_sighup_reloads_the_running_command(backends: Backends, tmp_path: Path) 
 
 
 async def admin(
-    proxy: RunningProxy, path: str, method: str = "GET", **kwargs: object
+    proxy: RunningProxy, path: str, method: str = "GET", headers: Mapping[str, str] | None = None
 ) -> tuple[int, bytes]:
     url = f"http://127.0.0.1:{proxy.server.admin_port}{path}"
     async with (
         aiohttp.ClientSession() as session,
-        session.request(method, url, **kwargs) as response,
-    ):  # type: ignore[arg-type]
+        session.request(method, url, headers=headers) as response,
+    ):
         return response.status, await response.read()
 
 

@@ -132,11 +132,11 @@ async def test_on_a_cluster_the_keys_of_a_route_share_one_slot(
     by_route: dict[str, set[str]] = {"chat": set(), "search": set()}
     for key in held:
         assert key.startswith(PREFIX), key
-        route = next((r for r in by_route if key.startswith(f"{PREFIX}{{{r}}}:")), None)
-        if route is None:
+        owner = next((r for r in by_route if key.startswith(f"{PREFIX}{{{r}}}:")), None)
+        if owner is None:
             assert key in {ROUTES_KEY, LEASE_KEY, PROCESSES_KEY}, key
         else:
-            by_route[route].add(key)
+            by_route[owner].add(key)
     for route, keys in by_route.items():
         assert len(keys) == 11, keys  # the state and ten slices
         slots = {await asyncio.to_thread(redis_cluster.keyslot, key) for key in keys}
@@ -220,7 +220,9 @@ async def test_route_states_of_the_previous_layout_are_carried_over_once(
     )
     assert await store.load_states() == {"chat": chat, "embed": embed}
     # Now under their own keys, versions kept: a compare-and-set goes on from them.
-    assert json.loads(await raw.get(state_key("chat")))["version"] == 7
+    stored = await raw.get(state_key("chat"))
+    assert stored is not None
+    assert json.loads(stored)["version"] == 7
     advanced = await store.compare_and_set(replace(chat, weight=25.0), 7)
     assert advanced is not None
     assert advanced.version == 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
 
 import aiohttp
 import openai
@@ -16,10 +17,10 @@ STREAM = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
 @pytest.fixture
-def slow_canary() -> BackendProcess:
+def slow_canary() -> Iterator[BackendProcess]:
     """A canary of its own, so its counters belong to one test."""
     backend = start_backend("m-slow")
-    yield backend  # type: ignore[misc]
+    yield backend
     backend.stop()
 
 

@@ -606,7 +606,7 @@ async def test_metrics_in_openmetrics_have_exemplars_naming_the_trace(backends: 
     (client,) = by_kind(spans, Span.SPAN_KIND_CLIENT)
     exemplars = {
         family.name: sample.exemplar.labels
-        for family in openmetrics_families(text)
+        for family in openmetrics_families(text)  # type: ignore[no-untyped-call]
         for sample in family.samples
         if sample.exemplar is not None
     }

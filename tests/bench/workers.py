@@ -566,7 +566,14 @@ def throughput_tables(runs: dict[int, dict[int, Throughput]]) -> tuple[str, str]
                 str(sum(t.errors for t in done)),
             )
         )
-    header = ("proxy", "req/s", "proxy cores", "proxy CPU µs/req", "backend µs/req", "wrk µs/req")
+    header: tuple[str, ...] = (
+        "proxy",
+        "req/s",
+        "proxy cores",
+        "proxy CPU µs/req",
+        "backend µs/req",
+        "wrk µs/req",
+    )
     header += ("p50 ms", "p99 ms", "errors")
     rows = []
     ratios: list[float] = []
@@ -611,7 +618,14 @@ def throughput_tables(runs: dict[int, dict[int, Throughput]]) -> tuple[str, str]
                 "",
             )
         )
-    round_header = ("round", "first", "w1 req/s", "w2 req/s", "w2 ÷ w1", "w1 CPU µs/req")
+    round_header: tuple[str, ...] = (
+        "round",
+        "first",
+        "w1 req/s",
+        "w2 req/s",
+        "w2 ÷ w1",
+        "w1 CPU µs/req",
+    )
     round_header += ("w2 CPU µs/req", "CPU ÷", "w2 split: requests (CPU)", "cores busy w1 · w2")
     round_header += ("idle before w1 · w2",)
     return markdown_table(header, summary), markdown_table(round_header, rows)
@@ -640,7 +654,15 @@ def propagation_table(results: Sequence[Propagation]) -> str:
                 str(result.flips),
             )
         )
-    header = ("setup", "decisions", "POST ms", "min ms", "p50 ms", "p90 ms", "max ms")
+    header: tuple[str, ...] = (
+        "setup",
+        "decisions",
+        "POST ms",
+        "min ms",
+        "p50 ms",
+        "p90 ms",
+        "max ms",
+    )
     header += ("after the tick p50 ms", "max ms", "one poll ms", "flips")
     return markdown_table(header, rows)
 
