@@ -41,6 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
 COMMAND = (sys.executable, "-m", "proxy")
 PROCESS_TIMEOUT_S = 20.0
+# The first test of a batch waits for the batch's module fixture: dozens of
+# interpreters, each slower when coverage measures it.
+BATCH_TIMEOUT_S = 120
 STOP_WITHIN_S = 5.0
 CONCURRENT_COMMANDS = max(2, os.cpu_count() or 1)
 
@@ -121,7 +124,7 @@ def help_results() -> dict[str, CliResult]:
     return dict(zip(HELP_CASES, run_many(argvs), strict=True))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("command", list(HELP_CASES))
 def test_every_command_answers_help(command: str, help_results: dict[str, CliResult]) -> None:
     result = help_results[command]
@@ -185,7 +188,7 @@ def results_without_secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return dict(zip(argvs, results, strict=True))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 def test_check_warns_of_unset_secrets_and_passes(
     results_without_secrets: dict[str, CliResult],
 ) -> None:
@@ -199,7 +202,7 @@ def test_check_warns_of_unset_secrets_and_passes(
     assert "api key from $V1_API_KEY, not set here" in result.stdout
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("command", ["check --env", "run"])
 def test_check_env_and_run_reject_unset_secrets(
     command: str, results_without_secrets: dict[str, CliResult]
@@ -211,7 +214,7 @@ def test_check_env_and_run_reject_unset_secrets(
     assert result.error_lines == [f"{EXAMPLE}: {problem}" for problem in UNSET_SECRETS]
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("command", ["assign", "simulate"])
 def test_assign_and_simulate_never_need_a_secret(
     command: str, results_without_secrets: dict[str, CliResult]
@@ -378,7 +381,7 @@ def bad_config_results(bad_config_paths: dict[str, Path]) -> dict[tuple[str, str
     return dict(zip(jobs, run_many(list(jobs.values())), strict=True))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("case", list(BAD_CONFIGS))
 def test_check_reports_every_problem_with_its_path(
     case: str,
@@ -399,7 +402,7 @@ def test_check_reports_every_problem_with_its_path(
         assert expected.secret not in result.stdout + result.stderr
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
 @pytest.mark.parametrize("case", REJECTED_BY_EVERY_COMMAND)
 def test_every_command_rejects_a_bad_config_as_check_does(
@@ -481,7 +484,7 @@ def bad_flag_results() -> dict[str, CliResult]:
     return dict(zip(BAD_FLAGS, run_many(argvs), strict=True))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("case", list(BAD_FLAGS))
 def test_a_bad_flag_is_one_line_and_exit_1(
     case: str, bad_flag_results: dict[str, CliResult]
@@ -561,7 +564,7 @@ def assign_results() -> dict[tuple[str, bool], tuple[list[str], CliResult]]:
     return {job: (keys_of[job[0]], result) for job, result in zip(jobs, results, strict=True)}
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("case", list(ASSIGN_CASES))
 def test_assign_table_matches_the_spec_formula(
     case: str, assign_results: dict[tuple[str, bool], tuple[list[str], CliResult]]
@@ -586,7 +589,7 @@ def test_assign_table_matches_the_spec_formula(
         assert float(match["from"]) == canary_from, key
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(BATCH_TIMEOUT_S)
 @pytest.mark.parametrize("case", list(ASSIGN_CASES))
 def test_assign_json_matches_the_spec_formula(
     case: str, assign_results: dict[tuple[str, bool], tuple[list[str], CliResult]]
