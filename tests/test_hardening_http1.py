@@ -11,35 +11,13 @@ import gzip
 
 import aiohttp
 
-from tests.harness import proxy_yaml, running_proxy
-from tests.test_http1_pool import GET, OK, Script, exchange, read_request, scripted
+from tests.test_http1_pool import GET, answering, exchange, proxied, read_request, replies, scripted
 
 SECOND = b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nsmuggled!"
 
 
-def answer_with(extra: bytes, later_s: float | None = None) -> Script:
-    """A script: answer each request with OK and `extra` (in the same write, or later)."""
-
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            if later_s is None:
-                writer.write(OK + extra)
-            else:
-                writer.write(OK)
-                await writer.drain()
-                await asyncio.sleep(later_s)
-                writer.write(extra)
-            await writer.drain()
-
-    return script
-
-
 async def test_bytes_past_the_end_mark_the_connection_and_it_is_not_reused() -> None:
-    async with scripted(answer_with(b"tail of a longer body")) as (backend, pool):
+    async with scripted(answering(b"tail of a longer body")) as (backend, pool):
         status, body, connection = await exchange(pool)
         assert (status, body) == (200, b"ok")
         assert connection.overran
@@ -52,7 +30,7 @@ async def test_bytes_past_the_end_mark_the_connection_and_it_is_not_reused() -> 
 
 
 async def test_a_second_answer_nobody_asked_for_is_never_the_next_answer() -> None:
-    async with scripted(answer_with(SECOND[:-3])) as (backend, pool):
+    async with scripted(answering(SECOND[:-3])) as (backend, pool):
         _, _, connection = await exchange(pool)
         assert connection.overran
         pool.release(connection)
@@ -62,7 +40,7 @@ async def test_a_second_answer_nobody_asked_for_is_never_the_next_answer() -> No
 
 
 async def test_bytes_that_come_while_idle_take_the_connection_out_of_the_pool() -> None:
-    async with scripted(answer_with(SECOND, later_s=0.05)) as (backend, pool):
+    async with scripted(answering(SECOND, extra_after_s=0.05)) as (backend, pool):
         _, _, connection = await exchange(pool)
         assert not connection.overran  # nothing extra yet
         pool.release(connection)
@@ -103,24 +81,12 @@ async def test_a_compressed_json_answer_is_not_taken_for_a_broken_one() -> None:
         b"Content-Length: %d\r\n\r\n" % len(body) + body
     )
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(script, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    try:
-        async with running_proxy(proxy_yaml(url, url)) as proxy:
-            async with (
-                aiohttp.ClientSession(auto_decompress=False) as session,
-                session.post(f"{proxy.url}/v1/chat/completions", data=b"{}") as response,
-            ):
-                received = await response.read()
-            counts = proxy.server.telemetry.metrics.upstream_requests
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with proxied(replies(answer)) as (_, proxy):
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.post(f"{proxy.url}/v1/chat/completions", data=b"{}") as response,
+        ):
+            received = await response.read()
+        counts = proxy.server.telemetry.metrics.upstream_requests
     assert received == body
     assert [key[3] for key in counts] == ["ok"], counts

@@ -130,3 +130,17 @@ def test_response_headers_strip_hop_by_hop_and_add_variant() -> None:
         "Proxy-Authenticate",
     ):
         assert name not in out
+
+
+def test_without_a_peer_or_a_forwarded_for_there_is_no_forwarded_for() -> None:
+    assert lines(head(peer=None)) == [
+        b"POST /v1/chat?x=1 HTTP/1.1",
+        b"Host: backend:8000",
+        b"X-Forwarded-Proto: http",
+        b"x-request-id: rid-1",
+    ]
+
+
+def test_a_response_header_that_is_not_utf8_passes_byte_for_byte_as_latin1() -> None:
+    out = response_headers([(b"X-Name", b"caf\xe9 \xff")], variant="stable", request_id="r")
+    assert out["X-Name"].encode("latin-1") == b"caf\xe9 \xff"

@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
-from aiohttp import StreamReader, web
+from aiohttp import web
 
 from proxy.errors import BadRequestBody, BodyTooLarge, RequestTimeout
 
@@ -34,7 +34,7 @@ _EMPTY: Final[Mapping[str, Any]] = {}
 class RequestBody:
     """The body of one request, read lazily."""
 
-    __slots__ = ("_continued", "_idle_s", "_json", "_limit", "_raw", "_request")
+    __slots__ = ("_idle_s", "_json", "_limit", "_raw", "_request")
 
     def __init__(self, request: web.BaseRequest, limit: int, idle_s: float) -> None:
         self._request = request
@@ -42,7 +42,6 @@ class RequestBody:
         self._idle_s = idle_s
         self._raw: bytes | None = None
         self._json: Mapping[str, Any] | None = None
-        self._continued = False
         declared = request.content_length
         if declared is not None and declared > limit:
             raise BodyTooLarge(f"request body of {declared} bytes is over the limit of {limit}")
@@ -54,11 +53,6 @@ class RequestBody:
     @property
     def exists(self) -> bool:
         return self._request.body_exists
-
-    @property
-    def content(self) -> StreamReader:
-        """The unread body, to stream it on; only before `read()`."""
-        return self._request.content
 
     @property
     def raw(self) -> bytes | None:
@@ -74,10 +68,8 @@ class RequestBody:
         return self._raw is not None
 
     async def accept(self) -> None:
-        """Tell a client waiting on `Expect: 100-continue` to send its body."""
-        if self._continued:
-            return
-        self._continued = True
+        """Tell a client waiting on `Expect: 100-continue` to send its body: once, before
+        the body is first read or streamed."""
         expect = self._request.headers.get("expect")
         if expect is not None and expect.lower() == "100-continue":
             await self._request.writer.write(_CONTINUE)
@@ -140,8 +132,3 @@ class RequestBody:
             raise BadRequestBody(f"request body is not valid JSON: {exc}") from exc
         self._json = parsed if isinstance(parsed, dict) else _EMPTY
         return self._json
-
-    def replace(self, raw: bytes) -> None:
-        """Use `raw` as the body from now on (after a model rewrite)."""
-        self._raw = raw
-        self._json = None

@@ -300,7 +300,8 @@ class Forwarder:
         watch = deadlines.watch(backend.timeouts.first_byte_s)
         connection: Connection | None = None
         try:
-            for retry in (False, True):
+            retry = False
+            while True:
                 connection = await pool.acquire(fresh=retry)
                 try:
                     await _send(connection, head, payload, head_method, watch, now)
@@ -312,7 +313,7 @@ class Forwarder:
                     if retry or streamed or not exc.before_any_byte or connection.exchanges == 0:
                         raise
                     pool.discard(connection)
-            assert connection is not None
+                    retry = True
             attempt.status = response.status
             if fail_on_status and (response.status >= 500 or response.status == 429):
                 raise UpstreamStatus(response.status)

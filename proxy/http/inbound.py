@@ -154,15 +154,15 @@ class ClientConnection(RequestHandler):
         self.force_close()  # the transport sends what it holds before it closes
 
     def _head_late(self) -> None:
+        # The timer only runs while a head is awaited: `data_received` cancels it as soon
+        # as one is whole, and `connection_lost` when the client goes.
         self._head_timer = None
-        waiter = self._waiter
-        if waiter is not None and not waiter.done() and not self._messages:
-            log.debug(
-                "closing a connection from %s: no whole request head within %gs",
-                _peer(self),
-                self._head_timeout_s,
-            )
-            self.force_close()
+        log.debug(
+            "closing a connection from %s: no whole request head within %gs",
+            _peer(self),
+            self._head_timeout_s,
+        )
+        self.force_close()
 
     def handle_error(
         self,

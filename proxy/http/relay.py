@@ -187,5 +187,7 @@ def _judge_end(
 def _abort(request: web.BaseRequest) -> None:
     """Close the client connection without ending the response, so it reads as truncated."""
     transport = request.transport
-    if transport is not None:
-        transport.close()
+    # The client's connection is there: had it gone, its handler would have been
+    # cancelled (`handler_cancellation`) at its last await, before this point.
+    assert transport is not None
+    transport.close()
