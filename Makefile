@@ -27,9 +27,10 @@ typecheck: $(STAMP)
 HOT_PATH := proxy/http/forwarding.py,proxy/http/relay.py,proxy/http/body.py,proxy/http/headers.py,proxy/http/http1.py,proxy/http/pool.py,proxy/http/deadlines.py,proxy/http/inbound.py,proxy/routing/assignment.py,proxy/routing/keys.py
 
 # Branch coverage of the package, its child processes included: at least 90% of it,
-# and all of the hot path.
+# and all of the hot path. Two workers, a test file each at a time: most tests wait on
+# sockets and timers, and every test uses its own ports and files.
 unit: $(STAMP)
-	$(BIN)/pytest -q --cov --cov-report=term --cov-fail-under=90
+	$(BIN)/pytest -q -n 2 --dist loadfile --cov --cov-report=term --cov-fail-under=90
 	$(BIN)/coverage report --include='$(HOT_PATH)' --no-skip-covered --fail-under=100
 
 test: lint typecheck unit
