@@ -242,17 +242,15 @@ async def eventually(
     """Probe (a function, or a coroutine function) until `holds` its value; that value.
 
     Fails the test naming `what` was awaited and the last value seen once `timeout_s`
-    passes; the probe always runs once more at the deadline.
+    passes; the last probe is the first one after the deadline.
     """
-    deadline = time.monotonic() + timeout_s
+    waiting = _Waiting(what, timeout_s, holds)
     while True:
         value = probe()
         if inspect.isawaitable(value):
             value = await value
-        if holds(value):
+        if waiting.over(value):
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(_not_within(what, timeout_s, value))
         await asyncio.sleep(interval_s)
 
 
@@ -265,18 +263,28 @@ def eventually_sync(
     interval_s: float = 0.05,
 ) -> T:
     """`eventually` for code without an event loop: blocks while it waits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if holds(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(_not_within(what, timeout_s, value))
+    waiting = _Waiting(what, timeout_s, holds)
+    while not waiting.over(value := probe()):
         time.sleep(interval_s)
+    return value
 
 
-def _not_within(what: str, timeout_s: float, value: object) -> str:
-    seen = repr(value)
-    if len(seen) > 2000:
-        seen = seen[:2000] + "..."
-    return f"{what}: not within {timeout_s:g}s; last seen: {seen}"
+class _Waiting:
+    """The deadline of one wait, and its failure."""
+
+    def __init__(self, what: str, timeout_s: float, holds: Callable[[Any], object]) -> None:
+        self.what = what
+        self.timeout_s = timeout_s
+        self.holds = holds
+        self.deadline = time.monotonic() + timeout_s
+
+    def over(self, value: object) -> bool:
+        """Whether `value` ends the wait; fails the test past the deadline."""
+        if self.holds(value):
+            return True
+        if time.monotonic() > self.deadline:
+            seen = repr(value)
+            if len(seen) > 2000:
+                seen = seen[:2000] + "..."
+            raise AssertionError(f"{self.what}: not within {self.timeout_s:g}s; last seen: {seen}")
+        return False

@@ -78,11 +78,9 @@ class Receiver:
         )
 
     async def wait_for_metrics(self, timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.metric_requests:
-                return
-            await asyncio.sleep(0.05)
+        await eventually(
+            "metrics at the collector", lambda: self.metric_requests, timeout_s=timeout_s
+        )
 
     def metric(self, name: str) -> Any:
         """The newest data of the metric called `name`, or None."""

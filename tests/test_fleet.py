@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,28 @@ async def statuses(replicas: list[ProxyProcess]) -> list[dict[str, Any]]:
     return list(await asyncio.gather(*(r.status() for r in replicas)))
 
 
+async def until_replicas(
+    replicas: list[ProxyProcess],
+    what: str,
+    each: Callable[[dict[str, Any]], object],
+    *,
+    timeout_s: float,
+    every: Callable[[Iterable[object]], bool] = all,
+) -> list[dict[str, Any]]:
+    """Wait until `each` holds for every replica's status (or for some, `every=any`)."""
+    return await eventually(
+        what,
+        lambda: statuses(replicas),
+        holds=lambda documents: every(each(d) for d in documents),
+        timeout_s=timeout_s,
+        interval_s=0.1,
+    )
+
+
+def rollout_status(document: dict[str, Any]) -> str:
+    return str(document["routes"][0]["rollout"]["status"])
+
+
 async def served_weights(replicas: list[ProxyProcess]) -> list[float]:
     """`canary_weight_ratio` on every replica's /metrics."""
     return [value for r in replicas for _, value in await r.samples("canary_weight_ratio")]
@@ -144,14 +166,12 @@ async def test_one_rollback_decided_once_and_served_by_every_replica(
     config = fleet_config(tmp_path / "proxy.yaml", stable.url, canary.url, redis_server.url)
     with proxy_processes(config, config, config) as replicas:
         async with traffic(replicas):
-            await eventually(
+            await until_replicas(
+                replicas,
                 "a rollback on some replica",
-                lambda: statuses(replicas),
-                holds=lambda documents: any(
-                    d["routes"][0]["rollout"]["status"] == "rolled_back" for d in documents
-                ),
+                lambda d: rollout_status(d) == "rolled_back",
+                every=any,
                 timeout_s=30,
-                interval_s=0.1,
             )
             # From the first replica seen serving it, every replica within 2 s.
             seen = time.monotonic()
@@ -206,25 +226,21 @@ async def test_a_redis_outage_fails_no_request_and_decisions_resume(
             await asyncio.sleep(1.5)
             before = len(answers)
             redis_server.stop()
-            await eventually(
+            await until_replicas(
+                replicas,
                 "every replica seeing the store down",
-                lambda: statuses(replicas),
-                holds=lambda documents: all(
-                    d["controller"]["store_up"] is False for d in documents
-                ),
+                lambda d: d["controller"]["store_up"] is False,
                 timeout_s=5,
-                interval_s=0.1,
             )
             await asyncio.sleep(2.0)
             during = answers[before:]
             up = [value for r in replicas for _, value in await r.samples("canary_state_store_up")]
             redis_server.start()
-            await eventually(
+            await until_replicas(
+                replicas,
                 "every replica seeing the store up again",
-                lambda: statuses(replicas),
-                holds=lambda documents: all(d["controller"]["store_up"] for d in documents),
+                lambda d: d["controller"]["store_up"],
                 timeout_s=8,
-                interval_s=0.1,
             )
             await eventually(
                 "a leader again", lambda: leaders(replicas), timeout_s=8, interval_s=0.1
@@ -232,14 +248,11 @@ async def test_a_redis_outage_fails_no_request_and_decisions_resume(
         after = answers[before + len(during) :]
         # Decisions resume: an operator's action goes through and reaches every replica.
         code, answer = await replicas[0].admin("POST", "/api/routes/chat/pause")
-        await eventually(
+        await until_replicas(
+            replicas,
             "the pause on every replica",
-            lambda: statuses(replicas),
-            holds=lambda documents: all(
-                d["routes"][0]["rollout"]["status"] == "paused" for d in documents
-            ),
+            lambda d: rollout_status(d) == "paused",
             timeout_s=3,
-            interval_s=0.1,
         )
     assert len(during) > 50
     assert {code for code, _ in answers} == {200}, "no request failed"

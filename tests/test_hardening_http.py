@@ -19,7 +19,7 @@ import pytest
 
 from proxy.server.reload import ReloadOutcome
 from tests.conftest import Backends
-from tests.harness import proxy_yaml, running_proxy, running_proxy_file
+from tests.harness import eventually, proxy_yaml, running_proxy, running_proxy_file
 from tests.raw import RawAnswer, read_answer, send_raw
 
 CHAT = b'{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}'
@@ -404,10 +404,12 @@ async def test_overload_refusals_never_reach_the_backend(backends: Backends) -> 
     async with running_proxy(config(backends, top)) as proxy, aiohttp.ClientSession() as session:
         url = f"{proxy.url}/v1/chat/completions"
         hanging = asyncio.create_task(session.post(url, data=CHAT, headers={"x-fake-hang": "1"}))
-        for _ in range(50):
-            if len(await backend_requests(backends)) == 1:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            "the hanging request at the backend",
+            lambda: backend_requests(backends),
+            holds=lambda requests: len(requests) == 1,
+            timeout_s=2.5,
+        )
         statuses = []
         for _ in range(5):
             async with session.post(url, data=CHAT) as response:

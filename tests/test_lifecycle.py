@@ -113,10 +113,12 @@ async def test_sigterm_stops_accepting_turns_unready_and_lets_streams_finish(
             first = await response.content.readuntil(b"\n\n")
             child.process.send_signal(signal.SIGTERM)
             signalled = time.monotonic()
-            for _ in range(40):
-                if await refused(child.port):
-                    break
-                await asyncio.sleep(0.025)
+            await eventually(
+                "the port refusing connections",
+                lambda: refused(child.port),
+                timeout_s=1,
+                interval_s=0.025,
+            )
             refused_after = time.monotonic() - signalled
             ready_status, _ = await child.admin("/readyz")
             rest = await response.content.read()
