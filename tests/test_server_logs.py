@@ -24,7 +24,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from aiohttp import web
 
 from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
 from tests.conftest import Backends
+from tests.harness import eventually, proxy_yaml
 from tests.proxy_process import ProxyProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -76,9 +77,14 @@ def matching(lines: list[str], pattern: str) -> list[str]:
 
 async def until_count(lines: list[str], pattern: str, count: int) -> list[str]:
     """Wait until `count` lines match; the matching lines (more if more came)."""
-    deadline = time.monotonic() + LINE_WAIT_S
-    while len(matching(lines, pattern)) < count and time.monotonic() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)  # lines come from a reader thread: polling is simplest
+    # Lines come from a reader thread: polling is simplest.
+    await eventually(
+        f"{count} log lines matching {pattern!r}",
+        lambda: matching(lines, pattern),
+        holds=lambda found: len(found) >= count,
+        timeout_s=LINE_WAIT_S,
+        interval_s=0.02,
+    )
     await asyncio.sleep(0.1)  # a second line for the same event would come now
     return matching(lines, pattern)
 
@@ -155,7 +161,7 @@ def chat(*headers: bytes) -> bytes:
 
 
 LEFT = r"INFO proxy.fake_backend: POST /v1/chat/completions from 127\.0\.0\.1: the client left"
-FAKE_BACKEND_EVENTS = [
+FAKE_BACKEND_EVENTS: list[tuple[str, Callable[[int], Awaitable[None]], str]] = [
     # (what the client does, the one line it must make)
     (
         "invalid-header",
@@ -223,14 +229,11 @@ async def test_the_fake_backend_logs_one_line_per_network_error_and_no_traceback
 
 def admin_config(path: Path, backends: Backends) -> Path:
     path.write_text(
-        "listen: 127.0.0.1:0\n"
-        "admin: {listen: 127.0.0.1:0}\n"
-        "backends:\n"
-        f"  v1: {{url: '{backends.stable.url}'}}\n"
-        f"  v2: {{url: '{backends.canary.url}'}}\n"
-        "routes:\n"
-        "  - {name: chat, stable: v1, canary: v2}\n"
-        f"state: {{path: '{path.parent / 'state.db'}'}}\n"
+        proxy_yaml(
+            backends.stable.url,
+            backends.canary.url,
+            top=f"state: {{path: '{path.parent / 'state.db'}'}}",
+        )
     )
     return path
 
