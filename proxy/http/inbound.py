@@ -108,14 +108,14 @@ class ClientConnection(RequestHandler):
         super().data_received(data)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            # A head has begun and is not complete yet (Rule 1).
-            if data:
-                if self._head_timer is None:
-                    self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
-                # Rule 6: no longer idle. aiohttp's idle timer would close a connection
-                # whose head is under way; this public call stops it (keep-alive is on
-                # already, or the connection would not be waiting for a head).
-                self.keep_alive(True)
+            # A head has begun and is not complete yet (Rule 1): a transport never hands
+            # over empty data.
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_late)
+            # Rule 6: no longer idle. aiohttp's idle timer would close a connection whose
+            # head is under way; this public call stops it (keep-alive is on already, or
+            # the connection would not be waiting for a head).
+            self.keep_alive(True)
             return
         messages = self._messages
         if not messages and not self._request_in_progress:
@@ -149,8 +149,8 @@ class ClientConnection(RequestHandler):
         """Rule 7: answer a bare HTTP/0.9 request line at once, in HTTP/1.0, and close."""
         log.debug("answered 400 to %s: %s", _peer(self), _HTTP09_REASON)
         transport = self.transport
-        if transport is not None:
-            transport.write(_HTTP09_ANSWER)
+        assert transport is not None  # it is handing over data
+        transport.write(_HTTP09_ANSWER)
         self.force_close()  # the transport sends what it holds before it closes
 
     def _head_late(self) -> None:
