@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from proxy import __version__
 from proxy.config import ConfigError, EnvSecrets, load_config, summarize
 from proxy.config.model import Config, Route
+from proxy.config.summary import format_span
 from proxy.fake_backend.options import add_arguments as add_fake_backend_arguments
 from proxy.routing.assignment import bucket_of, canary_from_weight, canary_threshold, choose_variant
 
@@ -200,7 +201,17 @@ def _status_table(document: dict[str, Any]) -> str:
         steps = rollout.get("steps")
         step = f"{rollout.get('step', -1) + 1}/{len(steps)}" if steps else "-"
         verdict = rollout.get("last_verdict")
-        why = f"{verdict['verdict']}: {verdict['reason']}" if verdict else "-"
+        waits = [
+            f"{what}, {format_span(rollout[key])} left"
+            for key, what in (
+                ("pause_left_s", "pausing at this step"),
+                ("cooldown_left_s", "no resume (cooldown)"),
+            )
+            if rollout.get(key)
+        ]
+        if verdict:
+            waits.append(f"{verdict['verdict']}: {verdict['reason']}")
+        why = "; ".join(waits)
         rows.append(
             (
                 route["name"],
@@ -209,7 +220,7 @@ def _status_table(document: dict[str, Any]) -> str:
                 f"{route['weight']:g}%",
                 rollout.get("status", "-"),
                 step,
-                why,
+                why or "-",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(6)]

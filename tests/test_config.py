@@ -110,6 +110,8 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert chat.rollout.weight == 5
     assert auto is not None
     assert auto.steps == (1.0, 5.0, 10.0, 25.0, 50.0, 100.0)
+    assert auto.step_pauses_s == (0.0, 1800.0, 0.0, 0.0, 0.0, 0.0)
+    assert auto.cooldown_s == 3600
     assert (auto.interval_s, auto.min_requests, auto.pass_intervals) == (30, 100, 2)
     assert (auto.failure_limit, auto.on_failure, auto.confidence) == (2, OnFailure.ROLLBACK, 0.95)
     assert auto.checks.error_rate is not None
@@ -174,6 +176,16 @@ def test_auto_rollout_defaults() -> None:
         OnFailure.ROLLBACK,
     )
     assert (rollout.checks.error_rate, rollout.checks.latency_p95) == (None, None)
+    assert (rollout.step_pauses_s, rollout.cooldown_s) == ((), 0.0)
+
+
+def test_a_step_may_carry_a_timed_pause() -> None:
+    text = "rollout: {auto: {steps: [1, {weight: 5, pause: 30m}, {weight: 25}, 100]}}"
+    auto = parse_config(config(route=text), environ={}).routes[0].rollout.auto
+    assert auto is not None
+    assert auto.steps == (1.0, 5.0, 25.0, 100.0)
+    assert auto.step_pauses_s == (0.0, 1800.0, 0.0, 0.0)
+    assert [auto.pause_s(step) for step in (-1, 0, 1, 2, 3, 4)] == [0, 0, 1800, 0, 0, 0]
 
 
 def test_mappings_in_the_result_are_read_only() -> None:
@@ -497,6 +509,18 @@ BAD_CASES = [
      "routes[0].rollout.auto.failure_limit: must be a whole number, got true"),
     (config(route="rollout: {auto: {steps: [50], on_failure: pause}}"),
      "routes[0].rollout.auto.on_failure: must be one of rollback, hold, got 'pause'"),
+    (config(route="rollout: {auto: {steps: [1, {weight: 5, pause: 0}]}}"),
+     "routes[0].rollout.auto.steps[1].pause: must be longer than zero, got 0"),
+    (config(route="rollout: {auto: {steps: [1, {pause: 5m}]}}"),
+     "routes[0].rollout.auto.steps[1].weight: is required"),
+    (config(route="rollout: {auto: {steps: [1, {weight: 100, pause: 5m}]}}"),
+     "routes[0].rollout.auto.steps[1].pause: cannot pause at 100: the canary is promoted there"),
+    (config(route="rollout: {auto: {steps: [1, {weight: 5, wait: 5m}]}}"),
+     "routes[0].rollout.auto.steps[1].wait: unknown key 'wait'"),
+    (config(route="rollout: {auto: {steps: [{weight: 5, pause: 1m}, 2]}}"),
+     "routes[0].rollout.auto.steps: must increase, got 2 after 5"),
+    (config(route="rollout: {auto: {steps: [50], cooldown: soon}}"),
+     "routes[0].rollout.auto.cooldown: must be a duration"),
     (config(route="rollout: {auto: {steps: [50], confidence: 0.5}}"),
      "routes[0].rollout.auto.confidence: must be greater than 0.5, got 0.5"),
     (config(route="rollout: {auto: {steps: [50], confidence: 1}}"),
@@ -678,7 +702,8 @@ def test_summary_shows_what_an_operator_checks() -> None:
         "stable llama-v1 (model llama-3-8b) -> canary llama-v2 (model llama-3.1-8b)",
         "5% canary (auto)",
         "chat-2026-11; no key: random",
-        "steps 1 > 5 > 10 > 25 > 50 > 100 %",
+        "steps 1 > 5 (pause 30m) > 10 > 25 > 50 > 100 %",
+        "cooldown   no resume within 1h of a rollback, unless forced",
         "p95 latency <= 20s, <= 1.25x stable",
         "Mon-Fri 09:00-18:00",
         "include header:x-tier in [beta, internal]",

@@ -185,6 +185,49 @@ async def test_a_paused_rollout_is_not_judged_until_it_is_resumed() -> None:
     assert fleet.actions() == ["restart", "pause", "resume", "advance", "promote"]
 
 
+PAUSED_STEPS = "[10, {weight: 50, pause: 2m}, 100]"
+
+
+async def test_a_timed_pause_holds_a_healthy_canary_at_its_step_for_the_pause() -> None:
+    fleet = Fleet(config(steps=PAUSED_STEPS))
+    await fleet.start()
+    await fleet.run(600, Traffic(), until=Status.PROGRESSING)
+    for _ in range(600):
+        await fleet.run(1, Traffic())
+        if fleet.state.weight == 50:
+            break
+    reached = fleet.clock.now
+    await fleet.run(100, Traffic())
+    # Judged all along, and passing: only the pause holds the step.
+    assert (fleet.state.weight, fleet.state.status) == (50, Status.PROGRESSING)
+    assert fleet.state.passes >= 2
+    await fleet.run(600, Traffic(), until=Status.PROMOTED)
+    assert fleet.state.status is Status.PROMOTED
+    assert fleet.actions() == ["restart", "advance", "promote"]
+    # Promoted at the first judgement after the pause: within one interval of its end.
+    assert 120 <= fleet.clock.now - reached <= 120 + 5 + 1
+
+
+async def test_a_failing_canary_is_rolled_back_during_a_timed_pause() -> None:
+    fleet = Fleet(config(weight=50, steps=PAUSED_STEPS))
+    await fleet.start()
+    assert fleet.state.weight == 50
+    await fleet.run(120, Traffic(canary_error_rate=0.5), until=Status.ROLLED_BACK)
+    assert fleet.state.status is Status.ROLLED_BACK
+    assert fleet.clock.now - START < 120, "a rollback never waits for a pause"
+
+
+async def test_an_operator_advances_one_step_past_a_pause() -> None:
+    fleet = Fleet(config(weight=50, steps=PAUSED_STEPS))
+    await fleet.start()
+    await fleet.controllers[0].operate("chat", OperatorAction.ADVANCE)
+    assert (fleet.state.status, fleet.state.weight) == (Status.PROMOTED, 100)
+    assert fleet.hosts[0].served == 100
+    assert fleet.hosts[0].decisions[-1].reason == (
+        "promoted to 100%: advanced one step by an operator"
+    )
+
+
 async def test_a_config_edit_adopts_the_weight_and_a_new_canary_starts_again() -> None:
     fleet = Fleet(config())
     await fleet.start()

@@ -50,8 +50,11 @@ def write_config(
     min_requests: int = 30,
     checks: str = "error_rate: {max: 0.2, max_increase: 0.05}",
     admin: str = "{listen: 127.0.0.1:0}",
+    auto: str = "",
 ) -> None:
+    """`auto`: more lines under `rollout.auto`."""
     rollout = auto_rollout(weight, steps=steps, min_requests=min_requests, checks=checks)
+    rollout += "".join(f"    {line}\n" for line in auto.splitlines())
     path.write_text(
         proxy_yaml(
             stable,
@@ -389,3 +392,65 @@ async def test_the_status_command_prints_the_rollout_table(
     assert re.search(
         r"^1 process \(leader [^;]+; shared config [0-9a-f]{12}\)$", result.stdout, re.M
     )
+
+
+@pytest.mark.timeout(60)
+async def test_an_operator_advances_into_a_timed_pause_and_a_rollback_cools_down(
+    tmp_path: Path, pair: tuple[BackendProcess, BackendProcess]
+) -> None:
+    stable, canary = pair
+    path = tmp_path / "proxy.yaml"
+    write_config(
+        path,
+        stable.url,
+        canary.url,
+        steps="[20, {weight: 50, pause: 30m}, 100]",
+        min_requests=100_000,
+        auto="cooldown: 1h",
+    )
+    async with running_proxy_file(str(path)) as proxy:
+        base = "/api/routes/chat"
+        advanced = await admin_json(proxy, "POST", f"{base}/advance")
+        pausing = rollout(await status(proxy))
+        printed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "proxy", "status", "--admin", admin_url(proxy)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        await admin_json(proxy, "POST", f"{base}/rollback")
+        cooling = rollout(await status(proxy))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(admin_url(proxy) + f"{base}/resume") as refused,
+        ):
+            refusal = await refused.json()
+        forced = await admin_json(proxy, "POST", f"{base}/resume?force=true")
+        bad_flag = await admin_json(proxy, "POST", f"{base}/resume?force=maybe")
+    assert (advanced["status"], advanced["weight"]) == ("progressing", 50)
+    assert (
+        advanced["decisions"][0]["reason"] == "weight 20% → 50%: advanced one step by an operator"
+    )
+    assert 1790 < pausing["pause_left_s"] <= 1800
+    assert re.search(
+        r"chat .* 50% +progressing +2/3 +pausing at this step, (30m|29m \d+s) left(; .*)?$",
+        printed.stdout,
+        re.M,
+    )
+    assert 3590 < cooling["cooldown_left_s"] <= 3600
+    assert refused.status == 409
+    assert 3590 < int(refused.headers["Retry-After"]) <= 3600
+    assert 3590 < refusal["retry_after_s"] <= 3600
+    assert re.fullmatch(
+        r"cannot resume route 'chat' yet: it was rolled back \d+s ago, and its cooldown is 1h: "
+        r"(1h|59m \d+s) left, unless forced \(POST /api/routes/chat/resume\?force=true\)",
+        refusal["error"],
+    )
+    assert (forced["status"], forced["weight"]) == ("progressing", 20)
+    assert forced["decisions"][0]["action"] == "resume"
+    assert bad_flag[0] == 400
+
+
+def admin_url(proxy: RunningProxy) -> str:
+    return f"http://127.0.0.1:{proxy.server.admin_port}"

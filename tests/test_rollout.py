@@ -414,26 +414,32 @@ OPERATOR_STARTS = {
 
 PAUSE, RESUME = OperatorAction.PAUSE, OperatorAction.RESUME
 PROMOTE, ROLLBACK = OperatorAction.PROMOTE, OperatorAction.ROLLBACK
+ADVANCE = OperatorAction.ADVANCE
 
 OPERATOR_TABLE: list[tuple[Status, OperatorAction, tuple[Status, float, int] | None]] = [
     (Status.PROGRESSING, PAUSE, (Status.PAUSED, 10, 2)),
     (Status.PROGRESSING, RESUME, None),
+    (Status.PROGRESSING, ADVANCE, (Status.PROGRESSING, 25, 3)),
     (Status.PROGRESSING, PROMOTE, (Status.PROMOTED, 100, 5)),
     (Status.PROGRESSING, ROLLBACK, (Status.ROLLED_BACK, 0, -1)),
     (Status.PAUSED, PAUSE, None),
     (Status.PAUSED, RESUME, (Status.PROGRESSING, 10, 2)),
+    (Status.PAUSED, ADVANCE, (Status.PROGRESSING, 25, 3)),  # and judged afresh
     (Status.PAUSED, PROMOTE, (Status.PROMOTED, 100, 5)),
     (Status.PAUSED, ROLLBACK, (Status.ROLLED_BACK, 0, -1)),
     (Status.PROMOTED, PAUSE, None),
     (Status.PROMOTED, RESUME, None),
+    (Status.PROMOTED, ADVANCE, None),
     (Status.PROMOTED, PROMOTE, (Status.PROMOTED, 100, 5)),
     (Status.PROMOTED, ROLLBACK, (Status.ROLLED_BACK, 0, -1)),
     (Status.ROLLED_BACK, PAUSE, None),
     (Status.ROLLED_BACK, RESUME, (Status.PROGRESSING, 1, 0)),  # from the first step
+    (Status.ROLLED_BACK, ADVANCE, None),  # a resume starts it again
     (Status.ROLLED_BACK, PROMOTE, (Status.PROMOTED, 100, 5)),
     (Status.ROLLED_BACK, ROLLBACK, (Status.ROLLED_BACK, 0, -1)),
     (Status.MANUAL, PAUSE, None),
     (Status.MANUAL, RESUME, None),
+    (Status.MANUAL, ADVANCE, None),  # no steps
     (Status.MANUAL, PROMOTE, (Status.MANUAL, 100, -1)),
     (Status.MANUAL, ROLLBACK, (Status.MANUAL, 0, -1)),
 ]
@@ -462,10 +468,13 @@ def test_operator_actions_from_every_state(
     assert new.step_started_at == (start.step_started_at if action is PAUSE else NOW)
     # Resuming after a rollback is a rollout of its own; after a pause, a new step of
     # the same one. Pause, promote and rollback keep what the judge has seen.
-    if action is RESUME:
+    if action is RESUME or (action is ADVANCE and status is Status.PAUSED):
         # A resumed rollout is judged afresh, whatever paused, held or rolled it back.
         assert new.evidence.to_mapping() == fresh_at(NOW)
         assert new.started_at == NOW
+    elif action is ADVANCE:  # a new step of the same rollout
+        assert_new_step(new.evidence, start.evidence)
+        assert new.started_at == start.started_at
     else:
         assert new.evidence is start.evidence
         assert new.started_at == start.started_at
@@ -480,6 +489,53 @@ def test_refused_action_names_the_state() -> None:
     with pytest.raises(TransitionRefused) as caught:
         on_operator(OPERATOR_STARTS[Status.PROMOTED], AUTO, RESUME, NOW)
     assert str(caught.value) == "cannot resume route 'chat': it is promoted"
+
+
+def test_advance_past_the_last_step_promotes() -> None:
+    last = state(weight=50, step=4)
+    transition = on_operator(last, AUTO, ADVANCE, NOW)
+    assert (transition.state.status, transition.state.weight) == (Status.PROMOTED, 100)
+    assert transition.decision is not None
+    assert transition.decision.reason == "promoted to 100%: advanced one step by an operator"
+    below = on_operator(state(weight=0.5, step=-1), AUTO, ADVANCE, NOW)
+    assert below.decision is not None
+    assert below.decision.reason == "weight 0.5% → 1%: advanced one step by an operator"
+
+
+COOLDOWN = replace(AUTO, cooldown_s=3600)
+
+
+def rolled_back_at(at: float) -> RouteState:
+    """A rollout the judge rolled back at `at`."""
+    return on_judgement(state(failures=1), COOLDOWN, judgement(F), at, True).state
+
+
+@pytest.mark.parametrize(
+    ("ago_s", "refused_for"),
+    [(0, "1h"), (1, "59m 59s"), (3599, "1s"), (3600, None), (86_400, None)],
+)
+def test_a_resume_within_the_cooldown_is_refused_with_the_time_left(
+    ago_s: float, refused_for: str | None
+) -> None:
+    start = rolled_back_at(NOW - ago_s)
+    if refused_for is None:
+        assert on_operator(start, COOLDOWN, RESUME, NOW).state.status is Status.PROGRESSING
+        return
+    with pytest.raises(TransitionRefused) as caught:
+        on_operator(start, COOLDOWN, RESUME, NOW)
+    assert f"cooldown is 1h: {refused_for} left, unless forced" in str(caught.value)
+    assert caught.value.retry_after_s == 3600 - ago_s
+    forced = on_operator(start, COOLDOWN, RESUME, NOW, force=True)
+    assert (forced.state.status, forced.state.weight) == (Status.PROGRESSING, 1)
+
+
+def test_the_cooldown_counts_from_an_operators_rollback_too() -> None:
+    promoted = state(Status.PROMOTED, weight=100, step=5)
+    rolled = on_operator(promoted, COOLDOWN, ROLLBACK, NOW - 60).state
+    with pytest.raises(TransitionRefused, match="rolled back 1m ago"):
+        on_operator(rolled, COOLDOWN, RESUME, NOW)
+    # Without a cooldown (the default) a resume is never refused.
+    assert on_operator(rolled, AUTO, RESUME, NOW).state.status is Status.PROGRESSING
 
 
 def test_resume_after_rollback_ramps_again_from_the_first_step() -> None:

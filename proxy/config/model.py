@@ -227,6 +227,16 @@ class AutoRollout:
     on_failure: OnFailure = OnFailure.ROLLBACK
     confidence: float = 0.95
     checks: Checks = Checks()
+    # Per step, how long the rollout waits there before a step may go up (0: not at
+    # all); empty when no step pauses. Kept beside `steps`, which stay plain weights.
+    step_pauses_s: tuple[float, ...] = ()
+    cooldown_s: float = 0.0  # after a rollback, a resume is refused this long unless forced
+
+    def pause_s(self, step: int) -> float:
+        """The pause of step `step` (an index into `steps`); 0 below the first."""
+        if 0 <= step < len(self.step_pauses_s):
+            return self.step_pauses_s[step]
+        return 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ Rules:
 1. `weight` and every step are percents with at most two decimals, because the
    bucket grid is 0.01 % (SPEC §4: `bucket < round(weight * 100)`).
 2. Steps strictly increase; each check names at least one of its two limits.
+3. A step is a weight (`5`) or a weight with a timed pause (`{weight: 5, pause: 30m}`);
+   100 cannot pause: the canary is promoted there, and nothing waits.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ AUTO_KEYS = (
     "on_failure",
     "confidence",
     "checks",
+    "cooldown",
 )
+STEP_KEYS = ("weight", "pause")
 
 
 def read_rollout(reader: Reader) -> Rollout | None:
@@ -48,10 +52,10 @@ def _read_auto(reader: Reader) -> AutoRollout | None:
     fields = reader.fields(AUTO_KEYS)
     if fields is None:
         return None
-    steps = fields.need("steps", _read_steps)
+    steps, pauses = fields.need("steps", _read_steps) or ((), ())
     defaults = AutoRollout(steps=())
     auto = AutoRollout(
-        steps=steps or (),
+        steps=steps,
         interval_s=fields.get("interval", Reader.duration, defaults.interval_s),
         min_requests=_count(fields, "min_requests", defaults.min_requests),
         pass_intervals=_count(fields, "pass_intervals", defaults.pass_intervals),
@@ -61,6 +65,10 @@ def _read_auto(reader: Reader) -> AutoRollout | None:
             "confidence", lambda r: r.number(above=0.5, below=1.0), defaults.confidence
         ),
         checks=fields.get("checks", _read_checks, Checks()),
+        step_pauses_s=pauses if any(pauses) else (),
+        cooldown_s=fields.get(
+            "cooldown", lambda r: r.duration(allow_zero=True), defaults.cooldown_s
+        ),
     )
     return auto if steps else None
 
@@ -69,19 +77,38 @@ def _count(fields: Fields, name: str, default: int) -> int:
     return fields.get(name, lambda r: r.integer(minimum=1), default)
 
 
-def _read_steps(reader: Reader) -> tuple[float, ...] | None:
+def _read_steps(reader: Reader) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The steps' weights, and each one's pause in seconds (0: none)."""
     items = reader.items()
     if items is None:
         return None
-    steps = [item.percent(allow_zero=False) for item in items]
+    steps = [_read_step(item) for item in items]
     valid = [step for step in steps if step is not None]
     if len(valid) != len(steps):
         return None
-    for before, after in itertools.pairwise(valid):
+    for (before, _), (after, _) in itertools.pairwise(valid):
         if after <= before:
             reader.error(f"must increase, got {after:g} after {before:g}")
             return None
-    return tuple(valid)
+    return tuple(weight for weight, _ in valid), tuple(pause for _, pause in valid)
+
+
+def _read_step(reader: Reader) -> tuple[float, float] | None:
+    """`5` or `{weight: 5, pause: 30m}`: the weight, and the pause in seconds (0: none)."""
+    if not isinstance(reader.value, dict):
+        weight = reader.percent(allow_zero=False)
+        return None if weight is None else (weight, 0.0)
+    fields = reader.fields(STEP_KEYS, required=("weight",))
+    if fields is None or "weight" not in fields:
+        return None
+    weight = fields.get("weight", lambda r: r.percent(allow_zero=False), None)
+    pause = fields.get("pause", Reader.duration, 0.0)
+    if weight is None or ("pause" in fields and pause == 0.0):
+        return None
+    if weight >= 100 and pause > 0:
+        fields.at("pause").error("cannot pause at 100: the canary is promoted there")
+        return None
+    return weight, pause
 
 
 def _read_checks(reader: Reader) -> Checks | None:

@@ -30,7 +30,7 @@ from proxy.config.model import (
     Variant,
 )
 
-__all__ = ["format_duration", "summarize"]
+__all__ = ["format_duration", "format_span", "summarize"]
 
 VALUE_COLUMN = 15  # every value starts here, whatever its label's indent
 INDENT = "  "
@@ -67,6 +67,18 @@ def format_duration(seconds: float) -> str:
     if seconds >= 300 and seconds % 60 == 0:  # "60s" reads better than "1m" for a timeout
         return f"{seconds / 60:g}m"
     return f"{seconds:g}s"
+
+
+def format_span(seconds: float) -> str:
+    """A span of time as people read it, to the second: "45s", "29m 12s", "1h 5m"."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m" if minutes else f"{hours}h"
+    if minutes:
+        return f"{minutes}m {secs}s" if secs else f"{minutes}m"
+    return f"{secs}s"
 
 
 def _row(label: str, text: str, indent: str = "") -> str:
@@ -143,6 +155,9 @@ def _route(route: Route) -> list[str]:
     if auto is not None:
         rows.append(("auto", _steps(auto)))
         rows.append(("verdicts", _verdicts(auto)))
+        if auto.cooldown_s:
+            cooldown = format_duration(auto.cooldown_s)
+            rows.append(("cooldown", f"no resume within {cooldown} of a rollback, unless forced"))
         checks = _checks(auto.checks)
         rows += [("checks" if i == 0 else "", check) for i, check in enumerate(checks)]
     return [f"{INDENT}{route.name}"] + [_row(label, text, INDENT * 2) for label, text in rows]
@@ -185,7 +200,10 @@ def _schedule(schedule: Schedule) -> str:
 
 
 def _steps(auto: AutoRollout) -> str:
-    steps = " > ".join(f"{step:g}" for step in auto.steps)
+    steps = " > ".join(
+        f"{step:g} (pause {format_duration(auto.pause_s(i))})" if auto.pause_s(i) else f"{step:g}"
+        for i, step in enumerate(auto.steps)
+    )
     return f"steps {steps} %, judged every {format_duration(auto.interval_s)}"
 
 

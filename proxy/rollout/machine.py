@@ -5,8 +5,8 @@ failures with `on_failure: hold`), `promoted` (reached 100), `rolled_back` (weig
 after failure), `manual` (no `auto`: the config's weight is served).
 
 Transitions are a table: (state, event) → handler. Events are a judgement (pass,
-fail, inconclusive), an operator's action (pause, resume, promote, rollback), and the
-config (reconciled at start and on every reload).
+fail, inconclusive), an operator's action (pause, resume, advance, promote, rollback),
+and the config (reconciled at start and on every reload).
 
 Rules:
 1. `pass_intervals` passing judgements in a row move the weight to the next step;
@@ -26,6 +26,11 @@ Rules:
    rollout (a new canary, an adopted weight, a resume), and its step window with
    every step.
 8. Every change is a `Decision` saying when, what, why, and with which numbers.
+9. An operator's `advance` takes the next step at once (past the last one: promoted),
+   skipping what is left of a step's pause, and leaves the rollout progressing; from
+   `paused` the judge starts afresh, as on a resume.
+10. Within `cooldown` of its last rollback, a rolled-back canary is resumed only when
+    the operator forces it; the refusal says how long is left.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from enum import StrEnum
 from typing import Final
 
 from proxy.config.model import AutoRollout, Backend, OnFailure, Route, Variant
+from proxy.config.summary import format_duration, format_span
 from proxy.judge.analysis import Evidence, Judgement, Verdict
 from proxy.judge.stats import SLICE_S
 
@@ -51,9 +57,11 @@ __all__ = [
     "Transition",
     "TransitionRefused",
     "canary_identity",
+    "cooldown_left_s",
     "on_judgement",
     "on_operator",
     "reconcile",
+    "rolled_back_at",
     "served_weight",
 ]
 
@@ -71,6 +79,7 @@ class Status(StrEnum):
 class OperatorAction(StrEnum):
     PAUSE = "pause"
     RESUME = "resume"
+    ADVANCE = "advance"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
 
@@ -100,7 +109,14 @@ class Action(StrEnum):
 
 
 class TransitionRefused(Exception):
-    """An operator's action that does not apply to the route's state (HTTP 409)."""
+    """An operator's action that does not apply to the route's state (HTTP 409).
+
+    `retry_after_s`: when the action will apply by itself after a while (a cooldown).
+    """
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -512,15 +528,52 @@ def _advance(
 
 
 def on_operator(
-    state: RouteState, auto: AutoRollout | None, action: OperatorAction, now: float
+    state: RouteState,
+    auto: AutoRollout | None,
+    action: OperatorAction,
+    now: float,
+    *,
+    force: bool = False,
 ) -> Transition:
-    """What an operator's action does; `TransitionRefused` when it does not apply."""
+    """What an operator's action does; `TransitionRefused` when it does not apply.
+
+    `force` overrides the re-entry cooldown of a resume (rule 10).
+    """
     handler = _OPERATOR_TABLE.get((state.status, action))
     if handler is None:
         raise TransitionRefused(
             f"cannot {action.value} route {state.route!r}: it is {state.status.value}"
         )
+    if action is OperatorAction.RESUME and state.status is Status.ROLLED_BACK and not force:
+        _check_cooldown(state, auto, now)
     return handler(state, auto, now)
+
+
+def rolled_back_at(state: RouteState) -> float | None:
+    """When the rollout was last rolled back (by the judge or an operator), if ever."""
+    return next((d.at for d in reversed(state.decisions) if d.action is Action.ROLLBACK), None)
+
+
+def cooldown_left_s(state: RouteState, auto: AutoRollout | None, now: float) -> float:
+    """How long a resume of a rolled-back rollout is still refused without force (rule 10)."""
+    if state.status is not Status.ROLLED_BACK or auto is None or auto.cooldown_s <= 0:
+        return 0.0
+    at = rolled_back_at(state)
+    return 0.0 if at is None else max(0.0, at + auto.cooldown_s - now)
+
+
+def _check_cooldown(state: RouteState, auto: AutoRollout | None, now: float) -> None:
+    left = cooldown_left_s(state, auto, now)
+    if left <= 0:
+        return
+    assert auto is not None
+    ago = now - (rolled_back_at(state) or now)
+    raise TransitionRefused(
+        f"cannot resume route {state.route!r} yet: it was rolled back {format_span(ago)} "
+        f"ago, and its cooldown is {format_duration(auto.cooldown_s)}: "
+        f"{format_span(left)} left, unless forced",
+        left,
+    )
 
 
 def _pause(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
@@ -573,6 +626,19 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
     )
 
 
+def _step_up(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    assert auto is not None
+    if state.status is Status.PAUSED:
+        # As a resume: the judge starts afresh (what paused the canary is behind it).
+        state = replace(
+            state,
+            status=Status.PROGRESSING,
+            started_at=now,
+            evidence=Evidence.fresh(_next_slice(now)),
+        )
+    return _advance(state, auto, now, Cause.OPERATOR, None, "advanced one step by an operator")
+
+
 def _promote(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
     status = Status.MANUAL if state.status is Status.MANUAL else Status.PROMOTED
     step = len(auto.steps) - 1 if auto is not None else -1
@@ -603,6 +669,8 @@ _OPERATOR_TABLE: Final[
     (Status.PROGRESSING, OperatorAction.PAUSE): _pause,
     (Status.PAUSED, OperatorAction.RESUME): _resume,
     (Status.ROLLED_BACK, OperatorAction.RESUME): _resume,
+    (Status.PROGRESSING, OperatorAction.ADVANCE): _step_up,
+    (Status.PAUSED, OperatorAction.ADVANCE): _step_up,
     **{(status, OperatorAction.PROMOTE): _promote for status in (*_AUTO_STATES, Status.MANUAL)},
     **{(status, OperatorAction.ROLLBACK): _rollback for status in (*_AUTO_STATES, Status.MANUAL)},
 }

@@ -18,6 +18,9 @@ Rules:
 5. The evidence grows by the stats slices settled since it was last gathered: up to
    `SETTLE_SLICES` before the current slice, by when every live process has published.
 6. The weight served is the state's, or 0 outside a `serve` schedule window.
+7. A step with a `pause` holds the weight there for the pause, counted from when the
+   step was reached (or the rollout resumed at it): the judge goes on judging, and
+   failures count (a rollback is never held), but no step goes up before it ends.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
-from proxy.config.model import Config, Route
+from proxy.config.model import AutoRollout, Config, Route
+from proxy.config.summary import format_span
 from proxy.judge.analysis import Evidence, Judgement, judge
 from proxy.judge.stats import SLICE_S
 from proxy.rollout.machine import (
@@ -48,6 +52,7 @@ __all__ = [
     "Reconciled",
     "SliceRange",
     "due",
+    "pause_left_s",
     "plan",
     "reconcile_all",
     "served_weights",
@@ -86,6 +91,7 @@ class Judged:
     judgement: Judgement | None  # None: below the first step, taken without a judgement
     transition: Transition  # its state is to be stored, whether or not it decided
     held_because: str | None  # a step that would have gone up, and why it did not
+    pause_left_s: float = 0.0  # what is left of the step's pause (rule 7)
 
     @property
     def note(self) -> str | None:
@@ -94,10 +100,15 @@ class Judged:
         auto = self.route.rollout.auto
         if judgement is None or self.transition.decision is not None or auto is None:
             return None
+        pausing = (
+            f"; pausing at this step, {format_span(self.pause_left_s)} left"
+            if self.pause_left_s > 0
+            else ""
+        )
         return (
             f"route {self.route.name} at {state.weight:g}%: {judgement.verdict.value} "
             f"({state.passes}/{auto.pass_intervals} passes, "
-            f"{state.failures}/{auto.failure_limit} failures): {judgement.reason}"
+            f"{state.failures}/{auto.failure_limit} failures{pausing}): {judgement.reason}"
         )
 
 
@@ -125,6 +136,14 @@ def timers_for(config: Config, timers: Mapping[str, float], now: float) -> dict[
         if auto is not None:
             result[route.name] = timers.get(route.name, now + auto.interval_s)
     return result
+
+
+def pause_left_s(state: RouteState, auto: AutoRollout, now: float) -> float:
+    """What is left of the pause of the step the rollout is at (rule 7); 0 when none."""
+    if state.status is not Status.PROGRESSING:
+        return 0.0
+    pause = auto.pause_s(state.step)
+    return max(0.0, state.step_started_at + pause - now) if pause > 0 else 0.0
 
 
 def due(
@@ -180,14 +199,15 @@ def plan(
         state = states[route.name]
         state = replace(state, evidence=evidence.get(route.name, state.evidence))
         judgement = judge(state.evidence, auto) if state.step >= 0 else None
-        advance = may_advance(route.schedule, now) and fleet.held_because is None
+        pausing = pause_left_s(state, auto, now)
+        advance = may_advance(route.schedule, now) and fleet.held_because is None and not pausing
         transition = on_judgement(state, auto, judgement, now, advance)
         held = (
             fleet.held_because
             if fleet.held_because is not None and transition.state.passes >= auto.pass_intervals
             else None
         )
-        judged.append(Judged(route, judgement, transition, held))
+        judged.append(Judged(route, judgement, transition, held, pausing))
     return Plan(tuple(judged), timers)
 
 

@@ -4,7 +4,9 @@ Rules:
 1. It listens on `admin.listen` (loopback by default) and nowhere else; the public
    port never answers these paths (it forwards every path to a backend).
 2. `GET` endpoints are open; `POST` endpoints need `Authorization: Bearer <token>`
-   when `admin.token_env` is set (compared in constant time).
+   when `admin.token_env` is set (compared in constant time). An operator's action
+   that does not apply is 409, with `retry_after_s` and `Retry-After` when it will
+   (a resume within its cooldown; `?force=true` overrides).
 3. The status page reads the same window stats as the rollout judge: those of every
    process that shares the state store (workers and replicas), merged.
 4. A client that sends bad HTTP or leaves mid-exchange is one log line, not a
@@ -18,13 +20,16 @@ import datetime
 import hmac
 import json
 import logging
+import math
 from typing import Final, Protocol
 
 from aiohttp import web
 
 from proxy import __version__
+from proxy.config.model import AutoRollout
 from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
-from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused
+from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused, cooldown_left_s
+from proxy.rollout.planner import pause_left_s
 from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
 from proxy.server.reload import ReloadOutcome, ReloadResult
@@ -128,12 +133,24 @@ def build_admin_app(view: AdminView) -> web.Application:
         except ValueError:
             actions = ", ".join(a.value for a in OperatorAction)
             return _error(404, f"no action {action_text!r} (actions: {actions})")
+        force = _flag(request.query.get("force"), "force")
         try:
-            state = await view.controller.operate(name, action)
+            state = await view.controller.operate(name, action, force=force)
         except UnknownRoute:
             return _error(404, f"no route named {name!r}")
         except TransitionRefused as exc:
-            return _error(409, str(exc))
+            if exc.retry_after_s is None:
+                return _error(409, str(exc))
+            # A cooldown: it passes by itself, or the operator forces it.
+            return web.json_response(
+                {
+                    "error": f"{exc} (POST {request.path}?force=true)",
+                    "retry_after_s": round(exc.retry_after_s, 1),
+                },
+                status=409,
+                headers={"Retry-After": str(math.ceil(exc.retry_after_s))},
+                dumps=_dumps,
+            )
         except StoreUnavailable as exc:
             return _error(503, f"the state store is unavailable: {exc}")
         return web.json_response(_route_state(state), dumps=_dumps)
@@ -209,8 +226,10 @@ async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) ->
                 "rollout": {
                     **(_route_state(state) if state is not None else {}),
                     "steps": list(auto.steps) if auto is not None else None,
+                    "step_pauses_s": list(auto.step_pauses_s) if auto is not None else None,
                     "interval_s": auto.interval_s if auto is not None else None,
                     "next_judgement_in_s": controller.next_judgement_in(route.name),
+                    **_waits(state, auto, now),
                 },
                 "variants": {
                     variant: (await controller.window(route.name, variant, first, last)).summary()
@@ -249,6 +268,17 @@ async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) ->
     }
 
 
+def _waits(state: RouteState | None, auto: AutoRollout | None, now: float) -> dict[str, object]:
+    """What the rollout waits for: a step's pause, a rollback's cooldown (seconds left)."""
+    if state is None or auto is None:
+        return {"pause_left_s": None, "cooldown_left_s": None}
+    pause, cooldown = pause_left_s(state, auto, now), cooldown_left_s(state, auto, now)
+    return {
+        "pause_left_s": round(pause, 1) if pause > 0 else None,
+        "cooldown_left_s": round(cooldown, 1) if cooldown > 0 else None,
+    }
+
+
 def _authorize(request: web.Request, token: str | None) -> None:
     """A mutating call needs `Authorization: Bearer <token>` when the admin has a token."""
     if token is None:
@@ -262,6 +292,14 @@ def _authorize(request: web.Request, token: str | None) -> None:
             content_type="application/json",
             headers={"WWW-Authenticate": 'Bearer realm="canary-proxy admin"'},
         )
+
+
+def _flag(text: str | None, name: str) -> bool:
+    if text is None or text.lower() in ("", "false", "0", "no"):
+        return False
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    raise web.HTTPBadRequest(text=f"{name} must be true or false, got {text!r}\n")
 
 
 def _window(text: str | None) -> float:

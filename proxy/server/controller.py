@@ -249,8 +249,13 @@ class Controller:
 
     # --- operators ----------------------------------------------------------------------
 
-    async def operate(self, route_name: str, action: OperatorAction) -> RouteState:
-        """Apply an operator's action. Raises UnknownRoute or TransitionRefused."""
+    async def operate(
+        self, route_name: str, action: OperatorAction, *, force: bool = False
+    ) -> RouteState:
+        """Apply an operator's action (`force`: past a resume's cooldown).
+
+        Raises UnknownRoute, TransitionRefused or StoreUnavailable.
+        """
         config = self._host.config
         route = config.route(route_name)
         if route is None:
@@ -260,7 +265,7 @@ class Controller:
         async with self._lock:
             for _ in range(_OPERATOR_ATTEMPTS):
                 transition = on_operator(
-                    self.states[route_name], route.rollout.auto, action, self._clock()
+                    self.states[route_name], route.rollout.auto, action, self._clock(), force=force
                 )
                 if await self._commit(route, transition):
                     break
