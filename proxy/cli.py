@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 from proxy import __version__
 from proxy.config import ConfigError, EnvSecrets, load_config, summarize
 from proxy.config.model import Config, Route
+from proxy.config.schema import config_schema
 from proxy.config.summary import format_span
 from proxy.fake_backend.options import add_arguments as add_fake_backend_arguments
 from proxy.routing.assignment import bucket_of, canary_from_weight, canary_threshold, choose_variant
@@ -104,6 +105,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in config.warnings:
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_schema(_: argparse.Namespace) -> int:
+    print(json.dumps(config_schema(), indent=2))
     return 0
 
 
@@ -394,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         "without it an unset one is a warning",
     )
     check.set_defaults(handler=cmd_check)
+
+    schema = commands.add_parser(
+        "schema", help="print the JSON Schema of the config file, for editors and CI"
+    )
+    schema.set_defaults(handler=cmd_schema)
 
     status = commands.add_parser("status", help="the rollout table of a running proxy")
     status.add_argument(

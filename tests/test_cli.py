@@ -115,6 +115,7 @@ HELP_CASES = {
     "check": (("check",), "usage: canary-proxy check"),
     "assign": (("assign",), "usage: canary-proxy assign"),
     "fake-backend": (("fake-backend",), "usage: canary-proxy fake-backend"),
+    "schema": (("schema",), "usage: canary-proxy schema"),
 }
 
 
@@ -136,7 +137,7 @@ def test_every_command_answers_help(command: str, help_results: dict[str, CliRes
 @pytest.mark.timeout(30)
 def test_top_level_help_lists_every_command(help_results: dict[str, CliResult]) -> None:
     listed = help_results["top level"].stdout
-    for command in ("run", "check", "assign", "fake-backend"):
+    for command in ("run", "check", "assign", "fake-backend", "schema"):
         assert re.search(rf"^\s+{re.escape(command)}\b", listed, re.MULTILINE), listed
 
 
@@ -245,6 +246,39 @@ def test_check_says_when_the_state_store_is_a_redis_cluster(tmp_path: Path) -> N
     assert result.returncode == 0, result
     (shown,) = [line for line in result.stdout.splitlines() if line.startswith("state ")]
     assert shown.split(None, 1)[1] == "redis cluster, nodes found from redis://redis-0:6379"
+
+
+@pytest.mark.timeout(30)
+def test_check_takes_values_from_the_environment_and_names_an_unset_one(tmp_path: Path) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(
+        "listen: ${LISTEN:-127.0.0.1:8181}\n"
+        "backends:\n"
+        "  v1: {url: '${STABLE_URL}'}\n"
+        "  v2: {url: '${CANARY_URL:-http://10.0.0.2:8000}'}\n"
+        "routes:\n"
+        "  - name: chat\n"
+        "    stable: v1\n"
+        "    canary: v2\n"
+        "    rollout:\n"
+        "      weight: ${CANARY_WEIGHT}\n"
+    )
+    env = {**child_env(), "STABLE_URL": "http://10.0.0.1:8000", "CANARY_WEIGHT": "7.5"}
+    unset = {k: v for k, v in env.items() if k != "STABLE_URL"}
+    ok = run_one("check", "-c", str(path), env=env)
+    refused = run_one("check", "-c", str(path), env=unset)
+    assert ok.returncode == 0, ok
+    shown = ok.stdout
+    assert "127.0.0.1:8181" in shown
+    assert "http://10.0.0.1:8000" in shown
+    assert "http://10.0.0.2:8000" in shown
+    assert "7.5% canary" in shown
+    assert refused.returncode == 1
+    assert refused.error_lines == [
+        f"{path}: backends.v1.url: the environment variable STABLE_URL is not set "
+        "(give a default with ${STABLE_URL:-value})"
+    ]
+    refused.assert_no_traceback()
 
 
 # --- check: bad configs ----------------------------------------------------------------

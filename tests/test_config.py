@@ -760,3 +760,84 @@ def test_junk_yaml_never_raises_anything_but_config_error(text: str) -> None:
     else:
         problems = ("valid",)
     assert problems
+
+
+# -- ${VAR} interpolation --------------------------------------------------------------
+
+INTERPOLATED = """\
+listen: ${LISTEN:-127.0.0.1:8181}
+limits:
+  max_concurrency: ${MAX_CONCURRENCY}
+  header_timeout: ${HEADER_TIMEOUT:-3s}
+backends:
+  v1: {url: "${V1_URL}"}
+  v2: {url: "http://${V2_HOST}:8000/v1"}
+routes:
+  - name: chat
+    stable: v1
+    canary: v2
+    sticky: {salt: "${SALT:-}$${SALT}$x-${SALT_SUFFIX:-1}"}
+    fallback_to_stable: ${FALLBACK}
+    rollout:
+      weight: ${WEIGHT}
+"""
+INTERPOLATION_ENV = {
+    "MAX_CONCURRENCY": "512",
+    "V1_URL": "http://10.0.0.1:8000",
+    "V2_HOST": "10.0.0.2",
+    "FALLBACK": "true",
+    "WEIGHT": "2.5",
+    "SALT_SUFFIX": "",
+}
+
+
+def test_values_come_from_the_environment_typed_as_if_written_in_the_file() -> None:
+    cfg = parse_config(INTERPOLATED, environ=INTERPOLATION_ENV)
+    assert cfg.listen == ListenAddress("127.0.0.1", 8181)  # the default
+    assert cfg.limits.max_concurrency == 512  # unquoted: a number
+    assert cfg.limits.header_timeout_s == 3.0
+    assert cfg.backends["v1"].url == "http://10.0.0.1:8000"
+    assert cfg.backends["v2"].origin == "http://10.0.0.2:8000"
+    route = cfg.routes[0]
+    # An empty default, a literal `${` written `$${`, a lone `$`, and an empty variable
+    # given its default.
+    assert route.sticky.salt == "${SALT}$x-1"
+    assert route.fallback_to_stable is True
+    assert route.rollout.weight == 2.5
+    # The version is the file's: the same bytes, whatever the environment says.
+    other = parse_config(INTERPOLATED, environ={**INTERPOLATION_ENV, "WEIGHT": "50"})
+    assert (other.routes[0].rollout.weight, other.version) == (50, cfg.version)
+
+
+def test_a_variable_holds_a_value_never_yaml_structure() -> None:
+    env = {**INTERPOLATION_ENV, "SALT": "a: [1, 2]\nb: {c: d} # no comment"}
+    cfg = parse_config(INTERPOLATED, environ=env)
+    assert cfg.routes[0].sticky.salt == "a: [1, 2]\nb: {c: d} # no comment${SALT}$x-1"
+    quoted = parse_config(config(route='sticky: {salt: "${N}"}'), environ={"N": "1234"}).routes[0]
+    assert quoted.sticky.salt == "1234"  # quoted: a string, though it looks like a number
+
+
+def test_every_unset_variable_is_one_problem_at_its_path() -> None:
+    env = {"V1_URL": "http://10.0.0.1:8000", "V2_HOST": "h", "FALLBACK": "maybe"}
+    assert problems_of(INTERPOLATED, environ=env) == (
+        "limits.max_concurrency: the environment variable MAX_CONCURRENCY is not set "
+        "(give a default with ${MAX_CONCURRENCY:-value})",
+        "routes[0].rollout.weight: the environment variable WEIGHT is not set "
+        "(give a default with ${WEIGHT:-value})",
+        # Set, so interpolated, and then judged as the value it is.
+        "routes[0].fallback_to_stable: must be true or false, got 'maybe'",
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("${}", "${} is no variable reference (expected ${NAME} or ${NAME:-default})"),
+        ("${1X}", "${1X} is no variable reference (expected ${NAME} or ${NAME:-default})"),
+        ("${X-y}", "${X-y} is no variable reference (expected ${NAME} or ${NAME:-default})"),
+        ("x-${X", "an unclosed ${ (write $${ for a literal one)"),
+    ],
+)
+def test_a_malformed_reference_is_a_problem(value: str, problem: str) -> None:
+    text = config(route=f"sticky: {{salt: '{value}'}}")
+    assert problems_of(text, environ={"X": "x"}) == (f"routes[0].sticky.salt: {problem}",)

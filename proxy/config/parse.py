@@ -15,6 +15,8 @@ Rules:
 4. `Config.version` is the first 12 hex digits of the SHA-256 of the file's bytes;
    `Config.fleet_version` the hash of the settings a fleet shares (`proxy.config.fleet`).
 5. Mappings in the result are read-only (`types.MappingProxyType`).
+6. `${VAR}` and `${VAR:-default}` in values come from the same environment
+   (`proxy.config.interpolate`); `Config.version` stays the hash of the file's bytes.
 """
 
 from __future__ import annotations
@@ -136,12 +138,12 @@ def parse_config(
     """
     data = text.encode() if isinstance(text, str) else text
     version = content_version(data)
-    tree, problems = load_yaml(data)
-    root = Reader(tree, problems=problems)
     env = _Environment(os.environ if environ is None else environ, secrets)
+    tree, problems = load_yaml(data, env.environ)
+    root = Reader(tree, problems=list(problems))
     config = _read_config(root, env)
     if root.problems or config is None:
-        raise ConfigError(root.problems)
+        raise ConfigError(_one_per_path(problems, root.problems[len(problems) :]))
     return dataclasses.replace(
         config,
         version=version,
@@ -149,6 +151,13 @@ def parse_config(
         source=source,
         warnings=tuple(env.warnings),
     )
+
+
+def _one_per_path(first: list[str], then: list[str]) -> list[str]:
+    """`first` (the file's own: duplicate keys, unset variables), then each of `then` at
+    a path none of them names: an unset `${PORT}` is one problem, not also a bad port."""
+    named = {problem.partition(": ")[0] for problem in first}
+    return first + [problem for problem in then if problem.partition(": ")[0] not in named]
 
 
 # -- top level ---------------------------------------------------------------------------

@@ -6,13 +6,18 @@ Rules:
    silently keep the last one, which hides typos.
 3. Every way the text can fail to be YAML becomes one `ConfigError` line,
    `line L, column C: invalid YAML: <problem>` where PyYAML knows the place.
+4. `${VAR}` references in values are substituted from the environment before any
+   value is built (`proxy.config.interpolate`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from proxy.config.interpolate import interpolate
 from proxy.config.reader import key_path
 from proxy.errors import ConfigError
 
@@ -21,14 +26,15 @@ __all__ = ["load_yaml"]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-def load_yaml(data: bytes) -> tuple[object, list[str]]:
-    """The YAML tree and the duplicate keys in it; a syntax error raises ConfigError."""
+def load_yaml(data: bytes, environ: Mapping[str, str]) -> tuple[object, list[str]]:
+    """The YAML tree, with `${VAR}` references taken from `environ`, and its problems
+    (duplicate keys, unset variables); a syntax error raises ConfigError."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"byte {exc.start}: the file is not UTF-8 text") from exc
     try:
-        return _compose_and_construct(text)
+        return _compose_and_construct(text, environ)
     except yaml.MarkedYAMLError as exc:
         raise ConfigError(_yaml_problem(exc)) from exc
     except yaml.reader.ReaderError as exc:
@@ -44,12 +50,13 @@ def load_yaml(data: bytes) -> tuple[object, list[str]]:
         raise ConfigError("invalid YAML: nested too deeply") from exc
 
 
-def _compose_and_construct(text: str) -> tuple[object, list[str]]:
+def _compose_and_construct(text: str, environ: Mapping[str, str]) -> tuple[object, list[str]]:
     loader = yaml.SafeLoader(text)  # checks for unprintable characters right away
     try:
         node = loader.get_single_node()
         problems: list[str] = []
         _find_duplicate_keys(node, "", set(), problems)
+        problems += interpolate(node, loader, environ)
         return (None if node is None else loader.construct_document(node)), problems
     finally:
         loader.dispose()
