@@ -24,6 +24,7 @@ from proxy.config import (
     ScheduleMode,
     StateStoreKind,
     Variant,
+    WebhookFormat,
     load_config,
     parse_config,
     parse_key_source,
@@ -106,6 +107,13 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert (chat.schedule.timezone, chat.schedule.mode) == ("UTC", ScheduleMode.ADVANCE)
     assert chat.schedule.windows[0].days == frozenset(range(5))
     assert chat.fallback_to_stable is True
+    (hook,) = chat.notify
+    assert (hook.url, hook.url_env, hook.format) == (
+        "http://alerts.internal:9000/canary",
+        None,
+        WebhookFormat.GENERIC,
+    )
+    assert (hook.timeout_s, hook.retries, hook.backoff_s) == (5, 3, 1)
     auto = chat.rollout.auto
     assert chat.rollout.weight == 5
     assert auto is not None
@@ -519,6 +527,21 @@ BAD_CASES = [
      "routes[0].rollout.auto.steps[1].wait: unknown key 'wait'"),
     (config(route="rollout: {auto: {steps: [{weight: 5, pause: 1m}, 2]}}"),
      "routes[0].rollout.auto.steps: must increase, got 2 after 5"),
+    (config(route="notify: [{format: slack}]"),
+     "routes[0].notify[0]: needs url or url_env (a variable holding the URL), one of them"),
+    (config(route="notify: [{url: 'http://h:1', url_env: HOOK}]"),
+     "routes[0].notify[0]: needs url or url_env (a variable holding the URL), one of them"),
+    (config(route="notify: [{url: 'ftp://h/x'}]"),
+     "routes[0].notify[0].url: must start with http:// or https://, got 'ftp://h/x'"),
+    (config(route="notify: [{url: 'http://h:1', format: teams}]"),
+     "routes[0].notify[0].format: must be one of generic, slack, got 'teams'"),
+    (config(route="notify: [{url: 'http://h:1', retries: -1}]"),
+     "routes[0].notify[0].retries: must be at least 0, got -1"),
+    (config(route="notify: [{url_env: EMPTY_VAR}]"),
+     "routes[0].notify[0].url_env: environment variable EMPTY_VAR is empty"),
+    (config(route="notify: [{url_env: V1_API_KEY}]"),
+     "routes[0].notify[0].url_env: environment variable V1_API_KEY must hold an http:// or "
+     "https:// URL"),
     (config(route="rollout: {auto: {steps: [50], cooldown: soon}}"),
      "routes[0].rollout.auto.cooldown: must be a duration"),
     (config(route="rollout: {auto: {steps: [50], confidence: 0.5}}"),
@@ -841,3 +864,15 @@ def test_every_unset_variable_is_one_problem_at_its_path() -> None:
 def test_a_malformed_reference_is_a_problem(value: str, problem: str) -> None:
     text = config(route=f"sticky: {{salt: '{value}'}}")
     assert problems_of(text, environ={"X": "x"}) == (f"routes[0].sticky.salt: {problem}",)
+
+
+def test_a_webhook_url_from_the_environment_is_never_shown_whole() -> None:
+    secret = "https://hooks.slack.com/services/T000/B000/XXXXsecretXXXX"
+    text = config(route="notify: [{url_env: SLACK_URL, format: slack, retries: 0}]")
+    cfg = parse_config(text, environ={"SLACK_URL": secret})
+    (hook,) = cfg.routes[0].notify
+    assert (hook.url, hook.format, hook.retries) == (secret, WebhookFormat.SLACK, 0)
+    assert hook.shown == "https://hooks.slack.com/... ($SLACK_URL)"
+    shown = summarize(cfg)
+    assert "slack webhook https://hooks.slack.com/... ($SLACK_URL); 0 retries" in shown
+    assert "XXXXsecretXXXX" not in shown + repr(cfg)

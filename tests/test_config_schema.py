@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from proxy.config import ConfigError, parse_config
-from proxy.config.parse import BACKEND_KEYS, TOP_KEYS
+from proxy.config.parse import BACKEND_KEYS, TOP_KEYS, WEBHOOK_KEYS
 from proxy.config.rollout import AUTO_KEYS, STEP_KEYS
 from proxy.config.routes import ROUTE_KEYS
 from proxy.config.schema import config_schema
@@ -77,6 +77,7 @@ def test_the_schema_names_exactly_the_keys_the_parser_accepts() -> None:
     assert set(defs["Backend"]["properties"]) == set(BACKEND_KEYS)
     assert set(defs["Route"]["properties"]) == set(ROUTE_KEYS)
     assert set(defs["AutoRollout"]["properties"]) == set(AUTO_KEYS)
+    assert set(defs["Webhook"]["properties"]) == set(WEBHOOK_KEYS)
     step = defs["AutoRollout"]["properties"]["steps"]["items"]["anyOf"][-1]
     assert set(step["properties"]) == set(STEP_KEYS)
     # Durations are written without the model's `_s`, and keep their defaults.

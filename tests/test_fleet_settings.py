@@ -56,8 +56,22 @@ def config(text: str, environ: dict[str, str] = ENV) -> Config:
         ("listen: 127.0.0.1:8080", "# unit b\nlisten: 127.0.0.1:8080"),
         ("interval: 30s", "interval: 30000ms"),
         ("steps: [1, 5, 100]", "steps:\n          - 1\n          - 5\n          - 100"),
+        (
+            "    sticky: {keys: [auth], salt: s2}",
+            "    sticky: {keys: [auth], salt: s2}\n"
+            "    notify: [{url: 'http://hooks.local/a', format: slack}]",
+        ),
     ],
-    ids=["listen", "admin", "limits", "telemetry", "comment", "same duration", "same list"],
+    ids=[
+        "listen",
+        "admin",
+        "limits",
+        "telemetry",
+        "comment",
+        "same duration",
+        "same list",
+        "webhooks",
+    ],
 )
 def test_per_process_settings_and_spelling_leave_the_fleet_version_alone(
     old: str, new: str

@@ -11,13 +11,15 @@ The pieces, from the outside in:
   (durations, listen addresses, key sources such as `header:x-user-id`, schedule
   windows such as `Mon-Fri 09:00-18:00`).
 - **reader** (`proxy.config.reader`): walks the YAML tree, tracks the path, collects problems.
-- **yaml_tree** (`proxy.config.yaml_tree`): safe YAML loading that also reports duplicate keys.
+- **yaml_tree** (`proxy.config.yaml_tree`): safe YAML loading that also reports duplicate keys,
+  with `${VAR}` references substituted (`proxy.config.interpolate`).
 - **model** (`proxy.config.model`): the frozen records, one per section.
 - **summary** (`proxy.config.summary`): the one-screen text `canary-proxy check` prints.
+- **schema** (`proxy.config.schema`): the JSON Schema of the file, from the model.
 
 Secrets never live in the file: it names environment variables (`api_key_env`,
-`token_env`), whose values are read at parse time and never printed; what an unset
-one means is the caller's choice (`EnvSecrets`).
+`token_env`, a webhook's `url_env`), whose values are read at parse time and never
+printed; what an unset one means is the caller's choice (`EnvSecrets`).
 """
 
 from proxy.config.model import (
@@ -51,6 +53,8 @@ from proxy.config.model import (
     Timeouts,
     TimeWindow,
     Variant,
+    Webhook,
+    WebhookFormat,
 )
 from proxy.config.parse import (
     EnvSecrets,
@@ -95,6 +99,8 @@ __all__ = [
     "TimeWindow",
     "Timeouts",
     "Variant",
+    "Webhook",
+    "WebhookFormat",
     "content_version",
     "load_config",
     "parse_config",

@@ -11,7 +11,8 @@ Rules:
    cap), every route (match, variants, sticky, cohort, schedule, fallback, rollout)
    and the order of the routes (first match wins), and the state store itself.
 2. Per process, never compared: `listen`, `admin`, `limits`, `trusted_proxies`,
-   `shutdown_grace`, `telemetry`, secret values, comments, formatting.
+   `shutdown_grace`, `telemetry`, a route's `notify` (webhooks hold back no step, and
+   their URLs may be secret), secret values, comments, formatting.
 3. The settings are flat: a path as `check` names it (`routes.chat.rollout.auto.steps`)
    to a JSON value. Lists are one value each, so a list that changed is named whole.
 4. `fleet_version` is the first 12 hex digits of the SHA-256 of the settings as sorted
@@ -42,6 +43,7 @@ Settings = Mapping[str, JsonValue]
 
 _BACKEND_SECRETS: Final = frozenset({"api_key"})
 _BACKEND_DERIVED: Final = frozenset({"name", "origin", "base_path"})  # all from url or the key
+_ROUTE_PER_PROCESS: Final = frozenset({"name", "notify"})  # the name is the path
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ def _route(route: Route) -> dict[str, JsonValue]:
     return {
         _config_key(field.name): _plain(getattr(route, field.name))
         for field in dataclasses.fields(route)
-        if field.name != "name"
+        if field.name not in _ROUTE_PER_PROCESS
     }
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "TimeWindow",
     "Timeouts",
     "Variant",
+    "Webhook",
+    "WebhookFormat",
 ]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -245,6 +247,33 @@ class Rollout:
     auto: AutoRollout | None = None
 
 
+class WebhookFormat(StrEnum):
+    GENERIC = "generic"  # the decision as JSON, every field
+    SLACK = "slack"  # a Slack incoming webhook's message: text and blocks
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where a route's decisions are sent (`notify:`), and how hard to try."""
+
+    # As written, or read from `url_env` (a Slack webhook's URL is itself a secret).
+    url: str = field(default="", repr=False)
+    url_env: str | None = None
+    format: WebhookFormat = WebhookFormat.GENERIC
+    timeout_s: float = 5.0  # per attempt
+    retries: int = 3  # attempts after the first
+    backoff_s: float = 1.0  # before the first retry; doubled before each next one
+
+    @property
+    def shown(self) -> str:
+        """Where it goes, as logs and summaries show it: never a secret URL's path."""
+        scheme, _, rest = self.url.partition("://")
+        host = rest.split("/", 1)[0]
+        if self.url_env is not None:
+            return f"{scheme}://{host}/... (${self.url_env})"
+        return self.url
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str
@@ -258,6 +287,7 @@ class Route:
     schedule: Schedule | None = None
     fallback_to_stable: bool = False
     rollout: Rollout = Rollout()
+    notify: tuple[Webhook, ...] = ()
 
     def backend_of(self, variant: Variant) -> str:
         return self.canary if variant is Variant.CANARY else self.stable

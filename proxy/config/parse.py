@@ -45,6 +45,8 @@ from proxy.config.model import (
     StateStoreKind,
     TelemetryConfig,
     Timeouts,
+    Webhook,
+    WebhookFormat,
 )
 from proxy.config.reader import Reader
 from proxy.config.routes import read_routes
@@ -65,6 +67,7 @@ TOP_KEYS = (
     "state",
 )
 BACKEND_KEYS = ("url", "api_key_env", "timeouts", "max_connections")
+WEBHOOK_KEYS = ("url", "url_env", "format", "timeout", "retries", "backoff")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 VERSION_HEX_DIGITS = 12
@@ -181,7 +184,9 @@ def _read_config(root: Reader, env: _Environment) -> Config | None:
     backend_names = _backend_names(fields.at("backends"))
     config = Config(
         backends=MappingProxyType(backends),
-        routes=fields.get("routes", lambda r: read_routes(r, backend_names), ()),
+        routes=fields.get(
+            "routes", lambda r: read_routes(r, backend_names, lambda n: _read_notify(n, env)), ()
+        ),
         listen=listen,
         admin=admin,
         limits=limits,
@@ -365,6 +370,49 @@ def _split_url(reader: Reader, text: str) -> SplitResult | None:
         reader.error("must not carry credentials: secrets are not allowed in the config file")
         return None
     return parts
+
+
+def _read_notify(reader: Reader, env: _Environment) -> tuple[Webhook, ...] | None:
+    items = reader.items()
+    if items is None:
+        return None
+    hooks = [_read_webhook(item, env) for item in items]
+    return tuple(hook for hook in hooks if hook is not None) if None not in hooks else None
+
+
+def _read_webhook(reader: Reader, env: _Environment) -> Webhook | None:
+    fields = reader.fields(WEBHOOK_KEYS, secret_env="url_env")
+    if fields is None:
+        return None
+    if ("url" in fields) == ("url_env" in fields):
+        reader.error("needs url or url_env (a variable holding the URL), one of them")
+        return None
+    defaults = Webhook()
+    url = fields.get("url", _read_http_url, None)
+    secret = fields.get("url_env", lambda r: _read_secret_env(r, env), None)
+    if secret is not None and secret[1] is not None and not _is_http_url(secret[1]):
+        # Its value is a secret: the message names the variable only.
+        fields.at("url_env").error(
+            f"environment variable {secret[0]} must hold an http:// or https:// URL"
+        )
+        return None
+    hook = Webhook(
+        url=url.geturl() if url is not None else (secret[1] or "") if secret else "",
+        url_env=secret[0] if secret is not None else None,
+        format=fields.get("format", lambda r: r.choice(WebhookFormat), defaults.format),
+        timeout_s=fields.get("timeout", Reader.duration, defaults.timeout_s),
+        retries=fields.get("retries", lambda r: r.integer(minimum=0), defaults.retries),
+        backoff_s=fields.get("backoff", lambda r: r.duration(allow_zero=True), defaults.backoff_s),
+    )
+    return hook if url is not None or secret is not None else None
+
+
+def _is_http_url(text: str) -> bool:
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in DEFAULT_PORTS and bool(parts.hostname)
 
 
 def _read_timeouts(reader: Reader) -> Timeouts | None:

@@ -6,13 +6,14 @@ Rules:
 2. Cohorts select on any key source but `auth`: its values would be API keys,
    and secrets never appear in the file.
 3. The string grammars (key sources, schedule windows) live in
-   `proxy.config.grammar`, the `rollout` section in `proxy.config.rollout`.
+   `proxy.config.grammar`, the `rollout` section in `proxy.config.rollout`, and
+   `notify` (which reads secrets from the environment) in `proxy.config.parse`.
 """
 
 from __future__ import annotations
 
 import zoneinfo
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from types import MappingProxyType
 
 from proxy.config.grammar import is_http_token, is_name, parse_key_source, parse_window
@@ -30,6 +31,7 @@ from proxy.config.model import (
     Sticky,
     TimeWindow,
     Variant,
+    Webhook,
 )
 from proxy.config.reader import Reader
 from proxy.config.rollout import read_rollout
@@ -53,10 +55,18 @@ ROUTE_KEYS = (
     "schedule",
     "fallback_to_stable",
     "rollout",
+    "notify",
 )
 
 
-def read_routes(reader: Reader, backend_names: Collection[str] | None) -> tuple[Route, ...]:
+NotifyReader = Callable[[Reader], tuple[Webhook, ...] | None]  # a route's `notify`
+
+
+def read_routes(
+    reader: Reader,
+    backend_names: Collection[str] | None,
+    read_notify: NotifyReader,
+) -> tuple[Route, ...]:
     """Every valid route in the list; problems (duplicate names too) go to `reader`.
 
     `backend_names` is None when the backends section is itself broken, so stable
@@ -68,7 +78,7 @@ def read_routes(reader: Reader, backend_names: Collection[str] | None) -> tuple[
     routes: list[Route] = []
     first_index: dict[str, int] = {}
     for index, item in enumerate(items):
-        route = _read_route(item, backend_names)
+        route = _read_route(item, backend_names, read_notify)
         name = item.value.get("name") if isinstance(item.value, dict) else None
         if isinstance(name, str) and name in first_index:
             item.key("name").error(
@@ -84,7 +94,9 @@ def read_routes(reader: Reader, backend_names: Collection[str] | None) -> tuple[
 # -- one route ---------------------------------------------------------------------------
 
 
-def _read_route(reader: Reader, backend_names: Collection[str] | None) -> Route | None:
+def _read_route(
+    reader: Reader, backend_names: Collection[str] | None, read_notify: NotifyReader
+) -> Route | None:
     fields = reader.fields(ROUTE_KEYS)
     if fields is None:
         return None
@@ -104,6 +116,7 @@ def _read_route(reader: Reader, backend_names: Collection[str] | None) -> Route 
         schedule=fields.get("schedule", _read_schedule, None),
         fallback_to_stable=fields.get("fallback_to_stable", Reader.boolean, False),
         rollout=fields.get("rollout", read_rollout, Rollout()),
+        notify=fields.get("notify", read_notify, ()),
     )
     return route if name and stable and canary else None
 

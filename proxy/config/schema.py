@@ -38,6 +38,7 @@ from proxy.config.model import (
     Route,
     Sticky,
     TimeWindow,
+    Webhook,
 )
 
 __all__ = ["SCHEMA_ID", "config_schema"]
@@ -111,6 +112,7 @@ _FIELDS: Final[Mapping[tuple[type, str], _Key | None]] = {
     ),
     (Rollout, "weight"): _Key(_PERCENT),
     (AutoRollout, "step_pauses_s"): _NOT_A_KEY,  # written inside `steps`
+    (Webhook, "url"): _Key(required=False),  # or url_env
 }
 # Fields whose shape is declared here, not derived: they are keys all the same.
 _SHAPES: Final[Mapping[tuple[type, str], Schema]] = {
@@ -238,7 +240,7 @@ def _default(item: dataclasses.Field[Any], duration: bool) -> object:
         return value.value
     if isinstance(value, ListenAddress):
         return str(value)
-    if isinstance(value, bool | str):
+    if isinstance(value, bool) or (isinstance(value, str) and value):
         return value
     if isinstance(value, int | float):
         return int(value) if duration and float(value).is_integer() else value

@@ -160,6 +160,14 @@ def _route(route: Route) -> list[str]:
             rows.append(("cooldown", f"no resume within {cooldown} of a rollback, unless forced"))
         checks = _checks(auto.checks)
         rows += [("checks" if i == 0 else "", check) for i, check in enumerate(checks)]
+    rows += [
+        (
+            "notify" if i == 0 else "",
+            f"{hook.format} webhook {hook.shown}; {hook.retries} retries from "
+            f"{format_duration(hook.backoff_s)}, {format_duration(hook.timeout_s)} each",
+        )
+        for i, hook in enumerate(route.notify)
+    ]
     return [f"{INDENT}{route.name}"] + [_row(label, text, INDENT * 2) for label, text in rows]
 
 

@@ -46,6 +46,7 @@ from proxy.rollout.machine import Decision
 from proxy.routing.assignment import RouteTable
 from proxy.server.admin import build_admin_app
 from proxy.server.controller import Controller
+from proxy.server.notify import Notifier
 from proxy.server.reload import ConfigWatcher, ReloadOutcome, ReloadResult, changes_needing_restart
 from proxy.telemetry.export import ExportStatus, OtelExport
 from proxy.telemetry.logs import install_trace_ids, set_format
@@ -98,6 +99,7 @@ class ProxyServer:
         self._draining = False
         self._reloading = asyncio.Lock()
         self.controller = Controller(self, shared=worker is not None)
+        self.notifier = Notifier(self.telemetry.metrics.record_notification)
 
     # --- what the admin port reads (proxy.server.admin.AdminView) --------------------------------
 
@@ -144,6 +146,13 @@ class ProxyServer:
 
     def record_decision(self, route: str, decision: Decision) -> None:
         self.telemetry.record_decision(route, decision)
+        config = self.config
+        routed = config.route(route)
+        if routed is not None and routed.notify:
+            # Only here, where the decision was made and stored: one message per decision.
+            self.notifier.notify(
+                route, routed.notify, decision, config.version, self.controller.source
+            )
 
     # --- what the admin port reads of telemetry ------------------------------------------
 
@@ -191,6 +200,7 @@ class ProxyServer:
         self._deadlines.start()
         snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
         self._forwarder = Forwarder(snapshot, self._deadlines, self.telemetry)
+        await self.notifier.start()
         await self.controller.start()
         await self._start_export(config)
         admin = web.AppRunner(build_admin_app(self), access_log=None)
@@ -256,6 +266,7 @@ class ProxyServer:
             await runner.cleanup()
         self._runners.clear()
         await self.controller.stop()  # after the requests in flight: their stats count
+        await self.notifier.stop()  # the last decisions' messages get a moment to go out
         if self._forwarder is not None:
             await self._forwarder.snapshot.upstreams.close()
         if self._deadlines is not None:

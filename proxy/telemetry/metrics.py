@@ -18,6 +18,8 @@ Instruments (OTel name → Prometheus name):
 - `canary.weight` (1, a ratio 0-1) gauge → `canary_weight_ratio`
 - `canary.rollout.decisions` → `canary_rollout_decisions_total`
 - `canary.config.reloads` → `canary_config_reloads_total`
+- `canary.notifications` → `canary_notifications_total` (webhook messages by route and
+  result: delivered, failed, dropped)
 - `canary.config.info` gauge (1, with the config's content hash) → `canary_config_info`
 - `canary.state_store.up` and `canary.controller.leader` gauges (1/0; only with a
   state store) → `canary_state_store_up`, `canary_controller_leader`
@@ -197,6 +199,14 @@ DECISIONS: Final = _family(
     "Rollout decisions by route and verdict.",
     (),
 )
+NOTIFICATIONS: Final = _family(
+    "canary.notifications",
+    "canary_notifications",
+    Kind.COUNTER,
+    "{notification}",
+    "Webhook messages of rollout decisions by route and result (delivered, failed, dropped).",
+    (),
+)
 RELOADS: Final = _family(
     "canary.config.reloads",
     "canary_config_reloads",
@@ -239,6 +249,7 @@ FAMILIES: Final = (
     TOKEN_USAGE,
     WEIGHT,
     DECISIONS,
+    NOTIFICATIONS,
     RELOADS,
     CONFIG_INFO,
     STORE_UP,
@@ -326,6 +337,7 @@ class Metrics:
         self.attempt_ttft: dict[AttemptKey, SeriesHistogram] = {}
         self.token_usage: dict[tuple[str, str, str, str], SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
+        self.notifications: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
 
     @property
@@ -400,6 +412,10 @@ class Metrics:
     def record_decision(self, route: str, verdict: str) -> None:
         self.decisions[(route, verdict)] = self.decisions.get((route, verdict), 0) + 1
 
+    def record_notification(self, route: str, result: str) -> None:
+        key = (route, result)
+        self.notifications[key] = self.notifications.get(key, 0) + 1
+
     def record_reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
 
@@ -471,6 +487,13 @@ class Metrics:
             tuple(
                 ((("canary.route", route), ("verdict", verdict)), float(count))
                 for (route, verdict), count in sorted(self.decisions.items())
+            ),
+        )
+        yield Series(
+            NOTIFICATIONS,
+            tuple(
+                ((("canary.route", route), ("result", result)), float(count))
+                for (route, result), count in sorted(self.notifications.items())
             ),
         )
         yield Series(
