@@ -12,15 +12,21 @@ Rules:
 4. A client that sends bad HTTP or leaves mid-exchange is one log line, not a
    traceback; a bug in a handler still logs its traceback at ERROR
    (`proxy.http.serverlog`).
+5. `GET /` is the status page for people: static files of the package
+   (`proxy/server/static`: no build step, nothing from another site, a strict
+   Content-Security-Policy). It polls `/api/status` and sends an operator's actions
+   with the token typed into it, kept in that browser tab only (sessionStorage).
 """
 
 from __future__ import annotations
 
 import datetime
 import hmac
+import importlib.resources
 import json
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from aiohttp import web
@@ -28,7 +34,13 @@ from aiohttp import web
 from proxy import __version__
 from proxy.config.model import AutoRollout
 from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
-from proxy.rollout.machine import OperatorAction, RouteState, TransitionRefused, cooldown_left_s
+from proxy.rollout.machine import (
+    MAX_DECISIONS,
+    OperatorAction,
+    RouteState,
+    TransitionRefused,
+    cooldown_left_s,
+)
 from proxy.rollout.planner import pause_left_s
 from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
@@ -40,9 +52,25 @@ from proxy.telemetry.recorder import Recorder
 __all__ = ["STATUS_WINDOW_S", "AdminView", "build_admin_app"]
 
 log = logging.getLogger("proxy.server.admin")
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 STATUS_WINDOW_S: Final = 60.0
 _MAX_WINDOW_S: Final = 3600.0
+_DECISIONS_SHOWN: Final = 5  # per route in /api/status, unless ?decisions= asks for more
+_STATIC: Final = {  # the status page's files (proxy/server/static), by the path served
+    "/": ("index.html", "text/html"),
+    "/static/status.js": ("status.js", "text/javascript"),
+    "/static/status.css": ("status.css", "text/css"),
+}
+# The page runs its own script and styles only, and talks to this port only.
+_PAGE_HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 
 
 class AdminView(Protocol):
@@ -89,6 +117,9 @@ def build_admin_app(view: AdminView) -> web.Application:
         handler_args={"logger": NetworkErrorLog(log)},  # aiohttp's server logs through it
     )
     routes = web.RouteTableDef()
+    static = importlib.resources.files("proxy.server") / "static"
+    for path, (name, content_type) in _STATIC.items():
+        routes.get(path)(_static_file(static.joinpath(name).read_bytes(), content_type))
 
     @routes.get("/healthz")
     async def healthz(_: web.Request) -> web.Response:
@@ -110,7 +141,9 @@ def build_admin_app(view: AdminView) -> web.Application:
     @routes.get("/api/status")
     async def status(request: web.Request) -> web.Response:
         window_s = _window(request.query.get("window"))
-        return web.json_response(await status_document(view, window_s), dumps=_dumps)
+        decisions = _decisions(request.query.get("decisions"))
+        document = await status_document(view, window_s, decisions)
+        return web.json_response(document, dumps=_dumps)
 
     @routes.post("/api/reload")
     async def reload(request: web.Request) -> web.Response:
@@ -183,7 +216,7 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status, dumps=_dumps)
 
 
-def _route_state(state: RouteState, decisions: int = 5) -> dict[str, object]:
+def _route_state(state: RouteState, decisions: int = _DECISIONS_SHOWN) -> dict[str, object]:
     """A route's rollout state for the API: its last decisions, newest first."""
     return {
         "status": state.status.value,
@@ -204,8 +237,10 @@ def _route_state(state: RouteState, decisions: int = 5) -> dict[str, object]:
     }
 
 
-async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) -> dict[str, object]:
-    """The `/api/status` document."""
+async def status_document(
+    view: AdminView, window_s: float = STATUS_WINDOW_S, decisions: int = _DECISIONS_SHOWN
+) -> dict[str, object]:
+    """The `/api/status` document, with each route's last `decisions`."""
     table = view.table
     config = table.config
     telemetry = view.telemetry
@@ -224,7 +259,7 @@ async def status_document(view: AdminView, window_s: float = STATUS_WINDOW_S) ->
                 "canary": route.canary,
                 "weight": plan.weight,
                 "rollout": {
-                    **(_route_state(state) if state is not None else {}),
+                    **(_route_state(state, decisions) if state is not None else {}),
                     "steps": list(auto.steps) if auto is not None else None,
                     "step_pauses_s": list(auto.step_pauses_s) if auto is not None else None,
                     "interval_s": auto.interval_s if auto is not None else None,
@@ -300,6 +335,21 @@ def _flag(text: str | None, name: str) -> bool:
     if text.lower() in ("true", "1", "yes"):
         return True
     raise web.HTTPBadRequest(text=f"{name} must be true or false, got {text!r}\n")
+
+
+def _static_file(body: bytes, content_type: str) -> Handler:
+    async def serve(_: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type, headers=_PAGE_HEADERS)
+
+    return serve
+
+
+def _decisions(text: str | None) -> int:
+    if text is None:
+        return _DECISIONS_SHOWN
+    if not text.isdigit() or not 1 <= int(text) <= MAX_DECISIONS:
+        raise web.HTTPBadRequest(text=f"decisions must be a count from 1 to {MAX_DECISIONS}\n")
+    return int(text)
 
 
 def _window(text: str | None) -> float:
