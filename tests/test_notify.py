@@ -25,7 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.config.model import Webhook, WebhookFormat
 from proxy.rollout.machine import Action, Cause, Decision, Status
 from proxy.server.notify import QUEUE_SIZE, Notifier
-from tests.harness import RunningProxy, eventually, proxy_yaml, running_proxy
+from tests.harness import (
+    RunningProxy,
+    eventually,
+    proxy_yaml,
+    running_proxy,
+    running_proxy_file,
+)
 
 
 @dataclass
@@ -91,7 +97,9 @@ def config(notify: str, state: Path) -> str:
 
 
 async def operate(proxy: RunningProxy, action: str) -> int:
-    url = f"http://127.0.0.1:{proxy.server.admin_port}/api/routes/chat/{action}"
+    """An operator's action on route chat, or `reload`, through the admin port."""
+    path = "/api/reload" if action == "reload" else f"/api/routes/chat/{action}"
+    url = f"http://127.0.0.1:{proxy.server.admin_port}{path}"
     async with aiohttp.ClientSession() as session, session.post(url) as response:
         return response.status
 
@@ -218,3 +226,37 @@ async def test_a_full_queue_drops_and_counts_instead_of_waiting() -> None:
         await notifier.stop(drain_s=0.1)
     assert notifier.counts["dropped"] == 20 - 1 + QUEUE_SIZE
     assert outcomes.count(("chat", "dropped")) == notifier.counts["dropped"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_reload_moves_the_messages_to_the_new_webhooks(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    async with receiver({"/a": [200], "/b": [200]}) as hooks:
+        path.write_text(config(f"  - {{url: '{hooks.url}/a'}}\n", tmp_path))
+        async with running_proxy_file(str(path), watch=False) as proxy:
+            assert await operate(proxy, "pause") == 200
+            await eventually(
+                "adopt and pause at /a",
+                functools.partial(delivered, hooks, "/a"),
+                timeout_s=10,
+                holds=lambda n: n == 2,
+            )
+            assert proxy.server.notifier.senders == 1
+            path.write_text(config(f"  - {{url: '{hooks.url}/b', format: slack}}\n", tmp_path))
+            assert await operate(proxy, "reload") == 200
+            await eventually(  # /a's sender ends with the reload, once it has sent its last
+                "no sender for /a",
+                lambda: proxy.server.notifier.senders,
+                timeout_s=5,
+                holds=lambda n: n == 0,
+            )
+            assert await operate(proxy, "resume") == 200
+            await eventually(
+                "the resume at /b",
+                functools.partial(delivered, hooks, "/b"),
+                timeout_s=10,
+                holds=lambda n: n == 1,
+            )
+            assert proxy.server.notifier.senders == 1
+    assert [body["action"] for body in hooks.bodies("/a")] == ["adopt", "pause"]
+    assert "resume" in hooks.bodies("/b")[0]["text"]

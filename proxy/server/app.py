@@ -316,6 +316,7 @@ class ProxyServer:
         self.telemetry.reconfigure(new)
         forwarder.snapshot = Snapshot(table, upstreams)  # the swap: requests from now on
         self.config = new
+        self.notifier.keep({hook for route in new.routes for hook in route.notify})
         self.loaded_at = self.last_reload_at = time.time()
         self.last_reload_error = None
         self.telemetry.metrics.record_reload("success")

@@ -21,6 +21,8 @@ Rules:
    one message per decision in a fleet of workers or replicas.
 6. On shutdown what is queued gets `DRAIN_S` to go out; what is left is dropped and
    counted.
+7. A webhook a reload removes (`keep()`) loses its sender once what it has queued is
+   sent: a process that reloads often holds no task for webhooks it no longer has.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import contextlib
 import datetime
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -114,6 +116,7 @@ class _Channel:
         self.hook = hook
         self.queue: asyncio.Queue[_Letter] = asyncio.Queue(QUEUE_SIZE)
         self.task: asyncio.Task[None] | None = None
+        self.sending = False
 
 
 class Notifier:
@@ -126,6 +129,7 @@ class Notifier:
     def __init__(self, outcome: Outcome | None = None) -> None:
         self._outcome = outcome or (lambda route, result: None)
         self._channels: dict[Webhook, _Channel] = {}
+        self._wanted: frozenset[Webhook] | None = None  # None: every webhook (no keep() yet)
         self._session: aiohttp.ClientSession | None = None
         self.counts: dict[str, int] = {"delivered": 0, "failed": 0, "dropped": 0}
 
@@ -158,6 +162,24 @@ class Notifier:
                     QUEUE_SIZE,
                     decision.reason,
                 )
+
+    def keep(self, hooks: Collection[Webhook]) -> None:
+        """The webhooks of the config in force: the others' senders end (rule 7)."""
+        self._wanted = frozenset(hooks)
+        for hook, channel in list(self._channels.items()):
+            if hook not in self._wanted and not channel.sending and channel.queue.empty():
+                self._retire(channel)
+
+    @property
+    def senders(self) -> int:
+        """How many webhooks have a sender task now."""
+        return len(self._channels)
+
+    def _retire(self, channel: _Channel) -> None:
+        if self._channels.get(channel.hook) is channel:
+            del self._channels[channel.hook]
+        if channel.task is not None and channel.task is not asyncio.current_task():
+            channel.task.cancel()
 
     async def stop(self, drain_s: float = DRAIN_S) -> None:
         """Give what is queued `drain_s` to go out, then drop the rest (rule 6)."""
@@ -194,10 +216,16 @@ class Notifier:
     async def _send_all(self, channel: _Channel) -> None:
         while True:
             letter = await channel.queue.get()
+            channel.sending = True
             try:
                 await self._send(channel.hook, letter)
             finally:
+                channel.sending = False
                 channel.queue.task_done()
+            wanted = self._wanted
+            if wanted is not None and channel.hook not in wanted and channel.queue.empty():
+                self._retire(channel)  # removed by a reload while it was sending
+                return
 
     async def _send(self, hook: Webhook, letter: _Letter) -> None:
         assert self._session is not None
