@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench bench-workers bench-telemetry clean
+.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ unit: $(STAMP)
 	$(BIN)/coverage report --include='$(HOT_PATH)' --no-skip-covered --fail-under=100
 
 test: lint typecheck unit
+
+# The status page's picture in README.md, taken by its browser test.
+screenshot: $(STAMP)
+	UPDATE_SCREENSHOT=1 $(BIN)/pytest -q -p no:xdist --no-cov tests/test_status_page.py
 
 bench: $(STAMP)
 	$(BIN)/python tests/bench/run.py

@@ -3,7 +3,9 @@
 A proxy with a rollout in progress and some traffic behind it; the page must show the
 route (weight, step, pause, variants, decisions, the chart), refuse an action without
 the admin token, pause the rollout with it, and load nothing from anywhere else. The
-screenshot it takes is the one README.md shows (docs/status-page.png).
+screenshot it takes is the one README.md shows (docs/status-page.png): `make
+screenshot` runs it with UPDATE_SCREENSHOT=1, which copies it there; a plain test run
+leaves the tree as it was.
 
 Chromium comes from the system (`.ci/run` installs Debian's package): without it the
 test is skipped on a laptop, and fails in CI, where it must run.
@@ -195,7 +197,8 @@ async def test_the_status_page_shows_a_rollout_and_pauses_it(
 
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # a page with its content, not a blank one
-    shutil.copyfile(shot, SCREENSHOT)
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(shot, SCREENSHOT)
     # The one refusal asked for (no token), and nothing else went wrong.
     assert problems == [
         "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
