@@ -1,31 +1,66 @@
 """What backend attempts did, per route and variant, over any recent window. Pure.
 
 Each attempt lands in the current time slice of its route and variant: a count,
-errors by type, a latency histogram, a time-to-first-token histogram (streams only)
-and output tokens. Any window is the sum of its slices, and slices from several
-processes add up the same way (histograms merge exactly), so the status page and the
-rollout judge read the numbers of all workers and replicas as one.
+errors by type, cancellations, a latency histogram, a time-to-first-token histogram
+(streams only), a time-per-output-token histogram (streams of two tokens or more),
+output tokens, and per user cluster a few sums the judge needs to tell a regression
+from one user's bad luck. Any window is the sum of its slices, and slices from several
+processes add up the same way (histograms and sums merge exactly), so the status page
+and the rollout judge read the numbers of all workers and replicas as one.
 
 Rules:
 1. An error is what SPEC §5 counts as a backend error: a connection failure, a
    timeout, a reset, a 5xx or 429, a stream cut before its end. A fallen-back canary
    attempt is a canary error.
-2. A client that went away before the answer ended says nothing about the backend:
-   such attempts are not recorded here (the metrics count them as cancelled).
-3. Slices older than the retention are dropped as new ones start.
-4. Times are wall-clock epoch seconds, so slice numbers mean the same instant in every
+2. A client that went away before the answer ended is a *cancel*, not an error: it
+   counts in `cancels`, and its latency is the time it was cancelled at, a lower bound
+   of what the answer would have taken (a canary so slow that users give up shows as
+   slow). It is not a trial of the error rate: nobody knows how it would have ended.
+3. Users are clustered by their sticky bucket (`proxy.routing.assignment.bucket_of`)
+   modulo `CLUSTERS`. A bucket is a hash of the user's key into 10,000 values: it names
+   nobody and cannot be turned back into a key, and it fixes the user's variant, so a
+   cluster never mixes the two variants at one weight. A request without a key gets a
+   cluster of its own turn. Per cluster: requests, errors, cancels, and the sum and sum
+   of squares of log latency.
+4. Slices older than the retention are dropped as new ones start.
+5. Times are wall-clock epoch seconds, so slice numbers mean the same instant in every
    process and survive a restart.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Final
 
 from proxy.judge.histogram import LogHistogram
 
-__all__ = ["RETENTION_S", "SLICE_S", "VariantStats", "WindowStats"]
+__all__ = [
+    "CLUSTERS",
+    "RETENTION_S",
+    "SLICE_S",
+    "USER_CANCELS",
+    "USER_ERRORS",
+    "USER_LOG_SQUARES",
+    "USER_LOG_SUM",
+    "USER_REQUESTS",
+    "VariantStats",
+    "WindowStats",
+]
+
+# Rule 3: 64 clusters keep a slice's user sums within 320 numbers per variant, and
+# are enough to estimate how much one user's requests hang together (the judge's
+# design effect) to within about a fifth.
+CLUSTERS: Final = 64
+# The fields of a cluster's sums.
+USER_REQUESTS: Final = 0
+USER_ERRORS: Final = 1
+USER_CANCELS: Final = 2
+USER_LOG_SUM: Final = 3
+USER_LOG_SQUARES: Final = 4
+_USER_FIELDS: Final = 5
+_FLOOR_S: Final = 1e-6
 
 SLICE_S: Final = 1.0
 # The rollout controller adds each interval's slices to its own running totals, so
@@ -36,15 +71,29 @@ RETENTION_S: Final = 900.0
 class VariantStats:
     """Counts and distributions for one variant over some span of time."""
 
-    __slots__ = ("errors", "errors_by_type", "latency", "output_tokens", "requests", "ttft")
+    __slots__ = (
+        "cancels",
+        "errors",
+        "errors_by_type",
+        "latency",
+        "output_tokens",
+        "requests",
+        "tpot",
+        "ttft",
+        "users",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.errors = 0
         self.errors_by_type: dict[str, int] = {}
+        self.cancels = 0
         self.latency = LogHistogram()
         self.ttft = LogHistogram()
+        self.tpot = LogHistogram()
         self.output_tokens = 0
+        # cluster -> [requests, errors, cancels, sum of log latency, sum of its squares]
+        self.users: dict[int, list[float]] = {}
 
     def record(
         self,
@@ -52,16 +101,37 @@ class VariantStats:
         ttft_s: float | None,
         error_type: str | None,
         output_tokens: int | None,
+        cancelled: bool = False,
+        user: int | None = None,
     ) -> None:
+        """One attempt. `cancelled`: the client left first (rule 2; an error wins);
+        `user`: the user's bucket, or any number standing for the user (rule 3)."""
         self.requests += 1
+        cancel = cancelled and error_type is None
         if error_type is not None:
             self.errors += 1
             self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + 1
+        elif cancel:
+            self.cancels += 1
         self.latency.record(latency_s)
         if ttft_s is not None:
             self.ttft.record(ttft_s)
+            if output_tokens is not None and output_tokens > 1 and not cancel:
+                self.tpot.record(max(latency_s - ttft_s, 0.0) / (output_tokens - 1))
         if output_tokens:
             self.output_tokens += output_tokens
+        if user is not None:
+            sums = self.users.get(user % CLUSTERS)
+            if sums is None:
+                sums = self.users[user % CLUSTERS] = [0.0] * _USER_FIELDS
+            log_latency = math.log(latency_s if latency_s > _FLOOR_S else _FLOOR_S)
+            sums[USER_REQUESTS] += 1
+            sums[USER_LOG_SUM] += log_latency
+            sums[USER_LOG_SQUARES] += log_latency * log_latency
+            if error_type is not None:
+                sums[USER_ERRORS] += 1
+            elif cancel:
+                sums[USER_CANCELS] += 1
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VariantStats):
@@ -70,18 +140,37 @@ class VariantStats:
 
     __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, not hashable
 
-    def merge(self, other: VariantStats) -> None:
+    def merge(self, other: VariantStats, users: bool = True) -> None:
+        """Add `other` in (its user sums too, unless `users` is False)."""
         self.requests += other.requests
         self.errors += other.errors
         for error_type, count in other.errors_by_type.items():
             self.errors_by_type[error_type] = self.errors_by_type.get(error_type, 0) + count
+        self.cancels += other.cancels
         self.latency.merge(other.latency)
         self.ttft.merge(other.ttft)
+        self.tpot.merge(other.tpot)
         self.output_tokens += other.output_tokens
+        if not users:
+            return
+        mine = self.users
+        for cluster, sums in other.users.items():
+            row = mine.get(cluster)
+            if row is None:
+                mine[cluster] = list(sums)
+            else:
+                for field, value in enumerate(sums):
+                    row[field] += value
 
     @property
     def error_rate(self) -> float | None:
-        return self.errors / self.requests if self.requests else None
+        """Errors per attempt that ended (a cancel is not a trial: rule 2)."""
+        trials = self.requests - self.cancels
+        return self.errors / trials if trials > 0 else None
+
+    @property
+    def cancel_rate(self) -> float | None:
+        return self.cancels / self.requests if self.requests else None
 
     def summary(self) -> dict[str, object]:
         """The figures the status page shows (seconds; None where there is no data)."""
@@ -90,12 +179,11 @@ class VariantStats:
             "errors": self.errors,
             "error_rate": self.error_rate,
             "errors_by_type": dict(sorted(self.errors_by_type.items())),
-            "latency_s": {
-                "p50": self.latency.quantile(0.5),
-                "p95": self.latency.quantile(0.95),
-                "p99": self.latency.quantile(0.99),
-            },
-            "ttft_s": {"p50": self.ttft.quantile(0.5), "p95": self.ttft.quantile(0.95)},
+            "cancels": self.cancels,
+            "cancel_rate": self.cancel_rate,
+            "latency_s": _quantiles(self.latency),
+            "ttft_s": _quantiles(self.ttft),
+            "tpot_s": _quantiles(self.tpot),
             "output_tokens": self.output_tokens,
         }
 
@@ -104,27 +192,50 @@ class VariantStats:
             "requests": self.requests,
             "errors": self.errors,
             "errors_by_type": dict(self.errors_by_type),
+            "cancels": self.cancels,
             "latency": self.latency.to_mapping(),
             "ttft": self.ttft.to_mapping(),
+            "tpot": self.tpot.to_mapping(),
             "output_tokens": self.output_tokens,
+            "users": {str(cluster): list(sums) for cluster, sums in self.users.items()},
         }
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> VariantStats:
+        """From `to_mapping`'s form; the fields added since (cancels, tpot, users) may be
+        missing from slices an older process published."""
         stats = cls()
         requests, errors, tokens = data["requests"], data["errors"], data["output_tokens"]
         by_type, latency, ttft = data["errors_by_type"], data["latency"], data["ttft"]
+        cancels, tpot, users = data.get("cancels", 0), data.get("tpot"), data.get("users", {})
         assert isinstance(requests, int)
         assert isinstance(errors, int)
         assert isinstance(tokens, int)
+        assert isinstance(cancels, int)
         assert isinstance(by_type, Mapping)
         assert isinstance(latency, Mapping)
         assert isinstance(ttft, Mapping)
+        assert isinstance(users, Mapping)
         stats.requests, stats.errors, stats.output_tokens = requests, errors, tokens
+        stats.cancels = cancels
         stats.errors_by_type = {str(k): int(v) for k, v in by_type.items()}
         stats.latency = LogHistogram.from_mapping(latency)
         stats.ttft = LogHistogram.from_mapping(ttft)
+        if isinstance(tpot, Mapping):
+            stats.tpot = LogHistogram.from_mapping(tpot)
+        for cluster, sums in users.items():
+            assert isinstance(sums, list)
+            assert len(sums) == _USER_FIELDS
+            stats.users[int(cluster)] = [float(value) for value in sums]
         return stats
+
+
+def _quantiles(histogram: LogHistogram) -> dict[str, float | None]:
+    return {
+        "p50": histogram.quantile(0.5),
+        "p95": histogram.quantile(0.95),
+        "p99": histogram.quantile(0.99),
+    }
 
 
 class WindowStats:
@@ -152,8 +263,12 @@ class WindowStats:
         ttft_s: float | None,
         error_type: str | None,
         output_tokens: int | None,
+        cancelled: bool = False,
+        user: int | None = None,
     ) -> None:
-        self.slice_for(route, variant, now).record(latency_s, ttft_s, error_type, output_tokens)
+        self.slice_for(route, variant, now).record(
+            latency_s, ttft_s, error_type, output_tokens, cancelled, user
+        )
 
     def slice_for(self, route: str, variant: str, now: float) -> VariantStats:
         """The current slice of a route's variant, started if need be."""

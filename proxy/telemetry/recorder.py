@@ -8,7 +8,9 @@ never change it.
 Rules:
 1. Every attempt feeds the window stats (what the status page and the rollout judge
    read) and the metrics, from the same numbers: an attempt's error is what SPEC §5
-   counts as a backend error; a client that went away is `cancelled`, not an error.
+   counts as a backend error; a client that went away is `cancelled`, not an error,
+   recorded with the time it went away at. The stats know the user by the sticky
+   bucket (never the key); requests without a key take clusters in turn.
 2. Only a sampled request builds spans: an unsampled one makes no OpenTelemetry SDK
    call and costs a dict increment or two per attempt. A sampled one's spans are
    built whole when they end and handed to the span sink (`proxy.telemetry.export`).
@@ -22,6 +24,7 @@ Rules:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -188,6 +191,7 @@ class Recorder:
         self.sink: SpanSink | None = None
         # Attributes that repeat from request to request, by what they depend on.
         self._static: dict[tuple[object, ...], Attributes] = {}
+        self._keyless = itertools.count()  # the user clusters of requests without a key
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded config, for what comes next."""
@@ -256,16 +260,21 @@ class Recorder:
             self.metrics.record_tokens(
                 attempt.route, variant, operation, facts.input_tokens, facts.output_tokens
             )
-        if not attempt.cancelled or error_type is not None:
-            self.stats.record(
-                attempt.route,
-                variant,
-                time.time(),  # wall clock: slices line up across processes and restarts
-                duration_s,
-                ttft_s,
-                error_type,
-                facts.output_tokens if facts is not None else None,
-            )
+        # A cancelled attempt counts too, at the time it was cancelled (its latency is
+        # a lower bound of the answer's); the judge counts its user by the sticky bucket.
+        assignment = exchange.assignment
+        bucket = assignment.bucket if assignment is not None else None
+        self.stats.record(
+            attempt.route,
+            variant,
+            time.time(),  # wall clock: slices line up across processes and restarts
+            duration_s,
+            ttft_s,
+            error_type,
+            facts.output_tokens if facts is not None else None,
+            attempt.cancelled,
+            bucket if bucket is not None else next(self._keyless),
+        )
         if trace is not None and span_id is not None:
             self._client_span(exchange, attempt, now, ttft_s, facts, operation)
 
