@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry clean
+.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry judge-report clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-workers: $(STAMP)
 # runs (its section of docs/benchmarks.md; `make bench` keeps it).
 bench-telemetry: $(STAMP)
 	$(BIN)/python tests/bench/telemetry_cost.py
+
+# The judge against its targets in every simulated scenario, beside Flagger, Kayenta and
+# an oracle; writes the tables into docs/rollouts.md. Takes an hour or two on 2 CPUs.
+judge-report: $(STAMP)
+	$(BIN)/python tests/bench/judge_report.py --write
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -18,7 +18,7 @@ import sys
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from proxy import __version__
 from proxy.config import ConfigError, EnvSecrets, load_config, summarize
@@ -26,7 +26,11 @@ from proxy.config.model import Config, Route
 from proxy.config.schema import config_schema
 from proxy.config.summary import format_span
 from proxy.fake_backend.options import add_arguments as add_fake_backend_arguments
+from proxy.rollout.traffic import SCENARIOS
 from proxy.routing.assignment import bucket_of, canary_from_weight, canary_threshold, choose_variant
+
+if TYPE_CHECKING:
+    from proxy.rollout.simulate import Outcome, TraceRequest
 
 __all__ = ["main"]
 
@@ -238,7 +242,17 @@ def _status_table(document: dict[str, Any]) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from proxy.rollout.simulate import Policy, Scenario, render, simulate, summarize
+    from proxy.rollout.simulate import (
+        Policy,
+        Scenario,
+        duration,
+        render,
+        replay,
+        route_heading,
+        shares,
+        simulate,
+        summarize,
+    )
 
     config = _load(args.config, EnvSecrets.IGNORE)
     route = config.route(args.route)
@@ -247,7 +261,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _fail(f"no route named {args.route!r} in {args.config} (routes: {names})")
     if route.rollout.auto is None:
         _fail(f"route {args.route!r} has no rollout.auto to simulate")
+    first_step = route.rollout.auto.steps[0]
+    if args.trace is not None:
+        requests = _read_trace(args.trace)
+        results = replay(route, requests, args.runs)
+        if args.json:
+            print(json.dumps(shares(results), indent=2))
+            return 0
+        users = len({request.user for request in requests})
+        span = max(r.t for r in requests) - min(r.t for r in requests)
+        heading = [
+            route_heading(route),
+            f"trace {args.trace}: {len(requests)} requests from {users} users over "
+            f"{duration(span)}",
+            f"{args.runs} runs, the salt varied from run to run",
+        ]
+        print(render(heading, [summarize(Policy.JUDGE, results, first_step)]))
+        return 0
     scenario = Scenario(
+        name=args.scenario,
         rps=args.rps,
         stable_error_rate=args.stable_error_rate,
         canary_error_rate=args.canary_error_rate,
@@ -256,25 +288,121 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         stream_share=args.stream_share,
         duration_s=args.hours * 3600,
     )
-    summaries = [
-        summarize(policy, simulate(route, scenario, args.runs, args.seed, policy))
-        for policy in Policy
-    ]
     if args.json:
         print(
             json.dumps(
-                {
-                    "route": route.name,
-                    "scenario": vars(args) | {"handler": None},
-                    "results": [s.to_mapping() for s in summaries],
-                },
-                indent=2,
-                default=str,
+                shares(simulate(route, scenario, args.runs, args.seed, Policy.JUDGE)), indent=2
             )
         )
         return 0
-    print(render(route, scenario, args.runs, args.seed, summaries))
+    policies = list(Policy) if args.baselines else [Policy.JUDGE]
+    summaries = [
+        summarize(policy, simulate(route, scenario, args.runs, args.seed, policy), first_step)
+        for policy in policies
+    ]
+    heading = [
+        route_heading(route),
+        f"scenario {scenario.name}: {scenario.rps:g} req/s; errors "
+        f"{100 * scenario.stable_error_rate:g}% stable, {100 * scenario.canary_error_rate:g}% "
+        f"canary; canary latency x{scenario.canary_latency_ratio:g}, "
+        f"TTFT x{scenario.canary_ttft_ratio:g}",
+        f"{args.runs} runs of up to {scenario.duration_s / 3600:g} h, seed {args.seed}",
+    ]
+    print(render(heading, summaries))
     return 0
+
+
+_OUTCOME_KEYS = ("status", "latency", "ttft", "output_tokens", "cancelled")
+
+
+def _read_trace(path: str) -> list[TraceRequest]:
+    """A trace file's requests, or every mistake (up to ten) on stderr and exit 1."""
+
+    problems: list[str] = []
+    requests: list[TraceRequest] = []
+    try:
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    requests.append(_trace_request(json.loads(line)))
+                except (ValueError, TypeError) as exc:
+                    problems.append(f"{path}:{number}: {exc}")
+                    if len(problems) >= 10:
+                        break
+    except OSError as exc:
+        _fail(f"cannot read the trace {path}: {_os_reason(exc)}")
+    if not problems and not requests:
+        problems.append(f"{path}: no requests in the trace")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        raise SystemExit(EXIT_ERROR)
+    return requests
+
+
+def _trace_request(data: object) -> TraceRequest:
+    from proxy.rollout.simulate import TraceRequest
+
+    if not isinstance(data, dict):
+        raise ValueError("each line must be a JSON object")
+    unknown = sorted(set(data) - {"t", "user", "stable", "canary"})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (keys: t, user, stable, canary)")
+    t, user = data.get("t"), data.get("user")
+    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t):
+        raise ValueError("t must be a number of seconds")
+    if isinstance(user, bool) or not isinstance(user, str | int) or user == "":
+        raise ValueError("user must be a non-empty string (the user's key)")
+    return TraceRequest(
+        float(t),
+        str(user),
+        _trace_outcome(data.get("stable"), "stable"),
+        _trace_outcome(data.get("canary"), "canary"),
+    )
+
+
+def _trace_outcome(data: object, name: str) -> Outcome:
+    from proxy.rollout.simulate import Outcome
+
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{name} must be an object {{status, latency, ttft, output_tokens, cancelled}}"
+        )
+    unknown = sorted(set(data) - set(_OUTCOME_KEYS))
+    if unknown:
+        raise ValueError(f"{name}: unknown key {unknown[0]!r} (keys: {', '.join(_OUTCOME_KEYS)})")
+    status, latency = data.get("status"), data.get("latency")
+    ttft, tokens, cancelled = (
+        data.get("ttft"),
+        data.get("output_tokens"),
+        data.get("cancelled", False),
+    )
+    if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+        raise ValueError(f"{name}.status must be an HTTP status (100-599)")
+    if not _seconds(latency):
+        raise ValueError(f"{name}.latency must be a number of seconds, at least 0")
+    if ttft is not None and not _seconds(ttft):
+        raise ValueError(f"{name}.ttft must be a number of seconds, at least 0, or null")
+    if tokens is not None and (
+        isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0
+    ):
+        raise ValueError(f"{name}.output_tokens must be a whole number, at least 0, or null")
+    if not isinstance(cancelled, bool):
+        raise ValueError(f"{name}.cancelled must be true or false")
+    assert isinstance(latency, int | float)
+    assert ttft is None or isinstance(ttft, int | float)
+    return Outcome(status, float(latency), None if ttft is None else float(ttft), tokens, cancelled)
+
+
+def _seconds(value: object) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _share(text: str) -> float:
@@ -458,10 +586,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     sim = commands.add_parser(
-        "simulate", help="replay synthetic traffic through the real judge, many rollouts"
+        "simulate",
+        help="replay synthetic traffic or a request trace through the real judge, many rollouts",
     )
     sim.add_argument("-c", "--config", required=True, metavar="FILE", help="the config file")
     sim.add_argument("--route", required=True, metavar="NAME", help="the route to simulate")
+    source = sim.add_mutually_exclusive_group()
+    source.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="iid",
+        metavar="NAME",
+        help=f"built-in synthetic traffic: {', '.join(SCENARIOS)} (default iid)",
+    )
+    source.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="replay a JSON-lines trace instead: one request a line, "
+        '{"t", "user", "stable": OUTCOME, "canary": OUTCOME} (see docs/rollouts.md)',
+    )
     sim.add_argument(
         "--rps", type=_positive, default=10.0, metavar="R", help="requests per second (default 10)"
     )
@@ -483,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1.0,
         metavar="X",
-        help="canary time to first token over stable's (default 1)",
+        help="canary time to first token over stable's, beyond its latency's (default 1)",
     )
     sim.add_argument(
         "--stream-share",
@@ -501,7 +644,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--runs", type=_positive_int, default=1000, metavar="N", help="default 1000")
     sim.add_argument("--seed", type=int, default=1, metavar="S", help="default 1")
-    sim.add_argument("--json", action="store_true", help="print JSON")
+    sim.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run Flagger's and Kayenta's rules and an oracle SPRT on the same traffic",
+    )
+    sim.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"runs", "promoted", "rolled_back", "running"} as JSON (the judge\'s)',
+    )
     sim.set_defaults(handler=cmd_simulate)
 
     fake = commands.add_parser(

@@ -116,6 +116,7 @@ HELP_CASES = {
     "assign": (("assign",), "usage: canary-proxy assign"),
     "fake-backend": (("fake-backend",), "usage: canary-proxy fake-backend"),
     "schema": (("schema",), "usage: canary-proxy schema"),
+    "simulate": (("simulate",), "usage: canary-proxy simulate"),
 }
 
 
@@ -183,7 +184,17 @@ def results_without_secrets(tmp_path_factory: pytest.TempPathFactory) -> dict[st
         "check --env": ("check", "--env", "-c", str(EXAMPLE)),
         "run": ("run", "-c", str(EXAMPLE)),
         "assign": ("assign", "-c", str(EXAMPLE), "--route", "chat", "alice"),
-        "simulate": ("simulate", "-c", str(EXAMPLE), "--route", "chat", "--runs", "2"),
+        "simulate": (
+            "simulate",
+            "-c",
+            str(EXAMPLE),
+            "--route",
+            "chat",
+            "--runs",
+            "2",
+            "--hours",
+            "0.25",
+        ),
     }
     results = run_many(list(argvs.values()), env=env_without_secrets())
     return dict(zip(argvs, results, strict=True))
@@ -488,6 +499,24 @@ BAD_FLAGS = {
         ("assign", "-c", "{example}", "--route", "chat", "--weight", "ten", "alice"),
         "canary-proxy assign: error: argument --weight: not a number: 'ten'",
     ),
+    "simulate trace and scenario": (
+        (
+            "simulate",
+            "-c",
+            "{example}",
+            "--route",
+            "chat",
+            "--trace",
+            "t.jsonl",
+            "--scenario",
+            "iid",
+        ),
+        "canary-proxy simulate: error: argument --scenario: not allowed with argument --trace",
+    ),
+    "simulate unknown scenario": (
+        ("simulate", "-c", "{example}", "--route", "chat", "--scenario", "weekend"),
+        "canary-proxy simulate: error: argument --scenario: invalid choice: 'weekend'",
+    ),
     "run zero workers": (
         ("run", "-c", "{example}", "--workers", "0"),
         "canary-proxy run: error: argument --workers: must be at least 1, got 0",
@@ -530,6 +559,135 @@ def test_a_bad_flag_is_one_line_and_exit_1(
     result.assert_no_traceback()
     assert len(result.error_lines) == 1, result.stderr
     assert result.error_lines[0].startswith(expected), (result.error_lines[0], expected)
+
+
+# --- simulate --------------------------------------------------------------------------------
+
+ROLLOUT = ROOT / "config" / "rollout.yaml"
+SCENARIOS = ("iid", "heavy-users", "bursts", "diurnal", "shared-incident", "cancels", "step-change")
+
+
+@pytest.fixture(scope="module")
+def scenario_results() -> dict[str, CliResult]:
+    flags = ("--runs", "2", "--hours", "0.2", "--rps", "20", "--seed", "3", "--json")
+    argvs = [
+        ("simulate", "-c", str(ROLLOUT), "--route", "chat", "--scenario", name, *flags)
+        for name in SCENARIOS
+    ]
+    return dict(zip(SCENARIOS, run_many(argvs), strict=True))
+
+
+def assert_shares(result: CliResult, runs: int) -> list[dict[str, object]]:
+    """`simulate --json`: the shares of each outcome and every run, and nothing else."""
+    assert result.returncode == 0, result
+    document = json.loads(result.stdout)
+    assert set(document) == {"runs", "promoted", "rolled_back", "running"}
+    assert len(document["runs"]) == runs
+    for run in document["runs"]:
+        assert set(run) == {"outcome", "seconds", "canary_requests", "max_weight"}
+        assert run["outcome"] in {"promoted", "rolled_back", "held", "running"}
+    outcomes = [run["outcome"] for run in document["runs"]]
+    assert document["promoted"] == pytest.approx(outcomes.count("promoted") / runs)
+    assert document["rolled_back"] == pytest.approx(outcomes.count("rolled_back") / runs)
+    total = document["promoted"] + document["rolled_back"] + document["running"]
+    assert total == pytest.approx(1.0)
+    return list(document["runs"])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_simulate_runs_every_built_in_scenario(
+    scenario: str, scenario_results: dict[str, CliResult]
+) -> None:
+    runs = assert_shares(scenario_results[scenario], 2)
+    for run in runs:
+        assert run["max_weight"] >= 1.0  # config/rollout.yaml starts at 1%
+        assert 0 < run["seconds"] <= 0.2 * 3600
+
+
+def write_trace(path: Path, canary_status: int, *, seconds: int = 1200, rps: int = 20) -> Path:
+    """A trace of `seconds` at `rps` from 2,000 users: stable answers 200 (1% 500s),
+    the canary `canary_status`; a few requests stream, a few were cancelled."""
+    rng = random.Random(4)
+    lines = []
+    for n in range(seconds * rps):
+        stable: dict[str, object] = {
+            "status": 500 if rng.random() < 0.01 else 200,
+            "latency": round(rng.lognormvariate(0, 0.4), 3),
+        }
+        if n % 3 == 0:
+            stable |= {"ttft": 0.1, "output_tokens": 40, "cancelled": n % 300 == 0}
+        canary = dict(stable, status=canary_status)
+        lines.append(
+            json.dumps(
+                {
+                    "t": n / rps,
+                    "user": f"user-{rng.randrange(2000)}",
+                    "stable": stable,
+                    "canary": canary,
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.timeout(60)
+def test_simulate_replays_a_trace_through_the_judge(tmp_path: Path) -> None:
+    failing = write_trace(tmp_path / "failing.jsonl", 503)
+    healthy = write_trace(tmp_path / "healthy.jsonl", 200)
+    base = ("simulate", "-c", str(ROLLOUT), "--route", "chat", "--runs", "3")
+    bad, good, text = run_many(
+        [
+            (*base, "--trace", str(failing), "--json"),
+            (*base, "--trace", str(healthy), "--json"),
+            (*base, "--trace", str(failing)),
+        ]
+    )
+    # Each run is another salt: other users are the canary's first ones, and a canary
+    # that fails everything is rolled back in every one, long before the trace ends.
+    for run in assert_shares(bad, 3):
+        assert run["outcome"] == "rolled_back"
+        assert run["seconds"] < 1200
+        assert run["max_weight"] == 1.0
+    assert {run["outcome"] for run in assert_shares(good, 3)} <= {"running", "promoted"}
+    assert text.returncode == 0, text
+    assert f"trace {failing}: 24000 requests from " in text.stdout
+    assert "3 runs, the salt varied from run to run" in text.stdout
+    assert re.search(r"canary-proxy\s+0\.0%\s+100\.0%", text.stdout), text.stdout
+
+
+def test_simulate_names_every_bad_line_of_a_trace(tmp_path: Path) -> None:
+    trace = tmp_path / "bad.jsonl"
+    good = {
+        "t": 0,
+        "user": "u",
+        "stable": {"status": 200, "latency": 0.1},
+        "canary": {"status": 200, "latency": 0.1},
+    }
+    trace.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                json.dumps(good | {"stable": {"status": 99, "latency": 0.1}}),
+                json.dumps(good | {"canary": {"status": 200, "latency": -1}}),
+                "not json",
+                json.dumps(good | {"weight": 5}),
+            ]
+        )
+        + "\n"
+    )
+    result = run_one("simulate", "-c", str(ROLLOUT), "--route", "chat", "--trace", str(trace))
+    assert result.returncode == 1
+    result.assert_no_traceback()
+    assert result.error_lines[:2] == [
+        f"{trace}:2: stable.status must be an HTTP status (100-599)",
+        f"{trace}:3: canary.latency must be a number of seconds, at least 0",
+    ]
+    assert result.error_lines[2].startswith(f"{trace}:4: ")
+    assert result.error_lines[3] == (
+        f"{trace}:5: unknown key 'weight' (keys: t, user, stable, canary)"
+    )
 
 
 # --- assign ----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from proxy.config import (
     summarize,
 )
 from proxy.config.grammar import parse_duration, parse_window
+from proxy.config.model import ErrorRateCheck, LatencyCheck
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
 V1_KEY = "sk-test-0123456789abcdefSECRET"
@@ -126,6 +127,15 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert (auto.checks.error_rate.max, auto.checks.error_rate.max_increase) == (0.05, 0.01)
     assert auto.checks.latency_p95 is not None
     assert (auto.checks.latency_p95.max_s, auto.checks.latency_p95.max_ratio) == (20, 1.25)
+    assert auto.checks.cancel_rate == ErrorRateCheck(max=None, max_increase=0.02)
+    assert auto.checks.latency_p99 == LatencyCheck(max_s=None, max_ratio=1.5)
+    assert auto.checks.tpot_p95 == LatencyCheck(max_s=None, max_ratio=1.3)
+    assert [name for name, _ in auto.checks.quantiles()] == [
+        "latency_p95",
+        "latency_p99",
+        "ttft_p95",
+        "tpot_p95",
+    ]
     assert cfg.routes[1].stable == cfg.routes[1].canary == "llama-v1"
     assert cfg.telemetry.otlp_endpoint == "http://127.0.0.1:4318"
     assert (cfg.state.store, cfg.state.path, cfg.state.url, cfg.state.cluster) == (
@@ -172,6 +182,20 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert (route.override_header, route.cohort, route.schedule) == (None, None, None)
     assert route.fallback_to_stable is False
     assert dict(route.model_rewrite) == {}
+
+
+@pytest.mark.parametrize("name", ["latency", "ttft", "tpot"])
+@pytest.mark.parametrize("percent", [50, 95, 99])
+def test_every_quantile_check_reads_both_limits(name: str, percent: int) -> None:
+    key = f"{name}_p{percent}"
+    route = (
+        f"rollout: {{auto: {{steps: [50], checks: {{{key}: {{max: 1500ms, max_ratio: 1.1}}}}}}}}"
+    )
+    auto = parse_config(config(route=route), environ={}).routes[0].rollout.auto
+    assert auto is not None
+    assert getattr(auto.checks, key) == LatencyCheck(max_s=1.5, max_ratio=1.1)
+    assert auto.checks.quantiles() == [(key, LatencyCheck(max_s=1.5, max_ratio=1.1))]
+    assert auto.checks.rates() == []
 
 
 def test_auto_rollout_defaults() -> None:
@@ -558,9 +582,18 @@ BAD_CASES = [
      "routes[0].rollout.auto.checks.ttft_p95.max: must be a duration"),
     (config(route="rollout: {auto: {steps: [50], checks: {ttft_p95: {}}}}"),
      "routes[0].rollout.auto.checks.ttft_p95: needs max, max_ratio or both"),
-    (config(route="rollout: {auto: {steps: [50], checks: {latency_p99: {max: 1s}}}}"),
-     "routes[0].rollout.auto.checks.latency_p99: unknown key 'latency_p99' (did you mean "
-     "'latency_p95'?)"),
+    (config(route="rollout: {auto: {steps: [50], checks: {latency_p90: {max: 1s}}}}"),
+     "routes[0].rollout.auto.checks.latency_p90: unknown key 'latency_p90' (did you mean "
+     "'latency_p99'?)"),
+    (config(route="rollout: {auto: {steps: [50], checks: {tpot_p95: {max_ratio: 0.5}}}}"),
+     "routes[0].rollout.auto.checks.tpot_p95.max_ratio: must be at least 1, got 0.5"),
+    (config(route="rollout: {auto: {steps: [50], checks: {cancel_rate: {max: 2}}}}"),
+     "routes[0].rollout.auto.checks.cancel_rate.max: must be at most 1, got 2"),
+    (config(route="rollout: {auto: {steps: [50], checks: {cancel_rate: {}}}}"),
+     "routes[0].rollout.auto.checks.cancel_rate: needs max, max_increase or both"),
+    (config(route="rollout: {auto: {steps: [50], checks: {ttft_p50: {max: 1s, min: 0}}}}"),
+     "routes[0].rollout.auto.checks.ttft_p50.min: unknown key 'min' (expected one of: max, "
+     "max_ratio)"),
     # telemetry and state
     (config("telemetry: {service_name: ''}"),
      "telemetry.service_name: must not be empty"),

@@ -106,7 +106,8 @@ class Traffic:
             rate = self.canary_error_rate if canary else self.stable_error_rate
             error = "upstream_status" if self.rng.random() < rate else None
             latency = self.canary_latency_s if canary else 0.2
-            host.stats.record("chat", variant, now, latency, None, error, 10)
+            user = self.rng.randrange(10_000)  # each request from another user
+            host.stats.record("chat", variant, now, latency, None, error, 10, user=user)
 
 
 class Fleet:
@@ -168,6 +169,49 @@ async def test_a_failing_canary_is_rolled_back_and_served_at_zero() -> None:
     # It stays rolled back however long the traffic goes on.
     await fleet.run(60, Traffic(canary_error_rate=0.0))
     assert fleet.state.status is Status.ROLLED_BACK
+
+
+async def test_a_canary_failing_everything_is_rolled_back_long_before_min_requests() -> None:
+    # min_requests gates passing only: 10 canary requests a second that all fail are
+    # enough to roll back within a few intervals, thousands of requests short of it.
+    fleet = Fleet(
+        parse_config(
+            CONFIG.format(
+                weight=0, steps="[10, 50, 100]", canary_url="http://10.0.0.2:8000"
+            ).replace("min_requests: 50", "min_requests: 5000")
+        )
+    )
+    await fleet.start()
+    await fleet.run(60, Traffic(canary_error_rate=1.0), until=Status.ROLLED_BACK)
+    assert fleet.state.status is Status.ROLLED_BACK
+    assert fleet.clock.now - START <= 30
+    reason = fleet.hosts[0].decisions[-1].reason
+    assert "error rate 100.00%" in reason
+    assert "beyond the limit 5.00%" in reason
+
+
+async def test_a_shared_incident_holds_the_rollout_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet = Fleet(config())
+    await fleet.start()
+    await fleet.run(3, Traffic())
+    with caplog.at_level("INFO", logger="proxy.server.controller"):
+        # The model servers' common dependency fails: both answer 40% errors.
+        await fleet.run(40, Traffic(canary_error_rate=0.4, stable_error_rate=0.4))
+    state = fleet.state
+    assert (state.status, state.weight) == (Status.PROGRESSING, 10)
+    assert state.verdict is not None
+    assert state.verdict["verdict"] == "inconclusive"
+    assert str(state.verdict["reason"]).startswith("shared incident: stable's error rate")
+    assert state.verdict["shared_incident"]
+    held = [r for r in caplog.records if "shared incident" in r.getMessage()]
+    assert held
+    assert all(r.levelname == "WARNING" for r in held)
+    assert fleet.actions() == ["restart"]
+    # Once it is over, the rollout goes on.
+    await fleet.run(600, Traffic(), until=Status.PROMOTED)
+    assert status(fleet) is Status.PROMOTED
 
 
 async def test_a_paused_rollout_is_not_judged_until_it_is_resumed() -> None:

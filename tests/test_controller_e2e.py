@@ -242,6 +242,79 @@ async def test_a_latency_only_regression_is_caught(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_canary_failing_everything_is_rolled_back_long_before_min_requests(
+    tmp_path: Path,
+) -> None:
+    # Slow traffic, and a min_requests the canary would need many minutes to reach: it
+    # gates passing only; a canary that fails every request is rolled back at once.
+    stable = start_backend("m-stable")
+    canary = start_backend("m-canary", "--error-rate", "1")
+    try:
+        path = tmp_path / "proxy.yaml"
+        write_config(path, stable.url, canary.url, min_requests=5000)
+        async with running_proxy_file(str(path)) as proxy, steady_traffic(proxy.url, 0.03):
+            state = await wait_for_status(proxy, "rolled_back", timeout_s=20)
+    finally:
+        stable.stop()
+        canary.stop()
+    assert state["status"] == "rolled_back"
+    (check,) = state["decisions"][0]["judgement"]["checks"]
+    assert (check["check"], check["verdict"], check["canary"]) == ("error_rate", "fail", 1.0)
+    assert check["canary_n"] < 200
+
+
+@pytest.mark.timeout(60)
+async def test_users_who_give_up_on_a_slow_canary_roll_it_back(tmp_path: Path) -> None:
+    # The canary answers after 2 s; the users give up after 0.3 s. Their cancelled
+    # requests are recorded with the time they gave up, and count in the cancel rate.
+    stable = start_backend("m-stable")
+    canary = start_backend("m-canary", "--latency", "2")
+    gave_up = 0
+    stop = asyncio.Event()
+
+    async def impatient_users(url: str) -> None:
+        nonlocal gave_up
+        timeout = aiohttp.ClientTimeout(total=0.3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    async with session.post(
+                        f"{url}/v1/chat/completions", json=CHAT, headers={"x-user-id": f"u{n}"}
+                    ) as response:
+                        await response.read()
+                except TimeoutError:
+                    gave_up += 1
+                await asyncio.sleep(0.004)
+
+    try:
+        path = tmp_path / "proxy.yaml"
+        write_config(path, stable.url, canary.url, checks="cancel_rate: {max_increase: 0.05}")
+        async with running_proxy_file(str(path)) as proxy:
+            users = [asyncio.create_task(impatient_users(proxy.url)) for _ in range(4)]
+            try:
+                state = await wait_for_status(proxy, "rolled_back", timeout_s=25)
+                windows = (await status(proxy))["routes"][0]["variants"]
+            finally:
+                stop.set()
+                await asyncio.gather(*users)
+    finally:
+        stable.stop()
+        canary.stop()
+    assert gave_up > 0
+    assert state["status"] == "rolled_back"
+    (check,) = state["decisions"][0]["judgement"]["checks"]
+    assert (check["check"], check["verdict"]) == ("cancel_rate", "fail")
+    assert check["canary"] > 0.5
+    assert check["stable"] == 0
+    canary_stats = windows["canary"]
+    assert canary_stats["cancels"] > 0
+    assert canary_stats["errors"] == 0  # giving up is not an error of the canary
+    assert 0.25 < canary_stats["latency_s"]["p50"] < 1.0  # when they gave up, not 2 s
+
+
+@pytest.mark.timeout(60)
 async def test_operators_pause_resume_promote_and_roll_back_with_the_token(
     tmp_path: Path,
     pair: tuple[BackendProcess, BackendProcess],

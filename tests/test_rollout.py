@@ -69,9 +69,9 @@ def variant(requests: int, errors: int = 0) -> VariantStats:
 # at its current step.
 EVIDENCE = (
     Evidence.fresh(NEXT_SLICE - 120)
-    .added(variant(400, 4), variant(4000, 30), NEXT_SLICE - 60)
+    .added(variant(400, 4), variant(4000, 30), NEXT_SLICE - 60, AUTO)
     .new_step()
-    .added(variant(200, 1), variant(2000, 12), NEXT_SLICE)
+    .added(variant(200, 1), variant(2000, 12), NEXT_SLICE, AUTO)
 )
 EMPTY = VariantStats().to_mapping()
 
@@ -788,10 +788,17 @@ def test_decisions_are_capped() -> None:
     assert current.decisions[0].at == NOW + 7
 
 
-def gathered(current: RouteState, canary: VariantStats, stable: VariantStats) -> RouteState:
+def gathered(
+    current: RouteState,
+    canary: VariantStats,
+    stable: VariantStats,
+    policy: AutoRollout = AUTO,
+) -> RouteState:
     """The state with 30 more slices of stats in its evidence, as the controller adds them."""
     evidence = current.evidence
-    return replace(current, evidence=evidence.added(canary, stable, evidence.next_slice + 30))
+    return replace(
+        current, evidence=evidence.added(canary, stable, evidence.next_slice + 30, policy)
+    )
 
 
 def rich_state() -> RouteState:
@@ -856,33 +863,41 @@ def judged(
     now: float,
 ) -> Transition:
     """One interval: its stats join the evidence, then the judge's verdict is applied."""
-    current = gathered(current, canary, stable)
+    current = gathered(current, canary, stable, policy)
     return on_judgement(current, policy, judge(current.evidence, policy), now, True)
 
 
 def test_each_step_passes_on_its_own_data() -> None:
     current = reconcile(None, auto_route(0.0, JUDGED), IDENTITY, NOW).state
-    current = judged(current, JUDGED, variant(300), variant(3000), NOW + 30).state
-    advanced = judged(current, JUDGED, variant(300), variant(3000), NOW + 60)
+    # One interval is one observation of its time (a burst would look the same), so a
+    # step's first judgement waits for a second interval.
+    first = judged(current, JUDGED, variant(300), variant(3000), NOW + 30)
+    assert (first.decision, first.state.passes) == (None, 0)
+    current = judged(first.state, JUDGED, variant(300), variant(3000), NOW + 60).state
+    assert current.passes == 1
+    advanced = judged(current, JUDGED, variant(300), variant(3000), NOW + 90)
     assert advanced.decision is not None
     assert advanced.decision.action == "advance"
     current = advanced.state
-    assert (current.weight, current.evidence.rollout_canary.requests) == (5, 600)
+    assert (current.weight, current.evidence.rollout_canary.requests) == (5, 900)
     # Judged again before the new step has data: the earlier passes do not carry over.
-    again = judged(current, JUDGED, VariantStats(), VariantStats(), NOW + 90)
+    again = judged(current, JUDGED, VariantStats(), VariantStats(), NOW + 120)
     assert again.decision is None
     assert (again.state.weight, again.state.passes) == (5, 0)
     assert again.state.verdict is not None
     assert again.state.verdict["verdict"] == "inconclusive"
-    assert again.state.verdict["reason"] == (
+    assert again.state.verdict["reason"] == "too little data at this step: 0 of 100 canary requests"
+    (check,) = again.state.verdict["checks"]  # type: ignore[misc]
+    assert check["reason"] == (
         "error rate n/a (n=0) vs stable n/a (n=0) at this step: "
         "too little data at this step (0 of 100)"
     )
-    current = judged(again.state, JUDGED, variant(100), variant(1000), NOW + 120).state
-    assert current.passes == 1
-    current = judged(current, JUDGED, variant(100), variant(1000), NOW + 150).state
+    for at, passes in ((150, 0), (180, 1)):
+        current = judged(current, JUDGED, variant(100), variant(1000), NOW + at).state
+        assert current.passes == passes
+    current = judged(current, JUDGED, variant(100), variant(1000), NOW + 210).state
     assert (current.weight, current.step, current.passes) == (10, 2, 0)
-    assert current.evidence.rollout_canary.requests == 800
+    assert current.evidence.rollout_canary.requests == 1200
     assert current.evidence.step_canary.requests == 0
     assert current.started_at == NOW
 
@@ -890,16 +905,16 @@ def test_each_step_passes_on_its_own_data() -> None:
 def test_resuming_a_held_canary_judges_it_afresh() -> None:
     policy = replace(JUDGED, on_failure=OnFailure.HOLD)
     current = reconcile(None, auto_route(0.0, policy), IDENTITY, NOW).state
-    for at in (30, 60):
+    for at in (30, 60, 90):  # the first slice alone is one observation
         current = judged(current, policy, variant(200, 30), variant(2000, 20), NOW + at).state
     assert current.status is Status.PAUSED
-    assert current.evidence.rollout_canary.errors == 60
+    assert current.evidence.rollout_canary.errors == 90
     # An operator resumes (having fixed the canary, say): what held it is behind it.
-    resumed = on_operator(current, policy, RESUME, NOW + 70).state
+    resumed = on_operator(current, policy, RESUME, NOW + 100).state
     assert resumed.evidence.rollout_canary.requests == 0
     assert resumed.evidence.step_canary.requests == 0
-    assert resumed.started_at == NOW + 70
-    after = judged(resumed, policy, variant(200), variant(2000), NOW + 100)
+    assert resumed.started_at == NOW + 100
+    after = judged(resumed, policy, variant(200), variant(2000), NOW + 130)
     assert after.state.failures == 0
     assert after.state.verdict is not None
     assert after.state.verdict["verdict"] != "fail"

@@ -16,8 +16,11 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Final
 
 __all__ = [
+    "QUANTILE_CHECKS",
+    "RATE_CHECKS",
     "AdminConfig",
     "Anonymous",
     "AutoRollout",
@@ -202,21 +205,52 @@ class Schedule:
 
 @dataclass(frozen=True, slots=True)
 class ErrorRateCheck:
-    max: float | None = None  # absolute ceiling on the canary's error rate
+    """A rate's limits: the error rate's, or the cancel rate's."""
+
+    max: float | None = None  # absolute ceiling on the canary's rate
     max_increase: float | None = None  # ceiling on canary minus stable
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyCheck:
+    """A quantile's limits: of latency, time to first token or time per output token."""
+
     max_s: float | None = None  # absolute ceiling on the canary's quantile
     max_ratio: float | None = None  # ceiling on canary / stable
+
+
+# The quantile checks: config key -> (what is measured, the quantile).
+QUANTILE_CHECKS: Final[dict[str, tuple[str, float]]] = {
+    f"{metric}_p{percent}": (metric, percent / 100)
+    for metric in ("latency", "ttft", "tpot")
+    for percent in (50, 95, 99)
+}
+RATE_CHECKS: Final = ("error_rate", "cancel_rate")
 
 
 @dataclass(frozen=True, slots=True)
 class Checks:
     error_rate: ErrorRateCheck | None = None
+    cancel_rate: ErrorRateCheck | None = None
+    latency_p50: LatencyCheck | None = None
     latency_p95: LatencyCheck | None = None
+    latency_p99: LatencyCheck | None = None
+    ttft_p50: LatencyCheck | None = None
     ttft_p95: LatencyCheck | None = None
+    ttft_p99: LatencyCheck | None = None
+    tpot_p50: LatencyCheck | None = None
+    tpot_p95: LatencyCheck | None = None
+    tpot_p99: LatencyCheck | None = None
+
+    def rates(self) -> list[tuple[str, ErrorRateCheck]]:
+        """The rate checks configured, by name, in the order of `RATE_CHECKS`."""
+        found = ((name, getattr(self, name)) for name in RATE_CHECKS)
+        return [(name, check) for name, check in found if check is not None]
+
+    def quantiles(self) -> list[tuple[str, LatencyCheck]]:
+        """The quantile checks configured, by name, in the order of `QUANTILE_CHECKS`."""
+        found = ((name, getattr(self, name)) for name in QUANTILE_CHECKS)
+        return [(name, check) for name, check in found if check is not None]
 
 
 @dataclass(frozen=True, slots=True)

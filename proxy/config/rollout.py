@@ -6,13 +6,19 @@ Rules:
 2. Steps strictly increase; each check names at least one of its two limits.
 3. A step is a weight (`5`) or a weight with a timed pause (`{weight: 5, pause: 30m}`);
    100 cannot pause: the canary is promoted there, and nothing waits.
+4. The checks are `error_rate` and `cancel_rate` (`max`, `max_increase`: shares 0-1)
+   and a quantile of latency, time to first token or time per output token at p50,
+   p95 or p99 (`latency_p95`, `tpot_p99`, ...: `max` a duration, `max_ratio` >= 1).
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from proxy.config.model import (
+    QUANTILE_CHECKS,
+    RATE_CHECKS,
     AutoRollout,
     Checks,
     ErrorRateCheck,
@@ -112,14 +118,12 @@ def _read_step(reader: Reader) -> tuple[float, float] | None:
 
 
 def _read_checks(reader: Reader) -> Checks | None:
-    fields = reader.fields(("error_rate", "latency_p95", "ttft_p95"))
+    fields = reader.fields((*RATE_CHECKS, *QUANTILE_CHECKS))
     if fields is None:
         return None
-    return Checks(
-        error_rate=fields.get("error_rate", _read_error_rate, None),
-        latency_p95=fields.get("latency_p95", _read_latency, None),
-        ttft_p95=fields.get("ttft_p95", _read_latency, None),
-    )
+    found: dict[str, Any] = {name: fields.get(name, _read_error_rate, None) for name in RATE_CHECKS}
+    found |= {name: fields.get(name, _read_latency, None) for name in QUANTILE_CHECKS}
+    return Checks(**found)
 
 
 def _read_error_rate(reader: Reader) -> ErrorRateCheck | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from proxy.config.model import (
+    QUANTILE_CHECKS,
     AdminConfig,
     AutoRollout,
     Backend,
@@ -217,18 +218,16 @@ def _steps(auto: AutoRollout) -> str:
 
 def _verdicts(auto: AutoRollout) -> str:
     return (
-        f"after {auto.min_requests} canary requests; {auto.pass_intervals} passes step up, "
+        f"{auto.pass_intervals} passes on {auto.min_requests}+ canary requests step up, "
         f"{auto.failure_limit} failures {auto.on_failure}; confidence {auto.confidence:g}"
     )
 
 
 def _checks(checks: Checks) -> list[str]:
-    parts: list[str] = []
-    if checks.error_rate is not None:
-        parts.append(f"error rate {_error_rate(checks.error_rate)}")
-    for name, check in (("p95 latency", checks.latency_p95), ("p95 ttft", checks.ttft_p95)):
-        if check is not None:
-            parts.append(f"{name} {_latency(check)}")
+    parts = [f"{name.replace('_', ' ')} {_error_rate(check)}" for name, check in checks.rates()]
+    for name, check in checks.quantiles():
+        metric, quantile = QUANTILE_CHECKS[name]
+        parts.append(f"p{round(quantile * 100)} {metric} {_latency(check)}")
     return parts or ["none (steps up on request count alone)"]
 
 

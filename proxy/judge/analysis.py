@@ -1,59 +1,89 @@
 """The judge: the canary's numbers against stable's and the route's checks. Pure.
 
-`judge()` compares the canary with stable over the same windows and returns, per
+Evidence is gathered one *time slice* at a time (a judgement interval's stats of both
+variants): `Evidence.added` turns each slice into the steps of one always-valid test per
+limit and side (`proxy.judge.sequential.EProcess`), and `judge()` reads them into, per
 check, pass / fail / inconclusive with the canary's value, stable's, the limit, both
-sample sizes and the window they come from, and an overall verdict. Its `Evidence`
-holds two windows: since the rollout began, and since its current step began.
+sample sizes, the evidence and the window it comes from, and an overall verdict.
 
 Rules:
-1. Too little data is inconclusive, never a pass and never a failure: below
-   `min_requests` canary requests, and wherever a test cannot yet tell.
-2. A check fails only on a breach that is significant over the whole rollout so far:
-   an always-valid sequential test (mSPRT, `proxy.judge.sequential`) rejects "the canary
-   is within the limit" at α = (1 − confidence) / limits. Being always valid, it may
-   be looked at every interval of the rollout; split over the limits, the chance
-   that a canary as good as its limits is ever failed, by any check at any look,
-   stays within 1 − confidence. Data gathered at every step counts, so a regression
-   is caught sooner the longer it runs, and at the lowest weight that shows it.
-3. A check passes when, over the current step, the canary is within each of its
-   limits with the route's confidence (one-sided upper bound at or under the limit):
-   every step must earn its own pass, at its own weight.
-4. Latency and time to first token are judged at the 95th percentile through the
-   share of requests above the limit ("p95 ≤ T" is "at most 5% above T"); against
-   stable, T is `max_ratio` × stable's p95, taken at the end of its interval at the
-   route's confidence that favours the canary when failing (the high end) and the
-   other one when passing.
-5. A time-to-first-token check on a route that streams nothing passes once the
-   canary has its requests: there is nothing to judge.
-6. The overall verdict fails if any check fails, passes if every check passes, and
-   is inconclusive otherwise. With no checks, enough requests are a pass.
+1. A check fails when a failing test rejects "the canary is within this limit": an
+   e-process over the whole rollout reaches 1 / α_i, where the limits share
+   α = 1 − confidence (weighted Bonferroni: an absolute `max` a quarter share, a limit
+   relative to stable a whole one). The chance that a canary within all its limits is
+   ever failed, by any check at any look of its rollout, stays within 1 − confidence.
+   Failing needs no minimum of requests: a canary far beyond a limit is failed as soon
+   as a few users' requests show it.
+2. A check passes when every one of its limits' passing tests rejects "the canary is at
+   or beyond this limit": an e-process over the current step reaches 1 / (1 − confidence),
+   with at least `min_requests` of the check's canary samples at this step. The chance
+   that a canary beyond a limit ever passes a step is within 1 − confidence (to pass,
+   the test of the very limit it breaches must reject). Every step earns its own pass.
+3. Each slice is compared within itself: a rate `max_increase` against stable's rate in
+   the same slice plus the increase; a quantile `max_ratio` against the ratio times
+   stable's quantile in the same slice (from as many recent slices as it takes to hold
+   enough stable samples); an absolute `max` against the limit.
+4. A shared incident: in a slice where stable itself is significantly beyond an
+   absolute `max`, the canary's failing test for that limit compares it with stable
+   instead (only a canary worse than stable then counts against it), and its passing
+   test skips the slice. While the last slice is such a one and the canary is beyond the
+   limit too, the verdict is "inconclusive: shared incident": the rollout holds.
+5. Evidence is discounted by a design effect (`proxy.judge.sequential`): how much more
+   the numbers vary across time slices and across user clusters than independent
+   requests would, so that a burst or one heavy user cannot decide a rollout.
+6. Cancelled requests count in the latency checks at the time they were cancelled at,
+   and in `cancel_rate`; they are not trials of the error rate.
+7. A time-to-first-token or time-per-token check on a route that streams nothing passes
+   once the canary has its requests: there is nothing to judge.
+8. The overall verdict fails if any check fails, passes if every check passes (with at
+   least `min_requests` canary requests at this step, checks or none), and is
+   inconclusive otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from proxy.config.model import AutoRollout, ErrorRateCheck, LatencyCheck
+from proxy.config.model import QUANTILE_CHECKS, AutoRollout, Checks
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.sequential import (
+    EProcess,
+    Side,
     above,
-    difference_bounds,
-    log_mixture_ratio,
-    log_mixture_ratio_difference,
-    quantile_bounds,
+    mean_design_effect,
+    proportion_design_effect,
     wilson_bounds,
 )
-from proxy.judge.stats import VariantStats
+from proxy.judge.stats import (
+    USER_CANCELS,
+    USER_ERRORS,
+    USER_LOG_SQUARES,
+    USER_LOG_SUM,
+    USER_REQUESTS,
+    VariantStats,
+)
 
-__all__ = ["CheckResult", "Evidence", "Judgement", "Verdict", "judge"]
+__all__ = [
+    "CheckResult",
+    "Evidence",
+    "Incident",
+    "Judgement",
+    "Limit",
+    "LimitKind",
+    "Verdict",
+    "judge",
+    "limits_of",
+]
 
-QUANTILE: Final = 0.95
-_EXCEEDANCE: Final = 1 - QUANTILE  # the share above the p95
-_MIN_SCALE: Final = 0.005
+# A slice's stable reference for a quantile holds at least this many samples above the
+# quantile (p95: 100 samples; p99: 500).
+_REFERENCE_TAIL: Final = 5
+_REFERENCE_KEEP: Final = 4  # a reference carried on is halved past this many times that
 
 
 class Verdict(StrEnum):
@@ -62,13 +92,105 @@ class Verdict(StrEnum):
     INCONCLUSIVE = "inconclusive"
 
 
+class LimitKind(StrEnum):
+    MAX = "max"  # an absolute ceiling
+    MAX_INCREASE = "max_increase"  # a rate: at most stable's plus this
+    MAX_RATIO = "max_ratio"  # a quantile: at most this times stable's
+
+
+# Rule 1's split of α: an absolute ceiling takes a quarter of a relative limit's share.
+# What breaches an absolute ceiling is most often a gross failure, whose evidence grows
+# by whole nats per request; a regression against stable may be slight, where every
+# nat of threshold costs minutes.
+_ALPHA_WEIGHTS: Final = {
+    LimitKind.MAX: 0.25,
+    LimitKind.MAX_INCREASE: 1.0,
+    LimitKind.MAX_RATIO: 1.0,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit of one check: what one pair of tests (failing, passing) is about."""
+
+    check: str  # error_rate | cancel_rate | latency_p95 | ...
+    kind: LimitKind
+    value: float  # a share, a duration in seconds, or a ratio
+    metric: str  # errors | cancels | latency | ttft | tpot
+    quantile: float | None = None  # for the checks of a quantile
+
+    @property
+    def key(self) -> str:
+        """Its evidence's name; an edited limit starts its evidence afresh."""
+        return f"{self.check}.{self.kind.value}={self.value!r}"
+
+    @property
+    def is_rate(self) -> bool:
+        return self.quantile is None
+
+
+@functools.lru_cache(maxsize=64)
+def limits_of(checks: Checks) -> tuple[Limit, ...]:
+    """Every limit the checks name, in the order the checks are listed."""
+    limits: list[Limit] = []
+    for name, rate in checks.rates():
+        metric = "errors" if name == "error_rate" else "cancels"
+        if rate.max is not None:
+            limits.append(Limit(name, LimitKind.MAX, rate.max, metric))
+        if rate.max_increase is not None:
+            limits.append(Limit(name, LimitKind.MAX_INCREASE, rate.max_increase, metric))
+    for name, timing in checks.quantiles():
+        metric, quantile = QUANTILE_CHECKS[name]
+        if timing.max_s is not None:
+            limits.append(Limit(name, LimitKind.MAX, timing.max_s, metric, quantile))
+        if timing.max_ratio is not None:
+            limits.append(Limit(name, LimitKind.MAX_RATIO, timing.max_ratio, metric, quantile))
+    return tuple(limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """Stable beyond an absolute limit in the last slice, and the canary with it."""
+
+    check: str
+    limit: float
+    stable: float  # stable's share beyond the limit (a rate, or the share above a duration)
+    canary: float | None  # the canary's, None when it had no requests in the slice
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "check": self.check,
+            "limit": self.limit,
+            "stable": self.stable,
+            "canary": self.canary,
+        }
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> Incident:
+        canary = data.get("canary")
+        return cls(
+            str(data["check"]),
+            float(data["limit"]),  # type: ignore[arg-type]
+            float(data["stable"]),  # type: ignore[arg-type]
+            float(canary) if isinstance(canary, int | float) else None,
+        )
+
+
+Tests = Mapping[str, tuple[EProcess, EProcess]]  # limit key -> (failing, passing)
+
+
 @dataclass(frozen=True, slots=True)
 class Evidence:
-    """What the judge has seen of a rollout, per variant: since it began, and since its
-    current step began. Slices of the window stats up to `next_slice` are in.
+    """What the judge has seen of a rollout: per variant its stats since it began and
+    since its current step began; per limit its failing test (over the rollout) and its
+    passing test (over the step); stable's recent reference per measured time; and the
+    shared incidents of the last slice. Slices of the window stats up to `next_slice`
+    are in.
 
-    Evidence is a value: its stats are never changed once it holds them (`added`
-    builds new ones; `new_step` shares the rollout window, which stays unchanged).
+    Evidence is a value: nothing it holds is changed once it holds it (`added` builds
+    new stats and tests; `new_step` shares what carries over). Its size does not grow
+    with the rollout's length: histograms have a bucket per 9% of duration, user sums a
+    row per cluster, and each test a fixed handful of numbers.
     """
 
     rollout_canary: VariantStats = field(default_factory=VariantStats)
@@ -76,24 +198,81 @@ class Evidence:
     step_canary: VariantStats = field(default_factory=VariantStats)
     step_stable: VariantStats = field(default_factory=VariantStats)
     next_slice: int = 0
+    tests: Tests = field(default_factory=dict)
+    references: Mapping[str, LogHistogram] = field(default_factory=dict)
+    incidents: tuple[Incident, ...] = ()
 
     @classmethod
     def fresh(cls, next_slice: int) -> Evidence:
         return cls(next_slice=next_slice)
 
-    def added(self, canary: VariantStats, stable: VariantStats, next_slice: int) -> Evidence:
-        """These windows with more data in (new objects: evidence is never changed)."""
+    def added(
+        self,
+        canary: VariantStats,
+        stable: VariantStats,
+        next_slice: int,
+        auto: AutoRollout,
+        *,
+        reuse: bool = False,
+    ) -> Evidence:
+        """This evidence with one more time slice of both variants, tested against the
+        limits of `auto`. New objects, unless `reuse`: then this evidence's stats are
+        added to in place and shared with the result, for a caller that keeps nothing
+        else of it (the simulator, which cannot afford a copy per interval)."""
+        limits = limits_of(auto.checks)
+        references = _references(self.references, limits, stable)
+        tests = dict(self.tests)
+        incidents: list[Incident] = []
+        for limit in limits:
+            failing, passing = tests.get(limit.key) or (
+                EProcess.start(Side.FAIL),
+                EProcess.start(Side.PASS),
+            )
+            observed = _observe(limit, canary, stable, references, auto.confidence)
+            if observed is not None:
+                increase = limit.value if limit.kind is LimitKind.MAX_INCREASE else None
+                failing = failing.added(
+                    observed.events, observed.trials, *observed.fail_null, increase
+                )
+                if observed.pass_null is not None:
+                    passing = passing.added(
+                        observed.events, observed.trials, *observed.pass_null, increase
+                    )
+                if observed.incident is not None:
+                    incidents.append(observed.incident)
+            tests[limit.key] = (failing, passing)
+        windows = [self.rollout_canary, self.rollout_stable, self.step_canary, self.step_stable]
+        if not reuse:
+            windows = [_copy(window) for window in windows]
+        for window, new, users in zip(
+            windows, (canary, stable, canary, stable), (True, True, False, False), strict=True
+        ):
+            window.merge(new, users=users)
+        rollout_canary, rollout_stable, step_canary, step_stable = windows
         return Evidence(
-            _sum(self.rollout_canary, canary),
-            _sum(self.rollout_stable, stable),
-            _sum(self.step_canary, canary),
-            _sum(self.step_stable, stable),
+            rollout_canary,
+            rollout_stable,
+            step_canary,
+            step_stable,
             next_slice,
+            tests,
+            references,
+            tuple(incidents),
         )
 
     def new_step(self) -> Evidence:
-        """The same rollout, with the step's window started again."""
-        return Evidence(self.rollout_canary, self.rollout_stable, next_slice=self.next_slice)
+        """The same rollout, with the step's window and passing tests started again."""
+        return Evidence(
+            self.rollout_canary,
+            self.rollout_stable,
+            next_slice=self.next_slice,
+            tests={
+                key: (failing, EProcess.start(Side.PASS))
+                for key, (failing, _) in self.tests.items()
+            },
+            references=self.references,
+            incidents=self.incidents,
+        )
 
     def to_mapping(self) -> dict[str, object]:
         return {
@@ -102,10 +281,19 @@ class Evidence:
             "step_canary": self.step_canary.to_mapping(),
             "step_stable": self.step_stable.to_mapping(),
             "next_slice": self.next_slice,
+            "tests": {
+                key: {"fail": failing.to_list(), "pass": passing.to_list()}
+                for key, (failing, passing) in self.tests.items()
+            },
+            "references": {name: ref.to_mapping() for name, ref in self.references.items()},
+            "incidents": [incident.to_mapping() for incident in self.incidents],
         }
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Evidence:
+        """From `to_mapping`'s form; evidence stored before tests were kept loads with
+        none (they start from the next slice)."""
+
         def stats(name: str) -> VariantStats:
             value = data[name]
             assert isinstance(value, Mapping)
@@ -113,27 +301,199 @@ class Evidence:
 
         next_slice = data["next_slice"]
         assert isinstance(next_slice, int)
+        tests: dict[str, tuple[EProcess, EProcess]] = {}
+        stored = data.get("tests", {})
+        assert isinstance(stored, Mapping)
+        for key, sides in stored.items():
+            assert isinstance(sides, Mapping)
+            failing, passing = sides["fail"], sides["pass"]
+            assert isinstance(failing, list)
+            assert isinstance(passing, list)
+            tests[str(key)] = (
+                EProcess.from_list(Side.FAIL, failing),
+                EProcess.from_list(Side.PASS, passing),
+            )
+        references = data.get("references", {})
+        assert isinstance(references, Mapping)
+        incidents = data.get("incidents", [])
+        assert isinstance(incidents, list)
         return cls(
             stats("rollout_canary"),
             stats("rollout_stable"),
             stats("step_canary"),
             stats("step_stable"),
             next_slice,
+            tests,
+            {str(name): LogHistogram.from_mapping(ref) for name, ref in references.items()},
+            tuple(Incident.from_mapping(incident) for incident in incidents),
         )
 
 
-def _sum(a: VariantStats, b: VariantStats) -> VariantStats:
-    total = VariantStats()
-    total.merge(a)
-    total.merge(b)
-    return total
+def _copy(stats: VariantStats) -> VariantStats:
+    copy = VariantStats()
+    copy.merge(stats)
+    return copy
+
+
+# --- one slice ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Observed:
+    """What one slice says for one limit: the canary's events of its trials, and the
+    null (rate, dispersion) of each side (None: the passing test skips this slice)."""
+
+    events: float
+    trials: float
+    fail_null: tuple[float, float]
+    pass_null: tuple[float, float] | None
+    incident: Incident | None = None
+
+
+def _rate_counts(stats: VariantStats, metric: str) -> tuple[float, float]:
+    """(events, trials) of a rate: errors of the attempts that ended, or cancels of all."""
+    if metric == "errors":
+        return float(stats.errors), float(stats.requests - stats.cancels)
+    return float(stats.cancels), float(stats.requests)
+
+
+def _histogram(stats: VariantStats, metric: str) -> LogHistogram:
+    if metric == "latency":
+        return stats.latency
+    return stats.ttft if metric == "ttft" else stats.tpot
+
+
+def _shares(
+    limit: Limit, stats: VariantStats, references: Mapping[str, LogHistogram]
+) -> tuple[float, float]:
+    """(events, trials) of `stats` for `limit`: a rate's, or the samples above the limit's
+    duration (for a ratio: above the ratio times stable's reference quantile)."""
+    if limit.is_rate:
+        return _rate_counts(stats, limit.metric)
+    histogram = _histogram(stats, limit.metric)
+    if limit.kind is LimitKind.MAX:
+        threshold = limit.value
+    else:
+        assert limit.quantile is not None
+        reference = references[limit.metric].quantile(limit.quantile)
+        assert reference is not None
+        threshold = limit.value * reference
+    return above(histogram, threshold), float(histogram.count)
+
+
+def _observe(
+    limit: Limit,
+    canary: VariantStats,
+    stable: VariantStats,
+    references: Mapping[str, LogHistogram],
+    confidence: float,
+) -> _Observed | None:
+    if limit.kind is LimitKind.MAX_RATIO:
+        reference = references.get(limit.metric)
+        if reference is None or reference.count == 0:
+            return None  # nothing of stable's to compare with yet
+        events, trials = _shares(limit, canary, references)
+        if trials <= 0:
+            return None
+        null = 1.0 - (limit.quantile or 0.0)
+        # Stable's quantile is estimated from `reference.count` samples: at the null, its
+        # noise adds that of a proportion of that many samples to the canary's.
+        dispersion = 1.0 + trials / reference.count
+        return _Observed(events, trials, (null, dispersion), (null, dispersion))
+    events, trials = _shares(limit, canary, references)
+    stable_events, stable_trials = _shares(limit, stable, references)
+    if limit.kind is LimitKind.MAX_INCREASE:
+        if stable_trials <= 0 or trials <= 0:
+            return None
+        stable_rate = stable_events / stable_trials
+        null = min(stable_rate + limit.value, 1.0)
+        smooth = (stable_events + 0.5) / (stable_trials + 1.0)
+        spread = null * (1.0 - null)
+        dispersion = 1.0 + (trials / stable_trials) * smooth * (1.0 - smooth) / max(spread, 1e-9)
+        return _Observed(events, trials, (null, dispersion), (null, dispersion))
+    # An absolute ceiling: on a share of rate, or of samples above a duration.
+    ceiling = limit.value if limit.is_rate else 1.0 - (limit.quantile or 0.0)
+    stable_beyond = (
+        stable_trials > 0 and wilson_bounds(stable_events, stable_trials, confidence)[0] > ceiling
+    )
+    if not stable_beyond:
+        if trials <= 0:
+            return None
+        return _Observed(events, trials, (ceiling, 1.0), (ceiling, 1.0))
+    stable_rate = stable_events / stable_trials
+    canary_rate = events / trials if trials > 0 else None
+    incident = (
+        Incident(limit.check, limit.value, stable_rate, canary_rate)
+        if canary_rate is None or canary_rate > ceiling
+        else None
+    )
+    if trials <= 0:
+        return _Observed(0.0, 0.0, (stable_rate, 1.0), None, incident)
+    # Rule 4: against stable in this slice, whose rate is an estimate (as for an increase).
+    return _Observed(events, trials, (stable_rate, 1.0 + trials / stable_trials), None, incident)
+
+
+def _references(
+    references: Mapping[str, LogHistogram], limits: Iterable[Limit], stable: VariantStats
+) -> dict[str, LogHistogram]:
+    """Stable's reference for each measured time a ratio compares with: this slice's
+    histogram when it holds enough samples, else it added to the reference before."""
+    result = dict(references)
+    needed: dict[str, int] = {}
+    for limit in limits:
+        if limit.kind is LimitKind.MAX_RATIO and limit.quantile is not None:
+            enough = math.ceil(_REFERENCE_TAIL / (1.0 - limit.quantile))
+            needed[limit.metric] = max(needed.get(limit.metric, 0), enough)
+    for metric, enough in needed.items():
+        own = _histogram(stable, metric)
+        if own.count >= enough:
+            result[metric] = own
+            continue
+        carried = references.get(metric)
+        if carried is not None and carried.count > _REFERENCE_KEEP * enough:
+            carried = _halved(carried)
+        result[metric] = LogHistogram.merged([carried, own] if carried is not None else [own])
+    return result
+
+
+def _halved(histogram: LogHistogram) -> LogHistogram:
+    """Half of every bucket (rounded down): older samples weigh less as new ones come."""
+    half = LogHistogram()
+    half.buckets = {index: count // 2 for index, count in histogram.buckets.items() if count > 1}
+    half.count = sum(half.buckets.values())
+    half.sum = histogram.sum * (half.count / histogram.count) if histogram.count else 0.0
+    return half
+
+
+# --- the verdict --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitResult:
+    """One limit's tests as the judge read them."""
+
+    limit: Limit
+    fail_e: float  # the failing test's e-value (exponentiated from its log, capped)
+    fail_threshold: float  # what it must reach to fail the check
+    pass_e: float
+    design_effect: float
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "limit": self.limit.kind.value,
+            "value": self.limit.value,
+            "fail_e": _rounded(self.fail_e),
+            "fail_threshold": _rounded(self.fail_threshold),
+            "pass_e": _rounded(self.pass_e),
+            "design_effect": _rounded(self.design_effect),
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class CheckResult:
     """One check's verdict and the numbers behind it."""
 
-    check: str  # error_rate | latency_p95 | ttft_p95
+    check: str  # error_rate | cancel_rate | latency_p95 | ...
     verdict: Verdict
     canary_value: float | None
     stable_value: float | None
@@ -142,6 +502,8 @@ class CheckResult:
     stable_n: int
     reason: str
     window: str = "step"  # the window the figures come from: step | rollout
+    limits: tuple[LimitResult, ...] = ()
+    pass_threshold: float = 0.0  # what each limit's passing e-value must reach
 
     def to_mapping(self) -> dict[str, object]:
         return {
@@ -154,6 +516,8 @@ class CheckResult:
             "canary_n": self.canary_n,
             "stable_n": self.stable_n,
             "reason": self.reason,
+            "pass_threshold": _rounded(self.pass_threshold),
+            "limits": [result.to_mapping() for result in self.limits],
         }
 
 
@@ -164,6 +528,11 @@ class Judgement:
     canary_n: int  # canary requests over the rollout so far
     stable_n: int
     reason: str
+    incidents: tuple[Incident, ...] = ()  # the shared incidents the verdict holds for
+
+    @property
+    def shared_incident(self) -> bool:
+        return bool(self.incidents) and self.verdict is Verdict.INCONCLUSIVE
 
     def to_mapping(self) -> dict[str, object]:
         return {
@@ -171,6 +540,7 @@ class Judgement:
             "canary_n": self.canary_n,
             "stable_n": self.stable_n,
             "reason": self.reason,
+            "shared_incident": [incident.to_mapping() for incident in self.incidents],
             "checks": [check.to_mapping() for check in self.checks],
         }
 
@@ -178,278 +548,295 @@ class Judgement:
 def judge(evidence: Evidence, auto: AutoRollout) -> Judgement:
     """The verdict on a canary, from what has been seen of its rollout."""
     canary_n, stable_n = evidence.rollout_canary.requests, evidence.rollout_stable.requests
-    if canary_n < auto.min_requests:
-        return Judgement(
-            Verdict.INCONCLUSIVE,
-            (),
+    limits = limits_of(auto.checks)
+    alpha = 1.0 - auto.confidence
+    shares = {limit.key: _ALPHA_WEIGHTS[limit.kind] for limit in limits}
+    total = sum(shares.values())
+    # Rule 1: α is split between the limits (weighted Bonferroni); each gets its share.
+    fail_log = {key: math.log(total / (weight * alpha)) for key, weight in shares.items()}
+    pass_log = math.log(1.0 / alpha)
+    users = _UserEffects(evidence)
+    results: list[CheckResult] = []
+    for check in _check_names(limits):
+        mine = [limit for limit in limits if limit.check == check]
+        results.append(_judge_check(check, mine, evidence, auto, users, fail_log, pass_log))
+    verdicts = [result.verdict for result in results]
+    step_n = evidence.step_canary.requests
+    incidents = tuple(
+        incident
+        for incident in evidence.incidents
+        if any(r.check == incident.check for r in results)
+    )
+    if Verdict.FAIL in verdicts:
+        verdict = Verdict.FAIL
+        reason = "; ".join(r.reason for r in results if r.verdict is Verdict.FAIL)
+    elif incidents:
+        verdict = Verdict.INCONCLUSIVE
+        reason = "shared incident: " + "; ".join(_incident_text(i) for i in incidents)
+    elif all(v is Verdict.PASS for v in verdicts) and step_n >= auto.min_requests:
+        verdict = Verdict.PASS
+        reason = (
+            "; ".join(r.reason for r in results)
+            if results
+            else f"{step_n} canary requests at this step, and no checks"
+        )
+    elif step_n < auto.min_requests:
+        verdict = Verdict.INCONCLUSIVE
+        reason = f"too little data at this step: {step_n} of {auto.min_requests} canary requests"
+    else:
+        verdict = Verdict.INCONCLUSIVE
+        reason = "; ".join(r.reason for r in results if r.verdict is Verdict.INCONCLUSIVE)
+    return Judgement(
+        verdict,
+        tuple(results),
+        canary_n,
+        stable_n,
+        reason,
+        incidents if verdict is Verdict.INCONCLUSIVE else (),
+    )
+
+
+def _check_names(limits: Iterable[Limit]) -> list[str]:
+    names: list[str] = []
+    for limit in limits:
+        if limit.check not in names:
+            names.append(limit.check)
+    return names
+
+
+class _UserEffects:
+    """The user-cluster design effect of each measure, per variant, read once."""
+
+    def __init__(self, evidence: Evidence) -> None:
+        self._stats = {"canary": evidence.rollout_canary, "stable": evidence.rollout_stable}
+        self._cache: dict[tuple[str, str], float] = {}
+
+    def of(self, variant: str, metric: str) -> float:
+        key = (variant, metric if metric in ("errors", "cancels") else "times")
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = _user_effect(self._stats[variant], metric)
+        return found
+
+    def combined(self, metric: str, dispersion: float) -> float:
+        """The canary's, with stable's in the share of the variance its estimate adds."""
+        canary = self.of("canary", metric)
+        if dispersion <= 1.0:
+            return canary
+        return (canary + (dispersion - 1.0) * self.of("stable", metric)) / dispersion
+
+
+def _user_effect(stats: VariantStats, metric: str) -> float:
+    clusters = stats.users.values()
+    if not stats.users:
+        return 1.0  # no user sums (numbers recorded without them): requests as users
+    if metric == "errors":
+        return proportion_design_effect(
+            (s[USER_REQUESTS] - s[USER_CANCELS], s[USER_ERRORS]) for s in clusters
+        )
+    if metric == "cancels":
+        return proportion_design_effect((s[USER_REQUESTS], s[USER_CANCELS]) for s in clusters)
+    # Times: how a user's latencies hang together (log scale) stands for all of them.
+    return mean_design_effect(
+        (s[USER_REQUESTS], s[USER_LOG_SUM], s[USER_LOG_SQUARES]) for s in clusters
+    )
+
+
+def _judge_check(
+    check: str,
+    limits: list[Limit],
+    evidence: Evidence,
+    auto: AutoRollout,
+    users: _UserEffects,
+    fail_log: Mapping[str, float],
+    pass_log: float,
+) -> CheckResult:
+    read: list[LimitResult] = []
+    failed: list[Limit] = []
+    passed: list[bool] = []
+    for limit in limits:
+        failing, passing = evidence.tests.get(limit.key) or (
+            EProcess.start(Side.FAIL),
+            EProcess.start(Side.PASS),
+        )
+        fail_effect = max(failing.design_effect(), users.combined(limit.metric, failing.dispersion))
+        pass_effect = max(passing.design_effect(), users.combined(limit.metric, passing.dispersion))
+        fail_e = failing.log_e_value(fail_effect)
+        pass_e = passing.log_e_value(pass_effect)
+        threshold = fail_log[limit.key]
+        read.append(LimitResult(limit, _exp(fail_e), _exp(threshold), _exp(pass_e), fail_effect))
+        if fail_e >= threshold:
+            failed.append(limit)
+        passed.append(pass_e >= pass_log)
+    outcome = _Outcome(check, limits[0], evidence, tuple(read), _exp(pass_log))
+    if failed:
+        return outcome.result(Verdict.FAIL, "rollout", [outcome.note(x, "beyond") for x in failed])
+    first = limits[0]
+    if _streams_nothing(first, evidence):
+        return outcome.nothing_streamed(auto.min_requests)
+    samples = _samples(first, evidence.step_canary)
+    if samples < auto.min_requests:
+        note = f"too little data at this step ({samples:g} of {auto.min_requests})"
+        return outcome.result(Verdict.INCONCLUSIVE, "step", [note])
+    if all(passed):
+        return outcome.result(Verdict.PASS, "step", [outcome.note(x, "within") for x in limits])
+    notes = [
+        outcome.note(limit, "not yet clearly within")
+        for limit, ok in zip(limits, passed, strict=True)
+        if not ok
+    ]
+    return outcome.result(Verdict.INCONCLUSIVE, "step", notes)
+
+
+def _streams_nothing(limit: Limit, evidence: Evidence) -> bool:
+    """Rule 7: a check of streams' times on a route where neither variant streamed."""
+    if limit.is_rate or limit.metric == "latency":
+        return False
+    return (
+        _histogram(evidence.rollout_canary, limit.metric).count == 0
+        and _histogram(evidence.rollout_stable, limit.metric).count == 0
+    )
+
+
+def _samples(limit: Limit, stats: VariantStats) -> float:
+    """The canary samples a check is judged on: a rate's trials, a time's histogram."""
+    if limit.is_rate:
+        return _rate_counts(stats, limit.metric)[1]
+    return float(_histogram(stats, limit.metric).count)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """Builds a check's result, with the figures of the window it comes from."""
+
+    check: str
+    first: Limit
+    evidence: Evidence
+    read: tuple[LimitResult, ...]
+    pass_threshold: float
+
+    def note(self, limit: Limit, word: str) -> str:
+        """e.g. "beyond stable + 1.00% (evidence 52 >= 40)"."""
+        found = next(r for r in self.read if r.limit is limit)
+        if word == "beyond":
+            evidence = f"evidence {_number(found.fail_e)} >= {_number(found.fail_threshold)}"
+        elif word == "within":
+            evidence = f"evidence {_number(found.pass_e)} >= {_number(self.pass_threshold)}"
+        else:
+            evidence = f"evidence {_number(found.pass_e)} of {_number(self.pass_threshold)}"
+        if found.design_effect > 1.05:
+            evidence += f", design effect {found.design_effect:.3g}"
+        return f"{word} {_limit_words(limit)} ({evidence})"
+
+    def result(self, verdict: Verdict, window: str, notes: list[str]) -> CheckResult:
+        over = self.evidence.rollout_canary if window == "rollout" else self.evidence.step_canary
+        base = self.evidence.rollout_stable if window == "rollout" else self.evidence.step_stable
+        first = self.first
+        canary_value, canary_n = _value(first, over)
+        stable_value, stable_n = _value(first, base)
+        limits = []
+        for result in self.read:
+            limit = result.limit
+            if limit.kind is LimitKind.MAX:
+                limits.append(limit.value)
+            elif stable_value is not None and limit.kind is LimitKind.MAX_INCREASE:
+                limits.append(stable_value + limit.value)
+            elif stable_value is not None:
+                limits.append(stable_value * limit.value)
+        where = "over the rollout" if window == "rollout" else "at this step"
+        show = _pct if first.is_rate else _seconds
+        reason = (
+            f"{_label(first)} {show(canary_value)} (n={canary_n}) vs stable "
+            f"{show(stable_value)} (n={stable_n}) {where}: {', '.join(notes)}"
+        )
+        return CheckResult(
+            self.check,
+            verdict,
+            canary_value,
+            stable_value,
+            min(limits) if limits else None,
             canary_n,
             stable_n,
-            f"too little data: {canary_n} of {auto.min_requests} canary requests",
+            reason,
+            window,
+            self.read,
+            self.pass_threshold,
         )
-    checks = auto.checks
-    threshold = math.log(_limit_count(auto) / (1 - auto.confidence))
-    results: list[CheckResult] = []
-    if checks.error_rate is not None:
-        results.append(_error_rate(evidence, checks.error_rate, auto, threshold))
-    if checks.latency_p95 is not None:
-        results.append(_quantile("latency_p95", evidence, checks.latency_p95, auto, threshold))
-    if checks.ttft_p95 is not None:
-        results.append(_quantile("ttft_p95", evidence, checks.ttft_p95, auto, threshold))
-    verdict = _combine([result.verdict for result in results]) if results else Verdict.PASS
-    if verdict is Verdict.PASS and evidence.step_canary.requests < auto.min_requests:
-        verdict = Verdict.INCONCLUSIVE  # even with no checks, a step needs its requests
-        reason = (
-            f"too little data at this step: {evidence.step_canary.requests} of "
-            f"{auto.min_requests} canary requests"
-        )
-    elif not results:
-        reason = f"{evidence.step_canary.requests} canary requests at this step, and no checks"
-    else:
-        reason = "; ".join(r.reason for r in results if r.verdict is verdict)
-    return Judgement(verdict, tuple(results), canary_n, stable_n, reason)
 
-
-def _limit_count(auto: AutoRollout) -> int:
-    checks = auto.checks
-    count = 0
-    for check in (checks.error_rate, checks.latency_p95, checks.ttft_p95):
-        if isinstance(check, ErrorRateCheck):
-            count += (check.max is not None) + (check.max_increase is not None)
-        elif isinstance(check, LatencyCheck):
-            count += (check.max_s is not None) + (check.max_ratio is not None)
-    return max(1, count)
-
-
-def _combine(verdicts: list[Verdict]) -> Verdict:
-    if Verdict.FAIL in verdicts:
-        return Verdict.FAIL
-    if all(v is Verdict.PASS for v in verdicts):
-        return Verdict.PASS
-    return Verdict.INCONCLUSIVE
-
-
-# --- error rate --------------------------------------------------------------------------
-
-
-def _error_rate(
-    evidence: Evidence, check: ErrorRateCheck, auto: AutoRollout, threshold: float
-) -> CheckResult:
-    # Failing: over the whole rollout.
-    canary, stable = evidence.rollout_canary, evidence.rollout_stable
-    failed: list[str] = []
-    if check.max is not None:
-        scale = max(check.max, _MIN_SCALE)
-        if log_mixture_ratio(canary.errors, canary.requests, check.max, scale) >= threshold:
-            failed.append(f"above the limit {_pct(check.max)}, significantly")
-    if check.max_increase is not None and stable.requests >= auto.min_requests:
-        increase = check.max_increase
-        statistic = log_mixture_ratio_difference(
-            canary.errors,
-            canary.requests,
-            stable.errors,
-            stable.requests,
-            increase,
-            max(increase, _MIN_SCALE),
-        )
-        if statistic >= threshold:
-            failed.append(f"more than {_pct(increase)} above stable, significantly")
-    if failed:
-        return _error_result(Verdict.FAIL, canary, stable, check, auto, failed, "rollout")
-    # Passing: over this step.
-    canary, stable = evidence.step_canary, evidence.step_stable
-    if canary.requests < auto.min_requests:
-        note = f"too little data at this step ({canary.requests} of {auto.min_requests})"
-        return _error_result(Verdict.INCONCLUSIVE, canary, stable, check, auto, [note], "step")
-    verdicts: list[Verdict] = []
-    notes: list[str] = []
-    if check.max is not None:
-        within = wilson_bounds(canary.errors, canary.requests, auto.confidence)[1] <= check.max
-        verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
-        notes.append(f"{'within' if within else 'not yet clearly within'} {_pct(check.max)}")
-    if check.max_increase is not None:
-        increase = check.max_increase
-        if stable.requests < auto.min_requests:
-            verdicts.append(Verdict.INCONCLUSIVE)
-            notes.append(f"too little stable data ({stable.requests}) to compare")
-        else:
-            upper = difference_bounds(
-                canary.errors, canary.requests, stable.errors, stable.requests, auto.confidence
-            )[1]
-            within = upper <= increase
-            verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
-            word = "within" if within else "not yet clearly within"
-            notes.append(f"{word} stable + {_pct(increase)}")
-    verdict = _combine(verdicts)
-    return _error_result(
-        verdict, canary, stable, check, auto, _deciding(verdict, verdicts, notes), "step"
-    )
-
-
-def _error_result(
-    verdict: Verdict,
-    canary: VariantStats,
-    stable: VariantStats,
-    check: ErrorRateCheck,
-    auto: AutoRollout,
-    notes: list[str] | str,
-    window: str,
-) -> CheckResult:
-    rate_c = canary.errors / canary.requests if canary.requests else None
-    rate_s = stable.errors / stable.requests if stable.requests else None
-    limits = [check.max] if check.max is not None else []
-    # A limit relative to stable applies only once stable has its requests.
-    compared = stable.requests >= auto.min_requests
-    if check.max_increase is not None and rate_s is not None and compared:
-        limits.append(rate_s + check.max_increase)
-    text = notes if isinstance(notes, str) else ", ".join(notes)
-    over = "over the rollout" if window == "rollout" else "at this step"
-    reason = (
-        f"error rate {_pct(rate_c)} (n={canary.requests}) vs stable {_pct(rate_s)} "
-        f"(n={stable.requests}) {over}: {text}"
-    )
-    return CheckResult(
-        "error_rate",
-        verdict,
-        rate_c,
-        rate_s,
-        min(limits) if limits else None,
-        canary.requests,
-        stable.requests,
-        reason,
-        window,
-    )
-
-
-# --- latency and time to first token -----------------------------------------------------
-
-
-def _histograms(
-    name: str, canary: VariantStats, stable: VariantStats
-) -> tuple[LogHistogram, LogHistogram]:
-    if name == "latency_p95":
-        return canary.latency, stable.latency
-    return canary.ttft, stable.ttft
-
-
-def _quantile(
-    name: str, evidence: Evidence, check: LatencyCheck, auto: AutoRollout, threshold: float
-) -> CheckResult:
-    label = "p95 latency" if name == "latency_p95" else "p95 time to first token"
-    canary, stable = _histograms(name, evidence.rollout_canary, evidence.rollout_stable)
-    if canary.count == 0 and stable.count == 0 and name == "ttft_p95":
+    def nothing_streamed(self, min_requests: int) -> CheckResult:
+        step_n = self.evidence.step_canary.requests
+        verdict = Verdict.PASS if step_n >= min_requests else Verdict.INCONCLUSIVE
+        note = f"{_label(self.first)}: no streamed requests to judge"
+        if verdict is Verdict.INCONCLUSIVE:
+            note += f" ({step_n} of {min_requests} canary requests at this step)"
         return CheckResult(
-            name,
-            Verdict.PASS,
+            self.check,
+            verdict,
             None,
             None,
             None,
+            step_n,
             0,
-            0,
-            f"{label}: no streamed requests to judge",
+            note,
             "rollout",
+            self.read,
+            self.pass_threshold,
         )
-    # Failing: over the whole rollout; stable's p95 at its high bound.
-    failed: list[str] = []
-    if canary.count >= auto.min_requests:
-        if check.max_s is not None and _exceeds(canary, check.max_s, threshold):
-            failed.append(f"above {check.max_s:.3g}s, significantly")
-        if check.max_ratio is not None and stable.count >= auto.min_requests:
-            high = quantile_bounds(stable, QUANTILE, auto.confidence)[1]
-            if high is not None and _exceeds(canary, check.max_ratio * high, threshold):
-                failed.append(f"above {check.max_ratio:g}× stable, significantly")
-    if failed:
-        return _quantile_result(
-            name, label, Verdict.FAIL, canary, stable, check, auto, failed, "rollout"
-        )
-    # Passing: over this step; stable's p95 at its low bound.
-    canary, stable = _histograms(name, evidence.step_canary, evidence.step_stable)
-    if canary.count < auto.min_requests:
-        note = f"too little data at this step ({canary.count} of {auto.min_requests})"
-        return _quantile_result(
-            name, label, Verdict.INCONCLUSIVE, canary, stable, check, auto, [note], "step"
-        )
-    verdicts: list[Verdict] = []
-    notes: list[str] = []
-    if check.max_s is not None:
-        within = _within(canary, check.max_s, auto)
-        verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
-        notes.append(f"{'within' if within else 'not yet clearly within'} {check.max_s:.3g}s")
-    if check.max_ratio is not None:
-        low = quantile_bounds(stable, QUANTILE, auto.confidence)[0]
-        if low is None or stable.count < auto.min_requests:
-            verdicts.append(Verdict.INCONCLUSIVE)
-            notes.append(f"too little stable data ({stable.count}) to compare")
-        else:
-            within = _within(canary, check.max_ratio * low, auto)
-            verdicts.append(Verdict.PASS if within else Verdict.INCONCLUSIVE)
-            word = "within" if within else "not yet clearly within"
-            notes.append(f"{word} {check.max_ratio:g}× stable")
-    verdict = _combine(verdicts)
-    return _quantile_result(
-        name,
-        label,
-        verdict,
-        canary,
-        stable,
-        check,
-        auto,
-        _deciding(verdict, verdicts, notes),
-        "step",
+
+
+def _value(limit: Limit, stats: VariantStats) -> tuple[float | None, int]:
+    """A check's figure for one variant's window (a rate, or the quantile), and its n."""
+    if limit.is_rate:
+        events, trials = _rate_counts(stats, limit.metric)
+        return (events / trials if trials > 0 else None), int(trials)
+    histogram = _histogram(stats, limit.metric)
+    assert limit.quantile is not None
+    return histogram.quantile(limit.quantile), histogram.count
+
+
+_METRIC_WORDS: Final = {
+    "errors": "error rate",
+    "cancels": "cancel rate",
+    "latency": "latency",
+    "ttft": "time to first token",
+    "tpot": "time per output token",
+}
+
+
+def _label(limit: Limit) -> str:
+    if limit.quantile is None:
+        return _METRIC_WORDS[limit.metric]
+    return f"p{round(limit.quantile * 100)} {_METRIC_WORDS[limit.metric]}"
+
+
+def _limit_words(limit: Limit) -> str:
+    if limit.kind is LimitKind.MAX_INCREASE:
+        return f"stable + {_pct(limit.value)}"
+    if limit.kind is LimitKind.MAX_RATIO:
+        return f"{limit.value:g}x stable"
+    return f"the limit {_pct(limit.value) if limit.is_rate else _seconds(limit.value)}"
+
+
+def _incident_text(incident: Incident) -> str:
+    canary = "no requests" if incident.canary is None else _pct(incident.canary)
+    what = incident.check.replace("_", " ")
+    return (
+        f"stable's {what} is beyond its limit as much as the canary's "
+        f"(limit {incident.limit:g}: stable {_pct(incident.stable)}, canary {canary} "
+        "in the last interval); holding"
     )
 
 
-def _exceeds(canary: LogHistogram, limit_s: float, threshold: float) -> bool:
-    """Significantly more than 5% of the canary's values above `limit_s`?"""
-    over = above(canary, limit_s)
-    return log_mixture_ratio(over, canary.count, _EXCEEDANCE, _EXCEEDANCE) >= threshold
+def _exp(log_value: float) -> float:
+    return math.exp(min(log_value, 700.0))
 
 
-def _within(canary: LogHistogram, limit_s: float, auto: AutoRollout) -> bool:
-    """Confidently at most 5% of the canary's values above `limit_s`?"""
-    over = above(canary, limit_s)
-    return wilson_bounds(over, canary.count, auto.confidence)[1] <= _EXCEEDANCE
+def _rounded(value: float) -> float:
+    return float(f"{value:.4g}")
 
 
-def _quantile_result(
-    name: str,
-    label: str,
-    verdict: Verdict,
-    canary: LogHistogram,
-    stable: LogHistogram,
-    check: LatencyCheck,
-    auto: AutoRollout,
-    notes: list[str] | str,
-    window: str,
-) -> CheckResult:
-    value_c, value_s = canary.quantile(QUANTILE), stable.quantile(QUANTILE)
-    limits = [check.max_s] if check.max_s is not None else []
-    compared = stable.count >= auto.min_requests
-    if check.max_ratio is not None and value_s is not None and compared:
-        limits.append(check.max_ratio * value_s)
-    text = notes if isinstance(notes, str) else ", ".join(notes)
-    over = "over the rollout" if window == "rollout" else "at this step"
-    reason = (
-        f"{label} {_seconds(value_c)} (n={canary.count}) vs stable {_seconds(value_s)} "
-        f"(n={stable.count}) {over}: {text}"
-    )
-    return CheckResult(
-        name,
-        verdict,
-        value_c,
-        value_s,
-        min(limits) if limits else None,
-        canary.count,
-        stable.count,
-        reason,
-        window,
-    )
-
-
-def _deciding(verdict: Verdict, verdicts: list[Verdict], notes: list[str]) -> str:
-    """The notes of the limits that decided the check (all of them when it is undecided)."""
-    if verdict is Verdict.INCONCLUSIVE:
-        return ", ".join(notes)
-    return ", ".join(note for v, note in zip(verdicts, notes, strict=True) if v is verdict)
+def _number(value: float) -> str:
+    return f"{value:.3g}" if value < 1e4 else f"{value:.2e}"
 
 
 def _pct(value: float | None) -> str:

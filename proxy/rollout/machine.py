@@ -23,8 +23,8 @@ Rules:
    operator resumes (from `steps[0]`). A resume, from `paused` too, judges the canary
    afresh: what paused, held or rolled it back is behind it.
 7. The judge's evidence (`proxy.judge.analysis.Evidence`) starts again with every new
-   rollout (a new canary, an adopted weight, a resume), and its step window with
-   every step.
+   rollout (a new canary, an adopted weight, a resume), and its step window and
+   passing tests with every step.
 8. Every change is a `Decision` saying when, what, why, and with which numbers.
 9. An operator's `advance` takes the next step at once (past the last one: promoted),
    skipping what is left of a step's pause, and leaves the rollout progressing; from

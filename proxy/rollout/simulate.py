@@ -1,19 +1,22 @@
-"""`canary-proxy simulate`: many rollouts of synthetic traffic on a simulated clock.
+"""`canary-proxy simulate`: many rollouts on a simulated clock, through the real judge and
+the real state machine. Pure: traffic comes in as values, results go out as values.
 
-Each run replays a route's automatic rollout interval by interval: requests arrive as
-a Poisson process at `rps`, the canary gets its weight's share, each variant's
-errors are binomial and its latencies log-normal (so their histograms are
-multinomial over the real histogram's buckets), and at every interval the real judge
-(`proxy.judge.analysis`) and the real state machine (`proxy.rollout.machine`) decide, over the
-window since the step began, exactly as the controller does. Operators tune
-thresholds with it before a real rollout.
+Two sources of traffic:
 
-Beside it runs a Flagger-style rule on the same traffic, for comparison: the canary
-alone against fixed thresholds over the last interval (its error rate against the
-route's `max`, or stable's true rate plus `max_increase`; its p95 against the
-latency limit computed from stable's true p95), one step per passing interval, and a
-rollback once `failure_limit` checks have failed (counted over the rollout, as
-Flagger counts them); an interval with no canary requests is a failed check.
+- a built-in scenario (`proxy.rollout.traffic`): synthetic users and their requests,
+  drawn interval by interval at the weight the rollout is at;
+- a trace of real requests (`TraceRequest`): for each, what stable and what the canary
+  would have answered. Each request goes to the variant the real formula gives its
+  user at the current weight (`proxy.routing.assignment`); each run varies the salt
+  (the route's own for the first run, then `salt#1`, `salt#2`, ...), so that other
+  users are the canary's first ones.
+
+Each interval the variants' stats join the evidence as the controller adds them
+(`Evidence.added`), the judge decides (`proxy.judge.analysis.judge`) and the state
+machine moves (`proxy.rollout.machine.on_judgement`). On the same synthetic traffic
+(the same seed for the same run) the baselines of `proxy.rollout.baselines` decide too:
+a Flagger-style threshold rule, Kayenta's Mann-Whitney judge as Argo Rollouts runs it,
+and an oracle SPRT that knows the true rates.
 
 Schedules are not simulated: every interval may advance.
 """
@@ -22,194 +25,181 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from proxy.config.model import AutoRollout, Route
-from proxy.judge.analysis import Evidence, judge
-from proxy.judge.histogram import LogHistogram
+from proxy.judge.analysis import judge, limits_of
 from proxy.judge.stats import VariantStats
+from proxy.rollout.baselines import Oracle, Usual, flagger_passes, kayenta_outcome
 from proxy.rollout.machine import RouteState, Status, on_judgement, reconcile
+from proxy.rollout.traffic import SCENARIOS, Scenario, Slice, World
+from proxy.routing.assignment import bucket_of, canary_threshold
 
-if TYPE_CHECKING:
-    import numpy as np
+__all__ = [
+    "SCENARIOS",
+    "Outcome",
+    "Policy",
+    "RunResult",
+    "Scenario",
+    "Summary",
+    "TraceRequest",
+    "render",
+    "replay",
+    "simulate",
+    "summarize",
+]
 
-__all__ = ["Policy", "RunResult", "Scenario", "Summary", "render", "simulate", "summarize"]
+KAYENTA_PARTS: Final = 10  # the points of each of Kayenta's series per interval
 
-_PER_DOUBLING: Final = 8
-_SIGMAS: Final = 7.0  # histogram buckets are drawn over median × e^(±7σ)
+# Where a run's intervals come from: (start, length, weight) -> the interval's stats, or
+# None when a trace has run out.
+_Source = Callable[[float, float, float], Slice | None]
 
 
 class Policy(StrEnum):
     JUDGE = "canary-proxy"
-    FLAGGER = "flagger-style"
-
-
-@dataclass(frozen=True, slots=True)
-class Scenario:
-    """The synthetic traffic of one simulation."""
-
-    rps: float = 10.0
-    stable_error_rate: float = 0.01
-    canary_error_rate: float = 0.01
-    canary_latency_ratio: float = 1.0  # canary latencies are stable's times this
-    canary_ttft_ratio: float = 1.0
-    stream_share: float = 0.5  # the share of requests that stream (TTFT is theirs)
-    latency_p50_s: float = 1.0
-    ttft_p50_s: float = 0.2
-    sigma: float = 0.5  # of log latency
-    duration_s: float = 4 * 3600.0
+    FLAGGER = "flagger"
+    KAYENTA = "kayenta"
+    ORACLE = "oracle-sprt"
 
 
 @dataclass(frozen=True, slots=True)
 class RunResult:
     outcome: str  # promoted | rolled_back | held | running
-    time_s: float
+    seconds: float  # until the outcome, or the whole run when still running
     canary_requests: int
-    highest_weight: float
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    policy: Policy
-    runs: int
-    promoted: float  # shares of runs
-    rolled_back: float
-    running: float  # still running at the end, or held
-    time_to_outcome_p50_s: float | None
-    time_to_outcome_p90_s: float | None
-    rollback_canary_requests_p50: float | None
-    rollback_highest_weight_p50: float | None
-    promote_canary_requests_p50: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
+    max_weight: float
 
     def to_mapping(self) -> dict[str, object]:
         return {
-            "policy": self.policy.value,
-            "runs": self.runs,
-            "promoted": self.promoted,
-            "rolled_back": self.rolled_back,
-            "running": self.running,
-            "time_to_outcome_p50_s": self.time_to_outcome_p50_s,
-            "time_to_outcome_p90_s": self.time_to_outcome_p90_s,
-            "rollback_canary_requests_p50": self.rollback_canary_requests_p50,
-            "rollback_highest_weight_p50": self.rollback_highest_weight_p50,
-            "promote_canary_requests_p50": self.promote_canary_requests_p50,
+            "outcome": self.outcome,
+            "seconds": self.seconds,
+            "canary_requests": self.canary_requests,
+            "max_weight": self.max_weight,
         }
 
 
-class _Traffic:
-    """Draws one interval of one variant's numbers."""
+# --- traces -----------------------------------------------------------------------------
 
-    def __init__(
-        self, rng: np.random.Generator, scenario: Scenario, canary: bool, auto: AutoRollout
-    ) -> None:
-        self._rng = rng
-        # Only what the route's checks read is drawn: the draws are most of the time.
-        self._latency_judged = auto.checks.latency_p95 is not None
-        self._ttft_judged = auto.checks.ttft_p95 is not None
-        self.error_rate = scenario.canary_error_rate if canary else scenario.stable_error_rate
-        latency_ratio = scenario.canary_latency_ratio if canary else 1.0
-        ttft_ratio = scenario.canary_ttft_ratio if canary else 1.0
-        self.stream_share = scenario.stream_share
-        self._latency = _buckets(scenario.latency_p50_s * latency_ratio, scenario.sigma)
-        self._ttft = _buckets(scenario.ttft_p50_s * ttft_ratio, scenario.sigma)
-        self.latency_p95_s = (
-            scenario.latency_p50_s * latency_ratio * math.exp(1.645 * scenario.sigma)
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one variant answered (or would have answered) one request."""
+
+    status: int
+    latency: float  # seconds; until the client cancelled, when it did
+    ttft: float | None = None  # seconds to the first token of a stream
+    output_tokens: int | None = None
+    cancelled: bool = False
+
+    def record(self, stats: VariantStats, bucket: int) -> None:
+        error = str(self.status) if self.status >= 500 or self.status == 429 else None
+        stats.record(
+            self.latency, self.ttft, error, self.output_tokens, self.cancelled, user=bucket
         )
 
-    def draw(self, requests: int) -> VariantStats:
-        rng = self._rng
-        stats = VariantStats()
-        stats.requests = requests
-        if requests == 0:
-            return stats
-        stats.errors = int(rng.binomial(requests, self.error_rate))
-        if stats.errors:
-            stats.errors_by_type["500"] = stats.errors
-        if self._latency_judged:
-            stats.latency = self._histogram(self._latency, requests)
-        if self._ttft_judged:
-            stats.ttft = self._histogram(self._ttft, int(rng.binomial(requests, self.stream_share)))
-        return stats
 
-    def _histogram(
-        self, buckets: tuple[np.ndarray, np.ndarray, np.ndarray], n: int
-    ) -> LogHistogram:
-        indices, probabilities, mids = buckets
-        histogram = LogHistogram()
-        if n == 0:
-            return histogram
-        counts = self._rng.multinomial(n, probabilities)
-        nonzero = counts.nonzero()[0]
-        histogram.buckets = dict(
-            zip(indices[nonzero].tolist(), counts[nonzero].tolist(), strict=True)
-        )
-        histogram.count = n
-        histogram.sum = float((counts * mids).sum())
-        return histogram
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    t: float  # seconds
+    user: str
+    stable: Outcome
+    canary: Outcome
 
 
-def _buckets(median_s: float, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bucket indices, probabilities and midpoints of a log-normal over the histogram's buckets."""
-    import numpy as np
+class _TraceWorld:
+    """A trace as a source of intervals: its requests split by the formula."""
 
-    mu = math.log(median_s)
-    low = math.floor(math.log2(median_s * math.exp(-_SIGMAS * sigma)) * _PER_DOUBLING) - 1
-    high = math.ceil(math.log2(median_s * math.exp(_SIGMAS * sigma)) * _PER_DOUBLING) + 1
-    indices = np.arange(low, high + 1)
-    edges = np.exp2(np.arange(low, high + 2) / _PER_DOUBLING)
-    cdf = np.array([_normal_cdf((math.log(edge) - mu) / sigma) for edge in edges])
-    probabilities = np.diff(cdf)
-    probabilities = probabilities / probabilities.sum()
-    mids = np.sqrt(edges[:-1] * edges[1:])
-    return indices, probabilities, mids
+    def __init__(self, requests: Sequence[TraceRequest], salt: str) -> None:
+        self._requests = requests
+        self._salt = salt
+        self._buckets: dict[str, int] = {}
+        self._next = 0
+        self._origin = requests[0].t if requests else 0.0
+        self.span_s = requests[-1].t - self._origin if requests else 0.0
+
+    def interval(self, start: float, length: float, weight: float) -> Slice | None:
+        if start > self.span_s:
+            return None
+        end = self._origin + start + length
+        canary, stable = VariantStats(), VariantStats()
+        threshold = canary_threshold(weight)
+        requests = self._requests
+        while self._next < len(requests) and requests[self._next].t < end:
+            request = requests[self._next]
+            self._next += 1
+            bucket = self._buckets.get(request.user)
+            if bucket is None:
+                bucket = self._buckets[request.user] = bucket_of(self._salt, request.user)
+            if bucket < threshold:
+                request.canary.record(canary, bucket)
+            else:
+                request.stable.record(stable, bucket)
+        return Slice(canary, stable, math.nan, 1.0)
 
 
-def _normal_cdf(z: float) -> float:
-    return 0.5 * math.erfc(-z / math.sqrt(2))
+# --- runs -------------------------------------------------------------------------------
 
 
 def simulate(
-    route: Route, scenario: Scenario, runs: int, seed: int, policy: Policy
+    route: Route, scenario: Scenario, runs: int, seed: int, policy: Policy, first_run: int = 0
 ) -> list[RunResult]:
-    """`runs` rollouts of `route` under `scenario`, decided by `policy`."""
-    import numpy as np
+    """`runs` rollouts of `route` under `scenario`, decided by `policy`: runs number
+    `first_run` on, each drawn from (`seed`, its number), the same for every policy."""
+    auto = _auto(route)
+    results = []
+    for run in range(first_run, first_run + runs):
+        world = World(scenario, seed, run)
+        if policy is Policy.JUDGE:
+            results.append(_judged(route, auto, world.interval, scenario.duration_s))
+        else:
+            results.append(_baseline(auto, world, scenario.duration_s, policy))
+    return results
 
+
+def replay(route: Route, requests: Sequence[TraceRequest], runs: int) -> list[RunResult]:
+    """`runs` rollouts of `route` on a trace, the salt varied from run to run."""
+    auto = _auto(route)
+    ordered = sorted(requests, key=lambda request: request.t)
+    salt = route.sticky.salt
+    results = []
+    for run in range(runs):
+        world = _TraceWorld(ordered, salt if run == 0 else f"{salt}#{run}")
+        results.append(_judged(route, auto, world.interval, world.span_s + auto.interval_s))
+    return results
+
+
+def _auto(route: Route) -> AutoRollout:
     auto = route.rollout.auto
     if auto is None:
         raise ValueError(f"route {route.name!r} has no automatic rollout to simulate")
-    rng = np.random.default_rng(seed)
-    stable = _Traffic(rng, scenario, False, auto)
-    canary = _Traffic(rng, scenario, True, auto)
-    one = _one_judged_run if policy is Policy.JUDGE else _one_flagger_run
-    return [one(route, auto, scenario, rng, stable, canary) for _ in range(runs)]
+    return auto
 
 
-def _first_state(route: Route) -> RouteState:
-    return reconcile(None, route, "simulated", 0.0).state
-
-
-def _one_judged_run(
-    route: Route,
-    auto: AutoRollout,
-    scenario: Scenario,
-    rng: np.random.Generator,
-    stable: _Traffic,
-    canary: _Traffic,
-) -> RunResult:
-    state = _first_state(route)
+def _judged(route: Route, auto: AutoRollout, source: _Source, duration_s: float) -> RunResult:
+    """One rollout decided by the judge and the state machine, as the controller does."""
+    # From the first step, whatever weight the config serves today.
+    start = replace(route, rollout=replace(route.rollout, weight=0.0))
+    state: RouteState = reconcile(None, start, "simulated", 0.0).state
     canary_requests = 0
     highest = state.weight
     now = 0.0
-    while now < scenario.duration_s:
+    while now < duration_s:
+        piece = source(now, auto.interval_s, state.weight)
+        if piece is None:
+            break
         now += auto.interval_s
-        n_canary, n_stable = _split(rng, scenario.rps * auto.interval_s, state.weight)
-        canary_requests += n_canary
-        _accumulate(state.evidence, canary.draw(n_canary), stable.draw(n_stable))
-        judgement = judge(state.evidence, auto) if state.step >= 0 else None
+        canary_requests += piece.canary.requests
+        judgement = None
+        if state.step >= 0:
+            evidence = state.evidence.added(
+                piece.canary, piece.stable, state.evidence.next_slice + 1, auto, reuse=True
+            )
+            state = replace(state, evidence=evidence)
+            judgement = judge(evidence, auto)
         state = on_judgement(state, auto, judgement, now, True).state
         highest = max(highest, state.weight)
         if state.status is not Status.PROGRESSING:
@@ -217,86 +207,62 @@ def _one_judged_run(
     return RunResult(_outcome(state.status), now, canary_requests, highest)
 
 
-def _one_flagger_run(
-    route: Route,
-    auto: AutoRollout,
-    scenario: Scenario,
-    rng: np.random.Generator,
-    stable: _Traffic,
-    canary: _Traffic,
-) -> RunResult:
-    checks = auto.checks
-    error_limit = _flagger_error_limit(auto, scenario)
-    latency_limit = _flagger_latency_limit(auto, stable)
+def _baseline(auto: AutoRollout, world: World, duration_s: float, policy: Policy) -> RunResult:
+    """One rollout decided by a baseline: one step per passing interval, a rollback once
+    its failures (counted over the rollout) reach `failure_limit` (the oracle: at once)."""
     steps = auto.steps
-    step = 0
-    weight = steps[0]
-    failed = 0
-    canary_requests = 0
+    step, weight = 0, steps[0]
+    failed = canary_requests = step_requests = 0
     highest = weight
+    oracle = Oracle(auto, world) if policy is Policy.ORACLE else None
+    usual = _usual(auto, world) if policy is Policy.FLAGGER else None
+    parts = KAYENTA_PARTS if policy is Policy.KAYENTA else 0
     now = 0.0
-    while now < scenario.duration_s:
-        now += auto.interval_s
-        n_canary, _ = _split(rng, scenario.rps * auto.interval_s, weight)
-        canary_requests += n_canary
-        interval = canary.draw(n_canary)
-        passed = n_canary > 0
-        if passed and error_limit is not None and checks.error_rate is not None:
-            passed = interval.errors / n_canary <= error_limit
-        if passed and latency_limit is not None:
-            p95 = interval.latency.quantile(0.95)
-            passed = p95 is not None and p95 <= latency_limit
-        if not passed:
+    while now < duration_s:
+        piece = world.interval(now, auto.interval_s, weight, parts)
+        start, now = now, now + auto.interval_s
+        canary_requests += piece.canary.requests
+        step_requests += piece.canary.requests
+        if policy is Policy.FLAGGER:
+            assert usual is not None
+            verdict: str | None = "pass" if flagger_passes(auto, piece.canary, usual) else "fail"
+        elif policy is Policy.KAYENTA:
+            outcome = kayenta_outcome(auto, piece.canary_parts, piece.stable_parts)
+            verdict = {"successful": "pass", "failed": "fail"}.get(outcome)
+        else:
+            assert oracle is not None
+            verdict = oracle.judge(piece, start, auto.interval_s)
+            if verdict == "pass" and step_requests < auto.min_requests:
+                verdict = None
+        if verdict == "fail":
             failed += 1
-            if failed >= auto.failure_limit:
+            if oracle is not None or failed >= auto.failure_limit:
                 return RunResult("rolled_back", now, canary_requests, highest)
-            continue
-        step += 1
-        if step >= len(steps) or steps[step] >= 100:
-            return RunResult("promoted", now, canary_requests, 100.0)
-        weight = steps[step]
-        highest = max(highest, weight)
+        elif verdict == "pass":
+            step += 1
+            if step >= len(steps) or steps[step] >= 100:
+                return RunResult("promoted", now, canary_requests, 100.0)
+            weight = steps[step]
+            highest = max(highest, weight)
+            step_requests = 0
+            if oracle is not None:
+                oracle.new_step()
     return RunResult("running", now, canary_requests, highest)
 
 
-def _accumulate(evidence: Evidence, canary: VariantStats, stable: VariantStats) -> None:
-    """Add an interval's draws to the evidence in place. The controller builds new
-    evidence every interval (`Evidence.added`); a million simulated intervals cannot
-    afford the copies, and nothing else holds this evidence."""
-    evidence.rollout_canary.merge(canary)
-    evidence.step_canary.merge(canary)
-    evidence.rollout_stable.merge(stable)
-    evidence.step_stable.merge(stable)
-
-
-def _flagger_error_limit(auto: AutoRollout, scenario: Scenario) -> float | None:
-    check = auto.checks.error_rate
-    if check is None:
-        return None
-    limits = []
-    if check.max is not None:
-        limits.append(check.max)
-    if check.max_increase is not None:
-        limits.append(scenario.stable_error_rate + check.max_increase)
-    return min(limits) if limits else None
-
-
-def _flagger_latency_limit(auto: AutoRollout, stable: _Traffic) -> float | None:
-    check = auto.checks.latency_p95
-    if check is None:
-        return None
-    limits = []
-    if check.max_s is not None:
-        limits.append(check.max_s)
-    if check.max_ratio is not None:
-        limits.append(check.max_ratio * stable.latency_p95_s)
-    return min(limits) if limits else None
-
-
-def _split(rng: np.random.Generator, expected: float, weight: float) -> tuple[int, int]:
-    """Poisson arrivals in one interval, split by the weight: (canary, stable)."""
-    share = weight / 100
-    return int(rng.poisson(expected * share)), int(rng.poisson(expected * (1 - share)))
+def _usual(auto: AutoRollout, world: World) -> Usual:
+    """The fixed thresholds an operator would write from stable's ordinary numbers."""
+    samples = world.base_samples()
+    rates = {
+        "errors": world.usual_error_rate(),
+        "cancels": samples.share("stable", "cancels", None),
+    }
+    quantiles = {
+        (limit.metric, limit.quantile): samples.quantile("stable", limit.metric, limit.quantile)
+        for limit in limits_of(auto.checks)
+        if limit.quantile is not None
+    }
+    return Usual(rates, quantiles)
 
 
 def _outcome(status: Status) -> str:
@@ -307,23 +273,73 @@ def _outcome(status: Status) -> str:
     }.get(status, "running")
 
 
-def summarize(policy: Policy, results: Sequence[RunResult]) -> Summary:
+# --- summaries --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    policy: Policy
+    runs: int
+    promoted: float  # shares of runs
+    rolled_back: float
+    running: float  # still running at the end, or held
+    stepped_up: float  # runs that left the first step
+    time_to_outcome_p50_s: float | None
+    time_to_outcome_p90_s: float | None
+    rollback_time_p50_s: float | None
+    rollback_canary_requests_p50: float | None
+    rollback_highest_weight_p50: float | None
+    promote_canary_requests_p50: float | None = None
+
+    def to_mapping(self) -> dict[str, object]:
+        return {
+            "policy": self.policy.value,
+            "runs": self.runs,
+            "promoted": self.promoted,
+            "rolled_back": self.rolled_back,
+            "running": self.running,
+            "stepped_up": self.stepped_up,
+            "time_to_outcome_p50_s": self.time_to_outcome_p50_s,
+            "time_to_outcome_p90_s": self.time_to_outcome_p90_s,
+            "rollback_time_p50_s": self.rollback_time_p50_s,
+            "rollback_canary_requests_p50": self.rollback_canary_requests_p50,
+            "rollback_highest_weight_p50": self.rollback_highest_weight_p50,
+            "promote_canary_requests_p50": self.promote_canary_requests_p50,
+        }
+
+
+def summarize(policy: Policy, results: Sequence[RunResult], first_step: float) -> Summary:
     runs = len(results)
     promoted = [r for r in results if r.outcome == "promoted"]
     rolled = [r for r in results if r.outcome == "rolled_back"]
-    decided = [r.time_s for r in results if r.outcome in ("promoted", "rolled_back")]
+    decided = [r.seconds for r in results if r.outcome in ("promoted", "rolled_back")]
     return Summary(
         policy=policy,
         runs=runs,
         promoted=len(promoted) / runs,
         rolled_back=len(rolled) / runs,
         running=(runs - len(promoted) - len(rolled)) / runs,
+        stepped_up=sum(r.max_weight > first_step for r in results) / runs,
         time_to_outcome_p50_s=_quantile(decided, 0.5),
         time_to_outcome_p90_s=_quantile(decided, 0.9),
+        rollback_time_p50_s=_quantile([r.seconds for r in rolled], 0.5),
         rollback_canary_requests_p50=_quantile([float(r.canary_requests) for r in rolled], 0.5),
-        rollback_highest_weight_p50=_quantile([r.highest_weight for r in rolled], 0.5),
+        rollback_highest_weight_p50=_quantile([r.max_weight for r in rolled], 0.5),
         promote_canary_requests_p50=_quantile([float(r.canary_requests) for r in promoted], 0.5),
     )
+
+
+def shares(results: Sequence[RunResult]) -> dict[str, object]:
+    """`--json`: the shares of each outcome and every run."""
+    runs = len(results) or 1
+    promoted = sum(r.outcome == "promoted" for r in results) / runs
+    rolled_back = sum(r.outcome == "rolled_back" for r in results) / runs
+    return {
+        "runs": [r.to_mapping() for r in results],
+        "promoted": promoted,
+        "rolled_back": rolled_back,
+        "running": 1.0 - promoted - rolled_back if results else 0.0,
+    }
 
 
 def _quantile(values: Sequence[float], q: float) -> float | None:
@@ -334,22 +350,9 @@ def _quantile(values: Sequence[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, round(q * 100) - 1)]
 
 
-def render(
-    route: Route, scenario: Scenario, runs: int, seed: int, summaries: Sequence[Summary]
-) -> str:
-    """The simulation's outcome as a table, one row per policy."""
-    auto = route.rollout.auto
-    assert auto is not None
-    steps = " > ".join(f"{step:g}" for step in auto.steps)
-    lines = [
-        f"route {route.name}: steps {steps} %, every {auto.interval_s:g}s, "
-        f"{auto.min_requests} canary requests first, confidence {auto.confidence:g}",
-        f"traffic: {scenario.rps:g} req/s; errors {100 * scenario.stable_error_rate:g}% stable, "
-        f"{100 * scenario.canary_error_rate:g}% canary; canary latency "
-        f"x{scenario.canary_latency_ratio:g}, TTFT x{scenario.canary_ttft_ratio:g}",
-        f"{runs} runs of up to {scenario.duration_s / 3600:g} h, seed {seed}",
-        "",
-    ]
+def render(heading: Iterable[str], summaries: Sequence[Summary]) -> str:
+    """The simulation's outcome as a table, one row per policy, under `heading`."""
+    lines = [*heading, ""]
     header = (
         "policy",
         "promoted",
@@ -366,8 +369,8 @@ def render(
             f"{100 * summary.promoted:.1f}%",
             f"{100 * summary.rolled_back:.1f}%",
             f"{100 * summary.running:.1f}%",
-            _duration(summary.time_to_outcome_p50_s),
-            _duration(summary.time_to_outcome_p90_s),
+            duration(summary.time_to_outcome_p50_s),
+            duration(summary.time_to_outcome_p90_s),
             _number(summary.rollback_canary_requests_p50),
             _number(summary.rollback_highest_weight_p50, "%"),
         )
@@ -379,7 +382,16 @@ def render(
     return "\n".join(lines)
 
 
-def _duration(seconds: float | None) -> str:
+def route_heading(route: Route) -> str:
+    auto = _auto(route)
+    steps = " > ".join(f"{step:g}" for step in auto.steps)
+    return (
+        f"route {route.name}: steps {steps} %, every {auto.interval_s:g}s, passes after "
+        f"{auto.min_requests} canary requests at a step, confidence {auto.confidence:g}"
+    )
+
+
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds < 120:

@@ -336,7 +336,9 @@ class Controller:
             )
         self._host.record_judgement(route.name, judgement.verdict if judgement else None)
         if (note := judged.note) is not None:
-            log.info("%s", note)
+            # A shared incident holds the rollout for a reason outside the canary: say so.
+            shared = judgement is not None and judgement.shared_incident
+            log.log(logging.WARNING if shared else logging.INFO, "%s", note)
         await self._commit(route, judged.transition)
 
     async def _meet(self, store: StateStore, config: Config) -> None:
@@ -431,12 +433,14 @@ class Controller:
         """A route's evidence with the stats slices settled since it was last gathered."""
         evidence = self.states[route].evidence
         span = slices_to_gather(evidence, now)
-        if span is None:
+        config = self._host.config.route(route)
+        if span is None or config is None or config.rollout.auto is None:
             return evidence
         return evidence.added(
             await self.window(route, "canary", span.first, span.last),
             await self.window(route, "stable", span.first, span.last),
             span.next,
+            config.rollout.auto,
         )
 
     # --- state ----------------------------------------------------------------------------
