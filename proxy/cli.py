@@ -581,7 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests per second (default 150)",
     )
     demo.add_argument(
-        "--timeout", type=_positive, default=100.0, metavar="S", help="give up after S seconds"
+        "--timeout",
+        type=_positive,
+        default=180.0,
+        metavar="S",
+        # A healthy canary must earn each of its three steps by an always-valid test:
+        # about a minute on a quiet machine, two or more on a busy one.
+        help="give up after S seconds (default 180)",
     )
     demo.set_defaults(handler=cmd_demo)
 

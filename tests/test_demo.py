@@ -30,7 +30,7 @@ def run_demo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "proxy", "demo", *args],
         capture_output=True,
         text=True,
-        timeout=150,
+        timeout=240,
         check=False,
         cwd=cwd,
     )
@@ -41,7 +41,7 @@ def test_config_demo_yaml_is_the_packaged_demo_config() -> None:
     assert repository_copy.read_text() == default_config_path().read_text()
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize(
     ("flags", "outcome", "action"),
     [
