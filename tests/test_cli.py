@@ -690,6 +690,21 @@ def test_simulate_names_every_bad_line_of_a_trace(tmp_path: Path) -> None:
     )
 
 
+def test_simulate_refuses_a_missing_or_empty_trace_in_one_line(tmp_path: Path) -> None:
+    missing, empty = tmp_path / "missing.jsonl", tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    base = ("simulate", "-c", str(ROLLOUT), "--route", "chat", "--trace")
+    absent, blank = run_many([(*base, str(missing)), (*base, str(empty))])
+    for result in (absent, blank):
+        assert result.returncode == 1
+        result.assert_no_traceback()
+        assert result.stdout == ""
+    assert absent.error_lines == [
+        f"canary-proxy: error: cannot read the trace {missing}: No such file or directory"
+    ]
+    assert blank.error_lines == [f"{empty}: no requests in the trace"]
+
+
 # --- assign ----------------------------------------------------------------------------------
 
 KEY_ALPHABET = string.ascii_letters + string.digits + "-_.@:/+=é"
