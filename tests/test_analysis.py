@@ -178,7 +178,8 @@ def test_a_pass_needs_data_at_this_step_and_failures_carry_over() -> None:
     judgement = judge(evidence, ERRORS)
     assert judgement.verdict is Verdict.INCONCLUSIVE
     assert judgement.reason == "too little data at this step: 0 of 100 canary requests"
-    assert "too little data at this step (0 of 100)" in check(judgement, "error_rate")["reason"]
+    reason = str(check(judgement, "error_rate")["reason"])
+    assert "too little data at this step (0 of 100)" in reason
     # The failing side keeps the rollout's evidence: a regression at this step adds to it.
     for k in range(10):
         evidence = evidence.added(
@@ -220,7 +221,9 @@ def test_a_shared_incident_holds_the_rollout_and_says_so() -> None:
     assert judgement.verdict is Verdict.INCONCLUSIVE
     assert judgement.shared_incident
     assert judgement.reason.startswith("shared incident: stable's error rate is beyond its limit")
-    (shown,) = judgement.to_mapping()["shared_incident"]  # type: ignore[misc]
+    incidents = judgement.to_mapping()["shared_incident"]
+    assert isinstance(incidents, list)
+    (shown,) = incidents
     assert shown == {"check": "error_rate", "limit": 0.05, "stable": 0.4, "canary": 0.4}
     # The incident added nothing against the canary: once it is over, the canary passes.
     after = evidence
@@ -307,20 +310,25 @@ def test_a_tail_regression_fails_the_p99_and_not_the_p95() -> None:
 def test_time_per_output_token_is_compared_with_stable() -> None:
     auto = policy(tpot_p50=LatencyCheck(max_ratio=1.2))
     # Both stream 101 tokens after a 0.2 s first token; the canary decodes 1.5x slower.
-    canary = lambda k: stats(  # noqa: E731
-        200,
-        latency=lambda i: 0.2 + 100 * 0.006 * (1 + i / 400),
-        ttft=fixed(0.2),
-        tokens=101,
-        first_user=k * 10_000,
-    )
-    stable = lambda k: stats(  # noqa: E731
-        2000,
-        latency=lambda i: 0.2 + 100 * 0.004 * (1 + i / 4000),
-        ttft=fixed(0.2),
-        tokens=101,
-        first_user=k * 10_000 + 500,
-    )
+
+    def canary(k: int) -> VariantStats:
+        return stats(
+            200,
+            latency=lambda i: 0.2 + 100 * 0.006 * (1 + i / 400),
+            ttft=fixed(0.2),
+            tokens=101,
+            first_user=k * 10_000,
+        )
+
+    def stable(k: int) -> VariantStats:
+        return stats(
+            2000,
+            latency=lambda i: 0.2 + 100 * 0.004 * (1 + i / 4000),
+            ttft=fixed(0.2),
+            tokens=101,
+            first_user=k * 10_000 + 500,
+        )
+
     evidence = gathered(auto, [(canary(k), stable(k)) for k in range(5)])
     assert evidence.rollout_canary.tpot.count == 1000
     result = check(judge(evidence, auto), "tpot_p50")

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import mmh3
@@ -577,7 +578,7 @@ def scenario_results() -> dict[str, CliResult]:
     return dict(zip(SCENARIOS, run_many(argvs), strict=True))
 
 
-def assert_shares(result: CliResult, runs: int) -> list[dict[str, object]]:
+def assert_shares(result: CliResult, runs: int) -> list[dict[str, Any]]:
     """`simulate --json`: the shares of each outcome and every run, and nothing else."""
     assert result.returncode == 0, result
     document = json.loads(result.stdout)

@@ -38,13 +38,17 @@ START = 1_800_000_000.0
 
 
 def config(
-    *, weight: float = 0, steps: str = "[10, 50, 100]", canary_url: str = "http://10.0.0.2:8000"
+    *,
+    weight: float = 0,
+    steps: str = "[10, 50, 100]",
+    canary_url: str = "http://10.0.0.2:8000",
+    min_requests: int = 50,
 ) -> Config:
     rollout = auto_rollout(
         weight,
         steps=steps,
         interval="5s",
-        min_requests=50,
+        min_requests=min_requests,
         pass_intervals=2,
         failure_limit=2,
         checks="error_rate: {max: 0.05, max_increase: 0.02}, latency_p95: {max_ratio: 1.5}",
@@ -174,13 +178,7 @@ async def test_a_failing_canary_is_rolled_back_and_served_at_zero() -> None:
 async def test_a_canary_failing_everything_is_rolled_back_long_before_min_requests() -> None:
     # min_requests gates passing only: 10 canary requests a second that all fail are
     # enough to roll back within a few intervals, thousands of requests short of it.
-    fleet = Fleet(
-        parse_config(
-            CONFIG.format(
-                weight=0, steps="[10, 50, 100]", canary_url="http://10.0.0.2:8000"
-            ).replace("min_requests: 50", "min_requests: 5000")
-        )
-    )
+    fleet = Fleet(config(min_requests=5000))
     await fleet.start()
     await fleet.run(60, Traffic(canary_error_rate=1.0), until=Status.ROLLED_BACK)
     assert fleet.state.status is Status.ROLLED_BACK

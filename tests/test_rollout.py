@@ -887,7 +887,9 @@ def test_each_step_passes_on_its_own_data() -> None:
     assert again.state.verdict is not None
     assert again.state.verdict["verdict"] == "inconclusive"
     assert again.state.verdict["reason"] == "too little data at this step: 0 of 100 canary requests"
-    (check,) = again.state.verdict["checks"]  # type: ignore[misc]
+    checks = again.state.verdict["checks"]
+    assert isinstance(checks, list)
+    (check,) = checks
     assert check["reason"] == (
         "error rate n/a (n=0) vs stable n/a (n=0) at this step: "
         "too little data at this step (0 of 100)"
