@@ -53,8 +53,8 @@ bench-telemetry: $(STAMP)
 	$(BIN)/python tests/bench/telemetry_cost.py
 
 # The judge against its targets in every simulated scenario, beside Flagger, Kayenta and
-# an oracle; writes the tables into docs/rollouts.md. About 20 CPU-minutes per 20 runs
-# per cell: `make judge-report RUNS=50` for a quicker, wider-intervalled look.
+# an oracle; writes the tables into docs/rollouts.md. About 10 CPU-minutes per 20 runs
+# per cell (RUNS=50 took an hour on 2 busy CPUs): RUNS=N for a quicker, wider look.
 RUNS ?= 300
 judge-report: $(STAMP)
 	$(BIN)/python tests/bench/judge_report.py --runs $(RUNS) --write
