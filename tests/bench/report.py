@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from otlp_sink import SinkCounts
 from reloads import ReloadLatency, ReloadServe, WrkRun
 from scenarios import Latency, Settings, Streams, Throughput
-from targets import TARGETS, TELEMETRY_RATIOS
+from targets import BEFORE_LABELS, BEFORE_OFF, TARGETS, TELEMETRY_RATIOS
 
 __all__ = [
     "BEFORE_AIM",
@@ -49,7 +49,9 @@ __all__ = [
 _DASH = "—"
 _FOREIGN_LOAD_WARN = 0.10  # a core busier than our own work by this much had visitors
 _LOAD_CORE_BUSY_WARN = 0.90  # past this the load core itself adds queueing to TTFB
-_ACCEPTANCE_BASELINES = ("baseline", "baseline-uvloop")
+_ACCEPTANCE_BASELINES = ("baseline", "baseline-uvloop", BEFORE_OFF)
+# Table order: `run.py --before` adds the code before a change after every other target.
+_ORDER = (*TARGETS, BEFORE_OFF)
 _TELEMETRY_OFF = "canary-proxy"
 TELEMETRY_AIMS = {"canary-proxy-otel-0.01": 1.15, "canary-proxy-otel-1": 1.35}
 """The aims: CPU per request and per chunk at most this many times telemetry off."""
@@ -83,7 +85,7 @@ class TargetResult:
 
     @property
     def label(self) -> str:
-        return TARGETS[self.name]
+        return TARGETS.get(self.name) or BEFORE_LABELS[self.name]
 
     @property
     def is_proxy(self) -> bool:
@@ -267,8 +269,8 @@ def markdown_table(
 
 
 def results_table(results: Results) -> str:
-    """Every target side by side, in TARGETS order; each figure the median of the rounds."""
-    rows = [_row(results[name], results) for name in TARGETS if name in results]
+    """Every target side by side, in table order; each figure the median of the rounds."""
+    rows = [_row(results[name], results) for name in _ORDER if name in results]
     return markdown_table(_HEADER, rows)
 
 
@@ -289,7 +291,7 @@ def rounds_table(results: Results) -> str:
             cells(result, rss_per_stream, 1),
             cells(result, ttfb_p50, 1),
         )
-        for name in TARGETS
+        for name in _ORDER
         if (result := results.get(name)) is not None
     ]
     return markdown_table(header, rows)
@@ -310,7 +312,7 @@ def core_table(results: Results) -> str:
             share(result, proxy_core_share_c),
             share(result, load_core_busy_c),
         )
-        for name in TARGETS
+        for name in _ORDER
         if (result := results.get(name)) is not None
     ]
     return markdown_table(header, rows)
@@ -640,7 +642,7 @@ def notes(results: Results, settings: Settings) -> list[str]:
     """Sanity facts of this run: errors, visitors on the cores, streams that did not finish."""
     found: list[str] = []
     expected_rate = settings.streams * settings.stream_tokens_per_s
-    for name in TARGETS:
+    for name in _ORDER:
         result = results.get(name)
         if result is None:
             continue

@@ -30,7 +30,12 @@ The runner itself stays on the load core. A telemetry target's OTLP sink is star
 with it and stopped after its scenarios (once its last batch of spans is in), and
 its counts go into the notes.
 
+With `--before TREE` (a source tree of the code before a change), canary-proxy also runs
+from that tree ("canary-proxy before") in the same rounds, and the acceptance table
+sets the two side by side, ratio by round.
+
     .venv/bin/python tests/bench/run.py [--quick] [--rounds N] [--only a,b,c,d] [--targets ...]
+                                        [--before TREE]
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ from system import (
     wait_until_quiet,
 )
 from targets import (
+    BEFORE_OFF,
     BENCH_DIR,
     LOAD_CORE,
     TARGETS,
@@ -86,6 +92,7 @@ from targets import (
     start_backend,
     start_target,
     stop_sink,
+    use_before_tree,
 )
 
 __all__ = ["main"]
@@ -129,6 +136,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         type=positive_int,
         metavar="N",
         help=f"run the whole sequence N times (default {FULL.rounds}, {QUICK.rounds} with --quick)",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="TREE",
+        help="also run canary-proxy from this source tree (the code before a change)",
     )
     parser.add_argument(
         "--output",
@@ -222,6 +235,8 @@ def _measure_reload(settings: Settings, workdir: Path, result: TargetResult, n: 
 
 def _run(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, TargetResult]:
     results = {name: TargetResult(name) for name in TARGETS if name in args.targets}
+    if args.before is not None:
+        results[BEFORE_OFF] = TargetResult(BEFORE_OFF)
     groups = []
     if {"a", "b"} & set(args.only):
         groups.append("ab")
@@ -260,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.rounds is not None:
         settings = dataclasses.replace(settings, rounds=args.rounds)
+    if args.before is not None:
+        use_before_tree(args.before)
     install_signal_exit()
     os.sched_setaffinity(0, {LOAD_CORE})
     started = datetime.now().astimezone()
@@ -282,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (
         measured_ac
         and "canary-proxy" in results
-        and {"baseline", "baseline-uvloop", "nginx"} & set(results)
+        and {"baseline", "baseline-uvloop", "nginx", BEFORE_OFF} & set(results)
     ):
         print(acceptance_table(results))
         print()

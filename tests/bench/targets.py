@@ -33,6 +33,7 @@ from system import Children, free_port, process_tree, wait_for_port
 
 __all__ = [
     "BEFORE_LABELS",
+    "BEFORE_OFF",
     "BEFORE_RATIOS",
     "BENCH_DIR",
     "CANARY_ROUTE",
@@ -73,7 +74,11 @@ TELEMETRY_RATIOS: Final = {"canary-proxy-otel-0.01": 0.01, "canary-proxy-otel-1"
 BEFORE_RATIOS: Final = {"before-otel-0.01": 0.01, "before-otel-1": 1.0}
 """`make bench-telemetry --before TREE`: the same telemetry targets, run from another
 source tree (the code before a change), to set the two side by side in one run."""
+BEFORE_OFF: Final = "before"
+"""`make bench --before TREE`: canary-proxy with telemetry off, run from another source
+tree, beside this tree's `canary-proxy` in the same rounds."""
 BEFORE_LABELS: Final = {
+    BEFORE_OFF: "canary-proxy before",
     "before-otel-0.01": "before, traces 1%",
     "before-otel-1": "before, traces 100%",
 }
@@ -183,7 +188,7 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         argv += ["--upstream", backend.url]
         if name == "baseline-uvloop":
             argv.append("--uvloop")
-    elif name == "canary-proxy" or name in TELEMETRY_RATIOS or name in BEFORE_RATIOS:
+    elif name in ("canary-proxy", BEFORE_OFF) or name in TELEMETRY_RATIOS or name in BEFORE_RATIOS:
         telemetry = ""
         ratios = {**TELEMETRY_RATIOS, **BEFORE_RATIOS}
         if name in ratios:
@@ -196,7 +201,7 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         )
         run = ["run", "-c", str(config), "--log-level", "warning"]
         argv = (
-            [*_before_command(), *run] if name in BEFORE_RATIOS else [_canary_proxy_command(), *run]
+            [*_before_command(), *run] if name in BEFORE_LABELS else [_canary_proxy_command(), *run]
         )
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
