@@ -1,11 +1,12 @@
 """The proxy process: the public server, the admin server, the backends, and their lifecycle.
 
 Rules:
-1. The public port is aiohttp's low-level server (`proxy.http.inbound`: head timeout, bad
-   HTTP refused): every path goes to the `Forwarder`; there is no router, no
-   middleware, and no access log unless `telemetry.access_log` asks for a share of requests.
-2. A client that disconnects cancels its handler at once (`handler_cancellation`),
-   which closes the backend connection, so the model server stops generating.
+1. The public port is the proxy's own connection protocol around aiohttp's request
+   parser (`proxy.http.inbound`: head timeout, bad HTTP refused): every path goes to
+   the `Forwarder`; there is no router, no middleware, and no access log unless
+   `telemetry.access_log` asks for a share of requests.
+2. A client that disconnects cancels its handler at once, which closes the backend
+   connection, so the model server stops generating.
 3. Request bodies are not decompressed on the way in; what the client sent is what
    the backend gets.
 4. Starting binds the admin port first, then the public port; a failure half-way
@@ -96,6 +97,7 @@ class ProxyServer:
         self._export: OtelExport | None = None
         self._export_status: ExportStatus | None = None  # the newest export's, kept after it
         self._runners: list[web.BaseRunner] = []
+        self._public: PublicServer | None = None
         self._draining = False
         self._reloading = asyncio.Lock()
         self.controller = Controller(self, shared=worker is not None)
@@ -206,16 +208,9 @@ class ProxyServer:
         admin = web.AppRunner(build_admin_app(self), access_log=None)
         inherited = self._sockets or (None, None)
         self.admin_port = await self._listen(admin, config.admin.listen, inherited[1])
-        public = web.ServerRunner(
-            PublicServer(
-                self._forwarder,
-                handler_cancellation=True,
-                auto_decompress=False,
-                access_log=None,
-            ),
-            shutdown_timeout=config.shutdown_grace_s,
-        )
-        self.port = await self._listen(public, config.listen, inherited[0])
+        public = PublicServer(self._forwarder)
+        self.port = await public.start(config.listen, inherited[0])
+        self._public = public  # listening: from now on, stopping stops it
         if self._watch:
             self._watcher = ConfigWatcher(config.source, config.version, self._file_changed)
             self._watcher.start()
@@ -262,6 +257,9 @@ class ProxyServer:
             await self._watcher.stop()
             self._watcher = None
         await self.controller.step_down()  # another process decides from now on
+        public, self._public = self._public, None
+        if public is not None:
+            await public.stop(self.config.shutdown_grace_s)
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
