@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from proxy.apis.answer import read_facts, request_model, stream_is_complete
+from proxy.apis.answer import read_facts, request_model
 
 CHUNK = b'data: {"model":"m1","choices":[{"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
 FINISH = b'data: {"model":"m1","choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'
 USAGE = b'data: {"model":"m1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":9}}\n\n'
 DONE = b"data: [DONE]\n\n"
-
-
-@pytest.mark.parametrize(
-    ("tail", "complete"),
-    [
-        (CHUNK + CHUNK, False),
-        (CHUNK + FINISH, True),
-        (FINISH + USAGE, True),
-        (CHUNK + DONE, True),
-        (b'data: {"finish_reason": "length"}\n\n', True),  # json.dumps spacing
-        (b'data: {"finish_reason": null}\n\n', False),
-        (b"", False),
-    ],
-)
-def test_stream_is_complete(tail: bytes, complete: bool) -> None:
-    assert stream_is_complete(tail) is complete
 
 
 def test_facts_of_a_stream_tail() -> None:

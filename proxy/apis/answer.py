@@ -17,20 +17,13 @@ from __future__ import annotations
 import re
 from typing import Final
 
-__all__ = ["AnswerFacts", "read_facts", "request_model", "stream_is_complete"]
+__all__ = ["AnswerFacts", "read_facts", "request_model"]
 
-_DONE: Final = b"[DONE]"
-_FINISHED: Final = re.compile(rb'"finish_reason"\s*:\s*"')
 _FINISH_REASON: Final = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]{1,64})"')
 _PROMPT_TOKENS: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
 _COMPLETION_TOKENS: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
 _MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
 _STREAM: Final = re.compile(rb'"stream"\s*:\s*true')
-
-
-def stream_is_complete(tail: bytes) -> bool:
-    """Do the last bytes of an event stream show that it ended (`[DONE]` or a finish_reason)?"""
-    return _DONE in tail or _FINISHED.search(tail) is not None
 
 
 class AnswerFacts:

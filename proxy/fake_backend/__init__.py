@@ -1,4 +1,5 @@
-"""An OpenAI-compatible fake model server, for demos, tests, benchmarks and checking a proxy.
+"""A fake model server speaking OpenAI's API or another LLM API's, for demos, tests,
+benchmarks and checking a proxy.
 
 `canary-proxy fake-backend` runs it (`run_forever`); tests start it in-process with
 `FakeBackend(FakeBackendOptions(port=0)).start()`, which returns the bound port.
@@ -11,6 +12,15 @@ Endpoints:
     POST /v1/completions        the same in the legacy text-completion shape
     GET  /v1/models             the one model (`--model`)
     anything else               404 in OpenAI's error shape; a bad JSON body is a 400
+With `--api` (default openai) it speaks another API instead, streamed (one event per
+token) or not, each ending as its server ends it (`proxy.fake_backend.apis`):
+    --api responses   POST /v1/responses (OpenAI Responses), GET /v1/models
+    --api anthropic   POST /v1/messages (Anthropic Messages; errors in its shape)
+    --api llamacpp    POST /completion (llama.cpp native), and the OpenAI endpoints
+    --api tgi         POST /generate, POST /generate_stream, POST / (TGI; `/` and
+                      `/generate` stream with `"stream": true`), POST /v1/chat/completions
+    --api ollama      POST /api/chat, POST /api/generate (NDJSON; streamed unless
+                      `"stream": false`)
 Tokens: `max_completion_tokens` or `max_tokens`, else 16; finish_reason is "length" when
 that limit is reached, else "stop". Usage counts the prompt's whitespace-separated words.
 Every response carries `x-fake-model: <model>`. With probability `--error-rate` (drawn
@@ -33,7 +43,11 @@ Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`
                                 would be read as the next answer by a client that reused the
                                 connection), then an empty answer of aiohttp's
     x-fake-no-done: 1           stream: a clean HTTP end, but no finish_reason event and
-                                no [DONE] (a truncated stream that looks fine to HTTP)
+                                no [DONE] (a truncated stream that looks fine to HTTP);
+                                with --api, no end event of that API
+    x-fake-stream-error: 1      stream: after the tokens, the API's failure event (an
+                                OpenAI `data: {"error": ...}`, Anthropic `event: error`,
+                                `response.failed`, ...), then a clean HTTP end
     x-fake-garbage: 1           write bytes that are not HTTP, then close
     x-fake-json-garbage: 1      200 application/json whose body is not JSON
     x-fake-only: m1[,m2]        apply the hooks above only on a server whose --model is

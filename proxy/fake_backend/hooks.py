@@ -32,6 +32,7 @@ class Hooks:
     cut_after: int | None = None
     overrun: bool = False
     no_done: bool = False
+    stream_error: bool = False
     garbage: bool = False
     json_garbage: bool = False
 
@@ -117,6 +118,7 @@ def parse_hooks(headers: Mapping[str, str], model: str | None = None) -> Hooks:
         cut_after=_count("x-fake-cut-after", get("x-fake-cut-after")),
         overrun=_flag("x-fake-overrun", get("x-fake-overrun")),
         no_done=_flag("x-fake-no-done", get("x-fake-no-done")),
+        stream_error=_flag("x-fake-stream-error", get("x-fake-stream-error")),
         garbage=_flag("x-fake-garbage", get("x-fake-garbage")),
         json_garbage=_flag("x-fake-json-garbage", get("x-fake-json-garbage")),
     )

@@ -11,6 +11,8 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from proxy.fake_backend.apis import FakeApi
+
 __all__ = ["LOG_LEVELS", "FakeBackendOptions", "add_arguments", "options_from_args"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -32,6 +34,7 @@ class FakeBackendOptions:
         default_tokens: tokens generated when a request gives no `max_tokens`.
         log_level: the level of the log on stderr of `canary-proxy fake-backend`
             (`run_forever`); a server started in-process logs where its host says.
+        api: the API it speaks (`proxy.fake_backend`'s endpoints by API).
     """
 
     host: str = "127.0.0.1"
@@ -44,6 +47,7 @@ class FakeBackendOptions:
     seed: int | None = None
     default_tokens: int = 16
     log_level: str = "info"
+    api: FakeApi = FakeApi.OPENAI
 
     def __post_init__(self) -> None:
         problem = _first_problem(self)
@@ -122,6 +126,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=_DEFAULTS.seed, help="seed of the injected errors"
     )
     parser.add_argument(
+        "--api",
+        default=_DEFAULTS.api.value,
+        choices=[api.value for api in FakeApi],
+        help="the API to speak (default %(default)s): its endpoints, bodies and streams",
+    )
+    parser.add_argument(
         "--log-level",
         default=_DEFAULTS.log_level,
         choices=LOG_LEVELS,
@@ -146,4 +156,5 @@ def options_from_args(ns: argparse.Namespace) -> FakeBackendOptions:
         model=ns.model,
         seed=ns.seed,
         log_level=ns.log_level,
+        api=FakeApi(ns.api),
     )

@@ -10,9 +10,14 @@ Rule 2: fault hooks come first, on any path; the first present wins, in the orde
         hang, reset, garbage, status, json-garbage.
 Rule 3: then an unknown (method, path) answers 404, a bad body 400, and an injected
         error (`error_rate`) 500; only then is the request answered normally.
-Rule 4: a generation makes `x-fake-tokens`, else `max_completion_tokens`/`max_tokens`, else
-        `default_tokens` tokens, capped by the request's limit; its finish_reason is
-        "length" when that limit was reached, else "stop".
+Rule 4: a generation makes `x-fake-tokens`, else the request's token limit (its API's
+        field: `max_completion_tokens`/`max_tokens`, `max_output_tokens`, `n_predict`,
+        `parameters.max_new_tokens`, `options.num_predict`), else `default_tokens`
+        tokens, capped by that limit; its finish reason is "length" when that limit was
+        reached, else "stop" (each API's word for them in `proxy.fake_backend.apis`).
+Rule 6: the endpoints are the `--api`'s (`endpoint_of`); a stream is asked for by
+        `"stream": true`, by TGI's `/generate_stream`, and by Ollama unless
+        `"stream": false`.
 Rule 5: `latency_s` precedes the head; a stream then waits `ttft_s` before its first token
         and 1/tokens_per_s between tokens; a non-streamed answer waits all of that before
         its head.
@@ -25,6 +30,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.fake_backend.apis import FakeApi, Shape
 from proxy.fake_backend.hooks import Hooks, parse_hooks
 from proxy.fake_backend.options import FakeBackendOptions
 from proxy.fake_backend.wire import Kind
@@ -62,6 +68,13 @@ class Endpoint(enum.Enum):
     CHAT = "chat"
     TEXT = "text"
     MODELS = "models"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+    LLAMACPP = "llamacpp"
+    TGI = "tgi"
+    TGI_STREAM = "tgi_stream"
+    OLLAMA_CHAT = "ollama_chat"
+    OLLAMA_GENERATE = "ollama_generate"
 
     @property
     def generates(self) -> bool:
@@ -69,12 +82,51 @@ class Endpoint(enum.Enum):
         return self is not Endpoint.MODELS
 
 
-_ENDPOINTS = {
+_OPENAI = {
     ("POST", "/v1/chat/completions"): Endpoint.CHAT,
     ("POST", "/v1/completions"): Endpoint.TEXT,
     ("GET", "/v1/models"): Endpoint.MODELS,
 }
+# Each API's endpoints; llama.cpp and TGI serve OpenAI's beside their own, as they do.
+_ENDPOINTS: dict[FakeApi, dict[tuple[str, str], Endpoint]] = {
+    FakeApi.OPENAI: _OPENAI,
+    FakeApi.RESPONSES: {
+        ("POST", "/v1/responses"): Endpoint.RESPONSES,
+        ("GET", "/v1/models"): Endpoint.MODELS,
+    },
+    FakeApi.ANTHROPIC: {("POST", "/v1/messages"): Endpoint.MESSAGES},
+    FakeApi.LLAMACPP: {("POST", "/completion"): Endpoint.LLAMACPP, **_OPENAI},
+    FakeApi.TGI: {
+        ("POST", "/generate"): Endpoint.TGI,
+        ("POST", "/generate_stream"): Endpoint.TGI_STREAM,
+        ("POST", "/"): Endpoint.TGI,  # TGI's root: streamed with `"stream": true`
+        ("POST", "/v1/chat/completions"): Endpoint.CHAT,
+    },
+    FakeApi.OLLAMA: {
+        ("POST", "/api/chat"): Endpoint.OLLAMA_CHAT,
+        ("POST", "/api/generate"): Endpoint.OLLAMA_GENERATE,
+    },
+}
 _KINDS = {Endpoint.CHAT: Kind.CHAT, Endpoint.TEXT: Kind.TEXT}
+_SHAPES = {
+    Endpoint.RESPONSES: Shape.RESPONSES,
+    Endpoint.MESSAGES: Shape.MESSAGES,
+    Endpoint.LLAMACPP: Shape.LLAMACPP,
+    Endpoint.TGI: Shape.TGI,
+    Endpoint.TGI_STREAM: Shape.TGI,
+    Endpoint.OLLAMA_CHAT: Shape.OLLAMA_CHAT,
+    Endpoint.OLLAMA_GENERATE: Shape.OLLAMA_GENERATE,
+}
+# Where each endpoint's request carries its token limit: a path of keys into the body.
+_LIMITS: dict[Endpoint, tuple[str, ...]] = {
+    Endpoint.RESPONSES: ("max_output_tokens",),
+    Endpoint.MESSAGES: ("max_tokens",),
+    Endpoint.LLAMACPP: ("n_predict",),
+    Endpoint.TGI: ("parameters", "max_new_tokens"),
+    Endpoint.TGI_STREAM: ("parameters", "max_new_tokens"),
+    Endpoint.OLLAMA_CHAT: ("options", "num_predict"),
+    Endpoint.OLLAMA_GENERATE: ("options", "num_predict"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +173,9 @@ class Generate:
     `cut_after` breaks the connection after that many token events (a stream) or
     after a body shorter than its Content-Length; `overrun` (not streamed) declares a
     Content-Length of half the body and sends all of it; `no_done` ends a stream cleanly
-    at the HTTP level but without the finish_reason event and `[DONE]`.
+    at the HTTP level but without its API's end (the finish_reason event and `[DONE]`);
+    `stream_error` ends it cleanly after the API's failure event instead. `shape` is
+    the API's shape, None for OpenAI chat and completions (`kind`).
     """
 
     kind: Kind
@@ -135,6 +189,8 @@ class Generate:
     cut_after: int | None = None
     overrun: bool = False
     no_done: bool = False
+    stream_error: bool = False
+    shape: Shape | None = None
 
     @property
     def generation_s(self) -> float:
@@ -158,13 +214,13 @@ class Plan:
         action = self.action
         if isinstance(action, Generate):
             broken = action.cut_after is not None or (action.overrun and not action.stream)
-            return broken or (action.stream and action.no_done)
+            return broken or (action.stream and (action.no_done or action.stream_error))
         return not isinstance(action, ModelList | Hang)
 
 
-def endpoint_of(method: str, path: str) -> Endpoint | None:
-    """The endpoint `method path` names, or None (a 404)."""
-    return _ENDPOINTS.get((method, path))
+def endpoint_of(method: str, path: str, api: FakeApi = FakeApi.OPENAI) -> Endpoint | None:
+    """The endpoint `method path` names in `api`, or None (a 404)."""
+    return _ENDPOINTS[api].get((method, path))
 
 
 def _fault(hooks: Hooks) -> Action | None:
@@ -205,8 +261,11 @@ def _prompt_words(prompt: object) -> int:
 
 
 def _prompt_tokens(endpoint: Endpoint, body: dict[str, object]) -> int:
-    if endpoint is Endpoint.CHAT:
-        messages = body.get("messages")
+    if endpoint is Endpoint.RESPONSES and not isinstance(body.get("input"), list):
+        words = _words(body.get("input"))
+    elif endpoint in (Endpoint.CHAT, Endpoint.MESSAGES, Endpoint.OLLAMA_CHAT, Endpoint.RESPONSES):
+        field = "input" if endpoint is Endpoint.RESPONSES else "messages"
+        messages = body.get(field)
         words = 0
         if isinstance(messages, list):
             words = sum(
@@ -214,17 +273,28 @@ def _prompt_tokens(endpoint: Endpoint, body: dict[str, object]) -> int:
                 for message in messages
                 if isinstance(message, dict)
             )
+        if endpoint is Endpoint.MESSAGES:
+            words += _content_words(body.get("system"))
+    elif endpoint in (Endpoint.TGI, Endpoint.TGI_STREAM):
+        words = _words(body.get("inputs"))
     else:
         words = _prompt_words(body.get("prompt"))
     return max(words, 1)
 
 
-def _max_tokens(body: dict[str, object]) -> int | None:
-    value = body.get("max_completion_tokens")
-    name = "max_completion_tokens"
-    if value is None:
-        value = body.get("max_tokens")
-        name = "max_tokens"
+def _max_tokens(endpoint: Endpoint, body: dict[str, object]) -> int | None:
+    field = _LIMITS.get(endpoint)
+    if field is not None:
+        value: object = body
+        for key in field:
+            value = value.get(key) if isinstance(value, dict) else None
+        name = ".".join(field)
+    else:
+        value = body.get("max_completion_tokens")
+        name = "max_completion_tokens"
+        if value is None:
+            value = body.get("max_tokens")
+            name = "max_tokens"
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -251,7 +321,7 @@ def _generate(
     endpoint: Endpoint, hooks: Hooks, body: dict[str, object], options: FakeBackendOptions
 ) -> Generate:
     """The generation a valid request asks for (Rules 4 and 5)."""
-    limit = _max_tokens(body)
+    limit = _max_tokens(endpoint, body)
     wanted = options.default_tokens if hooks.tokens is None else hooks.tokens
     if limit is None:
         n_tokens = wanted
@@ -260,9 +330,15 @@ def _generate(
     else:
         n_tokens = min(wanted, limit)
     tokens_per_s = options.tokens_per_s if hooks.tokens_per_s is None else hooks.tokens_per_s
+    if endpoint is Endpoint.TGI_STREAM:
+        stream = True
+    elif endpoint in (Endpoint.OLLAMA_CHAT, Endpoint.OLLAMA_GENERATE):
+        stream = body.get("stream") is not False  # Ollama streams unless told not to
+    else:
+        stream = body.get("stream") is True
     return Generate(
-        kind=_KINDS[endpoint],
-        stream=body.get("stream") is True,
+        kind=_KINDS.get(endpoint, Kind.CHAT),
+        stream=stream,
         n_tokens=n_tokens,
         finish_reason="length" if limit is not None and n_tokens >= limit else "stop",
         prompt_tokens=_prompt_tokens(endpoint, body),
@@ -272,6 +348,8 @@ def _generate(
         cut_after=hooks.cut_after,
         overrun=hooks.overrun,
         no_done=hooks.no_done,
+        stream_error=hooks.stream_error,
+        shape=_SHAPES.get(endpoint),
     )
 
 
@@ -286,7 +364,7 @@ def _action(
     fault = _fault(hooks)
     if fault is not None:
         return fault
-    endpoint = endpoint_of(method, path)
+    endpoint = endpoint_of(method, path, options.api)
     if endpoint is None:
         message = f"fake backend: no endpoint {method} {path}"
         return ErrorReply(404, message, INVALID_REQUEST, "not_found")

@@ -35,6 +35,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
+from proxy.fake_backend.apis import ApiStream, FakeApi, api_body, api_error_body
 from proxy.fake_backend.journal import Outcome, RecordedRequest, RequestJournal, ServerStats
 from proxy.fake_backend.options import FakeBackendOptions
 from proxy.fake_backend.plan import (
@@ -55,6 +56,7 @@ from proxy.fake_backend.wire import (
     DONE_EVENT,
     GARBAGE_RESPONSE,
     JSON_GARBAGE_BODY,
+    STREAM_ERROR_EVENT,
     StreamEvents,
     completion_body,
     completion_id,
@@ -226,7 +228,7 @@ class FakeBackend:
 
     def _plan(self, request: web.BaseRequest, body: bytes) -> Plan:
         method, path = request.method, request.path
-        endpoint = endpoint_of(method, path)
+        endpoint = endpoint_of(method, path, self.options.api)
         # One draw per generation request, used or not, so a seed fixes the sequence.
         inject = endpoint is not None and endpoint.generates
         inject = inject and self._rng.random() < self.options.error_rate
@@ -234,12 +236,18 @@ class FakeBackend:
 
     async def _perform(self, request: web.BaseRequest, action: Action) -> _Handled:
         match action:
-            case Generate(stream=True):
+            case Generate(stream=True, shape=None):
                 return await self._stream(request, action)
+            case Generate(stream=True):
+                return await self._api_stream(request, action)
             case Generate():
                 return await self._generate(request, action)
             case ErrorReply():
-                body = error_body(action.message, action.error_type, action.code)
+                api = self.options.api
+                if api is FakeApi.OPENAI or action.code == "bad_fake_hook":
+                    body = error_body(action.message, action.error_type, action.code)
+                else:
+                    body = api_error_body(api, action.status, action.message, action.error_type)
                 return await self._send(request, action.status, body), Outcome.COMPLETED
             case ModelList():
                 body = models_body(self.options.model, self._created)
@@ -273,15 +281,26 @@ class FakeBackend:
         """Wait the whole generation time, then answer in one body (or a cut one)."""
         if generate.generation_s > 0:
             await asyncio.sleep(generate.generation_s)
-        body = completion_body(
-            generate.kind,
-            completion_id(generate.kind, next(self._serials)),
-            int(time.time()),
-            self.options.model,
-            generate.n_tokens,
-            generate.finish_reason,
-            generate.prompt_tokens,
-        )
+        if generate.shape is None:
+            body = completion_body(
+                generate.kind,
+                completion_id(generate.kind, next(self._serials)),
+                int(time.time()),
+                self.options.model,
+                generate.n_tokens,
+                generate.finish_reason,
+                generate.prompt_tokens,
+            )
+        else:
+            body = api_body(
+                generate.shape,
+                f"{generate.shape.value}-fake-{next(self._serials)}",
+                int(time.time()),
+                self.options.model,
+                generate.n_tokens,
+                generate.finish_reason,
+                generate.prompt_tokens,
+            )
         if generate.overrun:
             return await self._overrun(request, body), Outcome.ABORTED
         if generate.cut_after is None:
@@ -333,11 +352,48 @@ class FakeBackend:
         if generate.cut_after is not None:
             _close(request)
             return response, Outcome.ABORTED
-        if not generate.no_done:
+        if generate.stream_error:
+            await response.write(STREAM_ERROR_EVENT)
+        elif not generate.no_done:
             await response.write(events.finish(generate.finish_reason))
             if generate.include_usage:
                 await response.write(events.usage(generate.prompt_tokens, generate.n_tokens))
             await response.write(DONE_EVENT)
+        await response.write_eof()
+        return response, Outcome.COMPLETED
+
+    async def _api_stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
+        """Stream one event per write in the API's shape (`proxy.fake_backend.apis`)."""
+        shape = generate.shape
+        assert shape is not None
+        headers = CIMultiDict(self._sse_headers)
+        headers[hdrs.CONTENT_TYPE] = shape.content_type
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        events = ApiStream(
+            shape,
+            f"{shape.value}-fake-{next(self._serials)}",
+            int(time.time()),
+            self.options.model,
+            generate.prompt_tokens,
+        )
+        if generate.ttft_s > 0:
+            await asyncio.sleep(generate.ttft_s)
+        for event in events.opening():
+            await response.write(event)
+        n_tokens = generate.n_tokens
+        if generate.cut_after is not None:
+            n_tokens = min(n_tokens, generate.cut_after)
+        await self._write_tokens(response, events, n_tokens, generate.token_interval_s)
+        if generate.cut_after is not None:
+            _close(request)
+            return response, Outcome.ABORTED
+        if generate.stream_error:
+            await response.write(events.failure(n_tokens))
+        elif not generate.no_done:
+            for event in events.end(n_tokens, generate.finish_reason):
+                await response.write(event)
         await response.write_eof()
         return response, Outcome.COMPLETED
 
@@ -365,7 +421,11 @@ class FakeBackend:
         return web.Response(body=body, headers=self._json_headers)
 
     async def _write_tokens(
-        self, response: web.StreamResponse, events: StreamEvents, n_tokens: int, interval_s: float
+        self,
+        response: web.StreamResponse,
+        events: StreamEvents | ApiStream,
+        n_tokens: int,
+        interval_s: float,
     ) -> None:
         """Write token events `0..n_tokens-1`, one write each, `interval_s` apart without drift.
 

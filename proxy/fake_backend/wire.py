@@ -19,6 +19,7 @@ __all__ = [
     "DONE_EVENT",
     "GARBAGE_RESPONSE",
     "JSON_GARBAGE_BODY",
+    "STREAM_ERROR_EVENT",
     "Kind",
     "StreamEvents",
     "completion_body",
@@ -30,6 +31,11 @@ __all__ = [
 ]
 
 DONE_EVENT = b"data: [DONE]\n\n"
+STREAM_ERROR_EVENT = (
+    b'data: {"error":{"message":"fake backend: generation failed (x-fake-stream-error)",'
+    b'"type":"server_error","code":null}}\n\n'
+)
+"""The event of `x-fake-stream-error`: the backend reports a failure mid-stream."""
 GARBAGE_RESPONSE = b"\x00\x16\x03FAKE-BACKEND GARBAGE \xff\xfe this is not HTTP\r\n\r\n"
 """Written raw to the socket by `x-fake-garbage`: no status line any HTTP parser accepts."""
 JSON_GARBAGE_BODY = b'{"id": "chatcmpl-fake", "choices": [{"message": {"content": "tok0'

@@ -5,9 +5,12 @@ Rules:
    arrives; only a body that arrived complete with its first read is sent in one piece.
 2. The response head goes out with the first body bytes, so until then a failed
    attempt can still fall back to stable (see `proxy.http.forwarding`).
-3. A backend stream cut mid-way (reset, bad framing, idle timeout, an event stream
-   without its end marker) is never turned into a clean end: the client connection
-   is closed without the terminating chunk, so the client sees a truncated answer.
+3. A backend stream cut mid-way (reset, bad framing, idle timeout, a stream without
+   its API's end, `proxy.apis.streams`) is never turned into a clean end: the client
+   connection is closed without the terminating chunk, so the client sees a truncated
+   answer. A stream that reports its own failure (an error event) ends as the backend
+   ended it, and counts as an error (`stream_error`); a complete one never does. A
+   stream is an event stream or NDJSON; its API is told by the request's path.
 4. A client that goes away stops the relay at once and closes the backend
    connection, so the model server stops generating.
 5. A backend connection is returned to the pool only after a complete exchange.
@@ -25,7 +28,7 @@ from typing import Final
 
 from aiohttp import web
 
-from proxy.apis.answer import stream_is_complete
+from proxy.apis.streams import StreamEnd, api_of, stream_end
 from proxy.http.deadlines import Deadlines, Watch
 from proxy.http.headers import response_headers
 from proxy.http.http1 import BackendCut, Connection, Head
@@ -36,6 +39,7 @@ __all__ = ["Opened", "relay"]
 
 _JSON_PATHS: Final = ("/completions", "/embeddings")
 _JSON_ENDS: Final = (b"}", b"}\n", b"}\r\n", b"} ", b"}\n\n")
+_STREAM_TYPES: Final = (b"text/event-stream", b"application/x-ndjson")
 
 
 class Opened:
@@ -92,13 +96,13 @@ async def relay(
     )
     if opened.extra_headers:
         headers.update(opened.extra_headers)
-    sse = head.content_type is not None and head.content_type.startswith(b"text/event-stream")
+    sse = head.content_type is not None and head.content_type.startswith(_STREAM_TYPES)
     attempt.event_stream = sse
     first = opened.first
     reason = head.reason.decode("latin-1")
-    # A body that came whole with the first read goes out in one piece, unless it is an
-    # event stream without its end: that one is relayed and cut like any other.
-    if connection.at_eof() and (not sse or stream_is_complete(first)):
+    # A body that came whole with the first read goes out in one piece, unless it is a
+    # stream without its end: that one is relayed and cut like any other.
+    if connection.at_eof() and (not sse or _stream_ended(request, first, attempt)):
         deadlines.unwatch(watch)
         _judge_end(request, head, sse, connection, first, first, attempt)
         pool.release(connection)
@@ -127,8 +131,8 @@ async def relay(
                 break
             if not chunk:
                 attempt.tail = earlier + before + last
-                if sse and not stream_is_complete(attempt.tail):
-                    opened.cut = "stream ended without finish_reason or [DONE]"
+                if sse and not _stream_ended(request, attempt.tail, attempt):
+                    opened.cut = "stream ended without its end event"
                     attempt.error_type = "stream_cut"
                 break
             watch.progress += 1
@@ -159,6 +163,15 @@ async def relay(
         _judge_end(request, head, sse, connection, first, last, attempt)
         pool.release(connection)
     return out
+
+
+def _stream_ended(request: web.BaseRequest, tail: bytes, attempt: Attempt) -> bool:
+    """Did a stream that ended cleanly in HTTP end in its API (Rule 3)? A failure it
+    reported is an end, counted as an error."""
+    end = stream_end(api_of(request.path), tail)
+    if end is StreamEnd.FAILED:
+        attempt.error_type = "stream_error"
+    return end is not StreamEnd.CUT
 
 
 def _judge_end(
