@@ -15,6 +15,7 @@ BODY = KeySource(KeyKind.BODY, "user")
 COOKIE = KeySource(KeyKind.COOKIE, "uid")
 QUERY = KeySource(KeyKind.QUERY, "u")
 AUTH = KeySource(KeyKind.AUTH)
+NESTED = KeySource(KeyKind.BODY, "metadata.user_id")
 IP = KeySource(KeyKind.IP)
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
 
@@ -37,6 +38,13 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
         (AUTH, Parts({"Authorization": "bearer   sk-tenant-2 "}), None, "sk-tenant-2"),
         (AUTH, Parts({"Authorization": "Basic dXNlcjpwdw=="}), None, None),
         (AUTH, Parts({"Authorization": "Bearer "}), None, None),
+        (AUTH, Parts({"x-api-key": "sk-ant-1"}), None, "sk-ant-1"),  # Anthropic's clients
+        (AUTH, Parts({"Authorization": "Bearer sk-1", "x-api-key": "sk-2"}), None, "sk-1"),
+        (NESTED, Parts(), {"metadata": {"user_id": "u-7"}}, "u-7"),
+        (NESTED, Parts(), {"metadata": {"user_id": 7}}, "7"),
+        (NESTED, Parts(), {"metadata": "u-7"}, None),
+        (NESTED, Parts(), {"metadata": {}}, None),
+        (NESTED, Parts(), {"metadata.user_id": "flat"}, "flat"),  # a field so named first
         (IP, Parts(peer="192.0.2.7"), None, "192.0.2.7"),
         (IP, Parts(peer=None), None, None),
     ],

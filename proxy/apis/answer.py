@@ -1,12 +1,20 @@
-"""What the proxy learns of a backend's answer from its last bytes. Pure.
+"""What the proxy learns of a backend's answer from its bytes. Pure.
 
-An OpenAI-style stream ends with an event that carries a `finish_reason`, perhaps a
-usage event, and then `data: [DONE]`; a JSON answer ends with its `usage`. A stream
-that stops before its end markers was cut short (the backend died, or was killed
-mid-generation), even if its HTTP framing ended cleanly. All of this sits in the last
-few hundred bytes, so the relay keeps references to its last three chunks (no copy,
-no scan per chunk) and reads them once, at the end, with a few regular expressions
-rather than a JSON parse.
+An answer's usage, finish reasons and model sit in its last few hundred bytes (an
+OpenAI stream's finish and usage events, a JSON answer's `usage`), except Anthropic's
+input tokens and model, which its stream sends first (`message_start`). So the relay
+keeps references to its first chunk and its last three (no copy, no scan per chunk),
+and they are read once, at the end, with a few regular expressions per API rather
+than a JSON parse. Each API names them its own way:
+
+- OpenAI (and any API the proxy does not know): `prompt_tokens`, `completion_tokens`,
+  `finish_reason`, `model`.
+- Responses: `input_tokens`, `output_tokens`, the response's `status` (or its
+  `incomplete_details.reason`), `model`.
+- Anthropic: `input_tokens` (first), `output_tokens` (last), `stop_reason`, `model`.
+- llama.cpp: `tokens_evaluated`, `tokens_predicted`, `stop_type`, `model`.
+- TGI: `generated_tokens`, `finish_reason` (no input count, no model).
+- Ollama: `prompt_eval_count`, `eval_count`, `done_reason`, `model`.
 
 JSON escapes quotes inside strings, so `"model":"x"` written by the model inside its
 answer never looks like the answer's own `"model"` key to these patterns.
@@ -15,15 +23,58 @@ answer never looks like the answer's own `"model"` key to these patterns.
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Final, NamedTuple
+
+from proxy.apis.streams import Api
 
 __all__ = ["AnswerFacts", "read_facts", "request_model"]
 
-_FINISH_REASON: Final = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]{1,64})"')
-_PROMPT_TOKENS: Final = re.compile(rb'"prompt_tokens"\s*:\s*(\d{1,12})')
-_COMPLETION_TOKENS: Final = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
-_MODEL: Final = re.compile(rb'"model"\s*:\s*"([^"\\]{1,256})"')
+
+def _count(name: str) -> re.Pattern[bytes]:
+    return re.compile(rb'"%s"\s*:\s*(\d{1,12})' % name.encode())
+
+
+def _word(name: str, length: int = 64) -> re.Pattern[bytes]:
+    return re.compile(rb'"%s"\s*:\s*"([^"\\]{1,%d})"' % (name.encode(), length))
+
+
+_FINISH_REASON: Final = _word("finish_reason")
+_MODEL: Final = _word("model", 256)
 _STREAM: Final = re.compile(rb'"stream"\s*:\s*true')
+_INPUT_TOKENS: Final = _count("input_tokens")
+_OUTPUT_TOKENS: Final = _count("output_tokens")
+# A Responses object's own status: the first one after `"object":"response"`, not an
+# output item's.
+_RESPONSE_STATUS: Final = re.compile(
+    rb'"object"\s*:\s*"response"[^{}]*?"status"\s*:\s*"(\w{1,32})"'
+)
+_INCOMPLETE_REASON: Final = re.compile(
+    rb'"incomplete_details"\s*:\s*\{\s*"reason"\s*:\s*"([^"\\]{1,64})"'
+)
+
+
+class _Fields(NamedTuple):
+    """Where one API says its usage and finish; `input_first`: the input count is the
+    first one of the answer (sent at its start), not the last."""
+
+    input_tokens: re.Pattern[bytes] | None
+    output_tokens: re.Pattern[bytes]
+    finish: re.Pattern[bytes] | None
+    input_first: bool = False
+
+
+_OPENAI: Final = _Fields(_count("prompt_tokens"), _count("completion_tokens"), _FINISH_REASON)
+_FIELDS: Final = {
+    Api.OPENAI: _OPENAI,
+    Api.UNKNOWN: _OPENAI,
+    Api.RESPONSES: _Fields(_INPUT_TOKENS, _OUTPUT_TOKENS, None),
+    Api.ANTHROPIC: _Fields(_INPUT_TOKENS, _OUTPUT_TOKENS, _word("stop_reason"), True),
+    Api.LLAMACPP: _Fields(
+        _count("tokens_evaluated"), _count("tokens_predicted"), _word("stop_type")
+    ),
+    Api.TGI: _Fields(None, _count("generated_tokens"), _FINISH_REASON),
+    Api.OLLAMA: _Fields(_count("prompt_eval_count"), _count("eval_count"), _word("done_reason")),
+}
 
 
 class AnswerFacts:
@@ -44,12 +95,26 @@ class AnswerFacts:
         self.model = model
 
 
-def read_facts(tail: bytes) -> AnswerFacts:
-    """Usage, finish reasons and model from the last bytes of an answer (JSON or SSE)."""
-    prompt = _last(_PROMPT_TOKENS, tail)
-    completion = _last(_COMPLETION_TOKENS, tail)
-    reasons = tuple(dict.fromkeys(m.decode() for m in _FINISH_REASON.findall(tail)))
-    model = _last(_MODEL, tail)
+def read_facts(tail: bytes, api: Api = Api.OPENAI, head: bytes = b"") -> AnswerFacts:
+    """Usage, finish reasons and model of an answer of `api` (JSON, SSE or NDJSON), from
+    its last bytes and, for what an API sends first, its first chunk `head`."""
+    fields = _FIELDS[api]
+    first = head + tail if fields.input_first else tail
+    prompt = None
+    if fields.input_tokens is not None:
+        found = fields.input_tokens.search(first) if fields.input_first else None
+        prompt = found.group(1) if found is not None else _last(fields.input_tokens, tail)
+    completion = _last(fields.output_tokens, tail)
+    if fields.finish is not None:
+        reasons = tuple(dict.fromkeys(m.decode() for m in fields.finish.findall(tail)))
+    else:  # Responses: the response's status, or why it is incomplete
+        why = _last(_INCOMPLETE_REASON, tail) or _last(_RESPONSE_STATUS, tail)
+        reasons = (why.decode(),) if why is not None else ()
+    if fields.input_first:  # the model is said first as well
+        found = _MODEL.search(first)
+        model = found.group(1) if found is not None else None
+    else:
+        model = _last(_MODEL, tail)
     return AnswerFacts(
         int(prompt) if prompt is not None else None,
         int(completion) if completion is not None else None,

@@ -31,6 +31,7 @@ never looks like the API's own keys to these patterns.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from typing import Final
 
@@ -71,6 +72,7 @@ _SUFFIXES: Final = (
 )
 
 
+@functools.lru_cache(maxsize=512)  # a proxy sees few paths, again and again
 def api_of(path: str) -> Api:
     """The API a request path belongs to (a query string is not part of `path`)."""
     path = path.rstrip("/")

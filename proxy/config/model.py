@@ -25,6 +25,7 @@ __all__ = [
     "Anonymous",
     "AutoRollout",
     "Backend",
+    "BackendApi",
     "Checks",
     "Cohort",
     "CohortRule",
@@ -72,6 +73,30 @@ class KeyKind(StrEnum):
     QUERY = "query"
     AUTH = "auth"
     IP = "ip"
+
+
+class BackendApi(StrEnum):
+    """The API a backend speaks: how it takes its key, and its GenAI provider name."""
+
+    OPENAI = "openai"  # also the Responses API, vLLM, SGLang and other OpenAI servers
+    ANTHROPIC = "anthropic"
+    LLAMACPP = "llamacpp"
+    TGI = "tgi"
+    OLLAMA = "ollama"
+
+    @property
+    def provider(self) -> str:
+        """`gen_ai.provider.name`: the conventions' name where they have one."""
+        return _PROVIDERS[self]
+
+
+_PROVIDERS: Mapping[BackendApi, str] = {
+    BackendApi.OPENAI: "openai",
+    BackendApi.ANTHROPIC: "anthropic",
+    BackendApi.LLAMACPP: "llama.cpp",
+    BackendApi.TGI: "tgi",
+    BackendApi.OLLAMA: "ollama",
+}
 
 
 class Anonymous(StrEnum):
@@ -157,6 +182,7 @@ class Backend:
     api_key: str | None = field(default=None, repr=False)
     timeouts: Timeouts = Timeouts()
     max_connections: int = 256
+    api: BackendApi = BackendApi.OPENAI
 
 
 @dataclass(frozen=True, slots=True)

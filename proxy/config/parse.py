@@ -36,6 +36,7 @@ from proxy.config.grammar import is_name, parse_key_source
 from proxy.config.model import (
     AdminConfig,
     Backend,
+    BackendApi,
     Config,
     Limits,
     LogFormat,
@@ -66,7 +67,7 @@ TOP_KEYS = (
     "telemetry",
     "state",
 )
-BACKEND_KEYS = ("url", "api_key_env", "timeouts", "max_connections")
+BACKEND_KEYS = ("url", "api", "api_key_env", "timeouts", "max_connections")
 WEBHOOK_KEYS = ("url", "url_env", "format", "timeout", "retries", "backoff")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -308,6 +309,7 @@ def _read_backend(reader: Reader, name: str, env: _Environment) -> Backend | Non
     secret = fields.get("api_key_env", lambda r: _read_secret_env(r, env), None)
     timeouts = fields.get("timeouts", _read_timeouts, Timeouts())
     max_connections = fields.get("max_connections", _read_count, _DEFAULT_BACKEND.max_connections)
+    api = fields.get("api", lambda r: r.choice(BackendApi), BackendApi.OPENAI)
     if url is None:
         return None
     return Backend(
@@ -319,6 +321,7 @@ def _read_backend(reader: Reader, name: str, env: _Environment) -> Backend | Non
         api_key=None if secret is None else secret[1],
         timeouts=timeouts,
         max_connections=max_connections,
+        api=api,
     )
 
 

@@ -13,6 +13,7 @@ from proxy.config.model import (
     AdminConfig,
     AutoRollout,
     Backend,
+    BackendApi,
     Checks,
     Cohort,
     CohortRule,
@@ -35,6 +36,7 @@ __all__ = ["format_duration", "format_span", "summarize"]
 
 VALUE_COLUMN = 15  # every value starts here, whatever its label's indent
 INDENT = "  "
+_CLIENT_KEY = {BackendApi.ANTHROPIC: "x-api-key"}  # the header a client sends its key in
 
 
 def summarize(config: Config) -> str:
@@ -124,9 +126,10 @@ def _backends(backends: Iterable[Backend]) -> list[str]:
         key = (
             f"api key from ${backend.api_key_env}{_unset(backend.api_key)}"
             if backend.api_key_env
-            else "the client's Authorization passes through"
+            else f"the client's {_CLIENT_KEY.get(backend.api, 'Authorization')} passes through"
         )
-        lines.append(_row(backend.name, f"{backend.url} ({key})", INDENT))
+        api = "" if backend.api is BackendApi.OPENAI else f"{backend.api} API, "
+        lines.append(_row(backend.name, f"{backend.url} ({api}{key})", INDENT))
         lines.append(
             _row(
                 "",

@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from proxy.config.model import Backend, Variant
+from proxy.config.model import Backend, BackendApi, Variant
 from proxy.errors import (
     Draining,
     HeadTooLarge,
@@ -282,6 +282,7 @@ class Forwarder:
             peer_trusted=peer_trusted,
             scheme=request.scheme,
             api_key=backend.api_key,
+            x_api_key=backend.api is BackendApi.ANTHROPIC,
             request_id=request_id,
             content_length=content_length,
             traceparent=(

@@ -8,8 +8,10 @@ Rules:
    are not copied; the proxy writes its own for the backend.
 3. X-Forwarded-For gets the peer appended; X-Forwarded-Proto and -Host are kept
    from a trusted peer and otherwise set from what this hop saw.
-4. A backend with an API key gets `Authorization: Bearer <key>` in place of the
-   client's; without one, the client's Authorization passes through.
+4. A backend with an API key gets it in place of the client's credentials (its
+   `Authorization` and `x-api-key`): `Authorization: Bearer <key>`, or `x-api-key:
+   <key>` for an Anthropic backend (its `anthropic-version` passes as the client sent
+   it). Without one, the client's credentials pass through.
 5. `x-request-id` goes to the backend (vLLM and TGI log it) and back to the client;
    `x-canary-variant` tells the client who really answered.
 6. Headers travel as the bytes that were received; names keep their case and
@@ -58,6 +60,8 @@ _NOT_FORWARDED: Final = frozenset(
 _NOT_RETURNED: Final = frozenset(
     {*_HOP_BY_HOP, b"content-length", REQUEST_ID.encode(), VARIANT.encode()}
 )
+# A client's credentials: replaced when the proxy holds the backend's key (Rule 4).
+_CREDENTIALS: Final = frozenset({b"authorization", b"x-api-key"})
 # Connection options that name no header.
 _CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b""})
 
@@ -75,6 +79,7 @@ def request_head(
     request_id: str,
     content_length: int | None,
     traceparent: str | None = None,
+    x_api_key: bool = False,
 ) -> bytes:
     """The HTTP/1.1 request head to send to the backend for a client request.
 
@@ -83,6 +88,7 @@ def request_head(
         raw_headers: the client's headers as received.
         content_length: the body's length, None for no body.
         traceparent: the W3C trace context for the backend, in place of the client's.
+        x_api_key: `api_key` goes in an `x-api-key` header (Anthropic), not as a bearer.
     """
     kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
     listed: set[bytes] = set()
@@ -109,7 +115,7 @@ def request_head(
         listed.add(b"traceparent")
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), target, host)]
     for lowered, name, value in kept:
-        if (listed and lowered in listed) or (drop_auth and lowered == b"authorization"):
+        if (listed and lowered in listed) or (drop_auth and lowered in _CREDENTIALS):
             continue
         lines.append(b"%s: %s\r\n" % (name, value))
     if peer:
@@ -122,7 +128,8 @@ def request_head(
     if forwarded:
         lines.append(b"X-Forwarded-Host: %s\r\n" % forwarded)
     if api_key is not None:
-        lines.append(b"Authorization: Bearer %s\r\n" % api_key.encode())
+        key_line = b"x-api-key: %s\r\n" if x_api_key else b"Authorization: Bearer %s\r\n"
+        lines.append(key_line % api_key.encode())
     lines.append(b"x-request-id: %s\r\n" % request_id.encode())
     if traceparent is not None:
         lines.append(b"traceparent: %s\r\n" % traceparent.encode())

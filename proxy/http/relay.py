@@ -106,8 +106,9 @@ async def relay(
         deadlines.unwatch(watch)
         _judge_end(request, head, sse, connection, first, first, attempt)
         pool.release(connection)
-        attempt.tail = first
+        attempt.head = attempt.tail = first
         return web.Response(status=head.status, reason=reason, body=first, headers=headers)
+    attempt.head = first
     out = web.StreamResponse(status=head.status, reason=reason, headers=headers)
     declared = head.content_length
     if declared is not None and declared.isdigit():

@@ -7,7 +7,8 @@ Rules:
    are and integers by their decimal text; anything else is absent. When the body
    has not been read yet, the answer is `NEED_BODY` and the caller reads it and asks
    again, so a body is only read when a key actually depends on it.
-4. `auth` is the bearer token without "Bearer " (the scheme is matched without case).
+4. `auth` is the bearer token without "Bearer " (the scheme is matched without case),
+   or, without one, the `x-api-key` header (Anthropic's clients send their key there).
 5. `ip` is the peer address, unless the peer is a trusted proxy: then
    `X-Forwarded-For` is read from the right, trusted addresses are skipped, and the
    first untrusted one is the client (an entry that is not an address is untrusted).
@@ -88,7 +89,8 @@ def read_source(
             return NEED_BODY
         value = _body_field(body, source.name)
     elif kind is KeyKind.AUTH:
-        value = _bearer_token(parts.headers.get("authorization"))
+        headers = parts.headers
+        value = _bearer_token(headers.get("authorization")) or headers.get("x-api-key")
     elif kind is KeyKind.COOKIE:
         value = parts.cookies.get(source.name)
     elif kind is KeyKind.QUERY:
@@ -149,6 +151,10 @@ def _bearer_token(authorization: str | None) -> str | None:
 
 def _body_field(body: Mapping[str, Any], name: str) -> str | None:
     value = body.get(name)
+    if value is None and "." in name:  # a field inside objects: metadata.user_id
+        value = body
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):

@@ -10,6 +10,8 @@ Instruments (OTel name → Prometheus name):
 - `http.server.request.duration` (s) → `http_server_request_duration_seconds`
 - `canary.upstream.duration` (s) → `canary_upstream_duration_seconds`
 - `canary.upstream.ttft` (s) → `canary_upstream_ttft_seconds`
+- `canary.upstream.time_per_output_token` (s) →
+  `canary_upstream_time_per_output_token_seconds`
 - `canary.upstream.requests` → `canary_upstream_requests_total`
 - `gen_ai.client.operation.duration` (s) → `gen_ai_client_operation_duration_seconds`
 - `gen_ai.client.operation.time_to_first_chunk` (s) →
@@ -82,11 +84,12 @@ TOKEN_BOUNDS: Final[tuple[float, ...]] = tuple(float(4**e) for e in range(11))  
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
-PROVIDER: Final = "openai"  # gen_ai.provider.name: the API the proxy speaks to its backends
+PROVIDER: Final = "openai"  # gen_ai.provider.name of a backend whose `api` is not told
 
 Labels = tuple[tuple[str, str], ...]
 # route, variant, backend, GenAI operation ("" for none), outcome, error type ("" for none)
-AttemptKey = tuple[str, str, str, str, str, str]
+# (route, variant, backend, operation, provider, outcome, error type)
+AttemptKey = tuple[str, str, str, str, str, str, str]
 _K = TypeVar("_K")
 
 
@@ -149,6 +152,15 @@ UPSTREAM_TTFT: Final = _family(
     Kind.HISTOGRAM,
     "s",
     "Time from sending a streamed request to the backend's first byte of the stream.",
+    EXPORT_BOUNDS_S,
+)
+UPSTREAM_TPOT: Final = _family(
+    "canary.upstream.time_per_output_token",
+    "canary_upstream_time_per_output_token_seconds",
+    Kind.HISTOGRAM,
+    "s",
+    "Time per output token of a stream after its first byte: (last byte - first byte) / "
+    "(output tokens - 1), the tokens as the backend's usage reports them.",
     EXPORT_BOUNDS_S,
 )
 UPSTREAM_REQUESTS: Final = _family(
@@ -335,7 +347,8 @@ class Metrics:
         # records one duration and at most one time to first chunk.
         self.attempt_duration: dict[AttemptKey, SeriesHistogram] = {}
         self.attempt_ttft: dict[AttemptKey, SeriesHistogram] = {}
-        self.token_usage: dict[tuple[str, str, str, str], SeriesHistogram] = {}
+        self.token_usage: dict[tuple[str, str, str, str, str], SeriesHistogram] = {}
+        self.attempt_tpot: dict[tuple[str, str, str], SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
@@ -344,7 +357,7 @@ class Metrics:
     def upstream_requests(self) -> dict[tuple[str, str, str, str, str], int]:
         """Attempts by (route, variant, backend, outcome, error type)."""
         counts: dict[tuple[str, str, str, str, str], int] = {}
-        for (route, variant, backend, _op, outcome, error), histogram in list(
+        for (route, variant, backend, _op, _provider, outcome, error), histogram in list(
             self.attempt_duration.items()
         ):
             key = (route, variant, backend, outcome, error)
@@ -364,9 +377,11 @@ class Metrics:
         duration_s: float,
         ttft_s: float | None,
         trace: tuple[int, int] | None = None,
+        provider: str = PROVIDER,
     ) -> None:
-        """One backend attempt; `trace` (trace id, span id) when the request was sampled."""
-        key = (route, variant, backend, operation or "", outcome, error_type)
+        """One backend attempt; `trace` (trace id, span id) when the request was sampled;
+        `provider` is the backend API's `gen_ai.provider.name`."""
+        key = (route, variant, backend, operation or "", provider, outcome, error_type)
         histograms = self.attempt_duration
         histogram = histograms.get(key)
         if histogram is None:
@@ -392,11 +407,17 @@ class Metrics:
         operation: str,
         input_tokens: int | None,
         output_tokens: int | None,
+        provider: str = PROVIDER,
     ) -> None:
         for token_type, tokens in (("input", input_tokens), ("output", output_tokens)):
             if tokens is None:
                 continue
-            _add(self.token_usage, (route, variant, operation, token_type), float(tokens), (), None)
+            key = (route, variant, operation, provider, token_type)
+            _add(self.token_usage, key, float(tokens), (), None)
+
+    def record_tpot(self, route: str, variant: str, backend: str, tpot_s: float) -> None:
+        """The time per output token of one streamed attempt."""
+        _add(self.attempt_tpot, (route, variant, backend), tpot_s, (), None)
 
     def record_request(
         self,
@@ -448,6 +469,16 @@ class Metrics:
         by_backend = _by_backend_labels
         yield _histograms(UPSTREAM_DURATION, _merged(duration, by_backend))
         yield _histograms(UPSTREAM_TTFT, _merged(ttft, by_backend))
+        yield _histograms(
+            UPSTREAM_TPOT,
+            (
+                (
+                    (("canary.route", route), ("canary.variant", variant), ("canary.backend", b)),
+                    histogram,
+                )
+                for (route, variant, b), histogram in sorted(self.attempt_tpot.items())
+            ),
+        )
         counts: dict[Labels, int] = {}
         for key, histogram in duration.items():
             labels = _outcome_labels(key)
@@ -463,14 +494,14 @@ class Metrics:
                 (
                     (
                         ("gen_ai.operation.name", operation),
-                        ("gen_ai.provider.name", PROVIDER),
+                        ("gen_ai.provider.name", provider),
                         ("gen_ai.token.type", token_type),
                         ("canary.route", route),
                         ("canary.variant", variant),
                     ),
                     histogram,
                 )
-                for (route, variant, operation, token_type), histogram in sorted(
+                for (route, variant, operation, provider, token_type), histogram in sorted(
                     self.token_usage.items()
                 )
             ),
@@ -534,12 +565,12 @@ def _add(
 
 
 def _by_backend_labels(key: AttemptKey) -> Labels | None:
-    route, variant, backend, _operation, _outcome, _error = key
+    route, variant, backend, _operation, _provider, _outcome, _error = key
     return (("canary.route", route), ("canary.variant", variant), ("canary.backend", backend))
 
 
 def _outcome_labels(key: AttemptKey) -> Labels:
-    route, variant, backend, _operation, outcome, error_type = key
+    route, variant, backend, _operation, _provider, outcome, error_type = key
     return (
         ("canary.route", route),
         ("canary.variant", variant),
@@ -552,12 +583,12 @@ def _outcome_labels(key: AttemptKey) -> Labels:
 def _operation_labels(key: AttemptKey) -> Labels | None:
     """A GenAI operation's attempt that ended (a client that left is not one), by the
     conventions' attributes."""
-    route, variant, _backend, operation, outcome, error_type = key
+    route, variant, _backend, operation, provider, outcome, error_type = key
     if not operation or outcome == "cancelled":
         return None
     return (
         ("gen_ai.operation.name", operation),
-        ("gen_ai.provider.name", PROVIDER),
+        ("gen_ai.provider.name", provider),
         ("canary.route", route),
         ("canary.variant", variant),
         *((("error.type", error_type),) if error_type else ()),
@@ -565,12 +596,12 @@ def _operation_labels(key: AttemptKey) -> Labels | None:
 
 
 def _first_chunk_labels(key: AttemptKey) -> Labels | None:
-    route, variant, _backend, operation, outcome, _error = key
+    route, variant, _backend, operation, provider, outcome, _error = key
     if not operation or outcome == "cancelled":
         return None
     return (
         ("gen_ai.operation.name", operation),
-        ("gen_ai.provider.name", PROVIDER),
+        ("gen_ai.provider.name", provider),
         ("canary.route", route),
         ("canary.variant", variant),
     )

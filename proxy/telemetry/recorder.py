@@ -18,8 +18,13 @@ Rules:
    (`header:x-user-id`), never their values; the client's address and the query string
    (either may be the key) are not recorded.
 4. GenAI semantic conventions as published: `gen_ai.operation.name` only for the
-   operations they define (chat, text_completion, embeddings); other paths
-   (`/v1/models`, `/v1/responses`, ...) are plain HTTP client spans.
+   operations they define (chat: OpenAI chat, Anthropic messages, Ollama chat;
+   text_completion: OpenAI completions, llama.cpp, TGI, Ollama generate; embeddings);
+   other paths (`/v1/models`, `/v1/responses`, ...) are plain HTTP client spans.
+   `gen_ai.provider.name` is the backend's `api` (openai unless told).
+5. Usage, finish reasons and model are read in each API's own words
+   (`proxy.apis.answer`, by the request's path); a stream's time per output token is
+   (last byte - first byte) / (output tokens - 1).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Tracer
 
 from proxy.apis.answer import AnswerFacts, read_facts, request_model
+from proxy.apis.streams import api_of
 from proxy.config.model import Config, Variant
 from proxy.judge.stats import RETENTION_S, WindowStats
 from proxy.rollout.machine import Decision
@@ -64,14 +70,24 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 Attributes = dict[str, AttributeValue]
 
 
+_OPERATIONS: Final = (
+    ("/chat/completions", "chat"),
+    ("/completions", "text_completion"),
+    ("/embeddings", "embeddings"),
+    ("/messages", "chat"),
+    ("/api/chat", "chat"),
+    ("/api/generate", "text_completion"),
+    ("/completion", "text_completion"),
+    ("/generate_stream", "text_completion"),
+    ("/generate", "text_completion"),
+)
+
+
 def operation_of(path: str) -> str | None:
-    """The GenAI operation of an OpenAI-style path, None for anything else (rule 4)."""
-    if path.endswith("/chat/completions"):
-        return "chat"
-    if path.endswith("/completions"):
-        return "text_completion"
-    if path.endswith("/embeddings"):
-        return "embeddings"
+    """The GenAI operation of a path, None for anything else (rule 4)."""
+    for suffix, operation in _OPERATIONS:
+        if path.endswith(suffix):
+            return operation
     return None
 
 
@@ -100,6 +116,7 @@ class Attempt:
         "event_stream",
         "fallback",
         "first_byte_at",
+        "head",
         "host",
         "port",
         "route",
@@ -123,6 +140,7 @@ class Attempt:
         self.error_type: str | None = None
         self.event_stream = False
         self.tail = b""  # the answer's last bytes, where its usage and end are
+        self.head = b""  # its first chunk, where some APIs say their input tokens
         self.cancelled = False
         self.fallback = False  # this is the retry on stable after the canary failed
         self.host = ""
@@ -189,6 +207,7 @@ class Recorder:
         self.sampling = sampling
         self.access_ratio = config.telemetry.access_log
         self.sink: SpanSink | None = None
+        self._providers = _providers(config)
         # Attributes that repeat from request to request, by what they depend on.
         self._static: dict[tuple[object, ...], Attributes] = {}
         self._keyless = itertools.count()  # the user clusters of requests without a key
@@ -198,6 +217,7 @@ class Recorder:
         self.config = config
         self.access_ratio = config.telemetry.access_log
         self.stats.keep_for(_retention_s(config))
+        self._providers = _providers(config)
 
     def trace_to(self, sink: SpanSink | None, sampling: Sampling) -> None:
         """Send sampled requests' spans to `sink` from now on (None: trace nothing)."""
@@ -233,11 +253,19 @@ class Recorder:
             if attempt.event_stream and first_byte_at is not None
             else None
         )
-        facts = read_facts(attempt.tail) if attempt.tail else None
+        path = exchange.path
+        facts = read_facts(attempt.tail, api_of(path), attempt.head) if attempt.tail else None
         variant = attempt.variant.value
-        operation = operation_of(exchange.path)
+        operation = operation_of(path)
+        provider = self._providers.get(attempt.backend, PROVIDER)
         trace = exchange.trace
         span_id = attempt.span_id
+        tpot_s = None
+        if ttft_s is not None and facts is not None and first_byte_at is not None:
+            output_tokens = facts.output_tokens
+            if output_tokens is not None and output_tokens > 1:
+                tpot_s = (now - first_byte_at) / (output_tokens - 1)
+                self.metrics.record_tpot(attempt.route, variant, attempt.backend, tpot_s)
         self.metrics.record_attempt(
             attempt.route,
             variant,
@@ -248,6 +276,7 @@ class Recorder:
             duration_s,
             ttft_s,
             (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
+            provider,
         )
         exchange.ttft_s = ttft_s
         if facts is not None:
@@ -258,7 +287,12 @@ class Recorder:
             and (facts.input_tokens is not None or facts.output_tokens is not None)
         ):
             self.metrics.record_tokens(
-                attempt.route, variant, operation, facts.input_tokens, facts.output_tokens
+                attempt.route,
+                variant,
+                operation,
+                facts.input_tokens,
+                facts.output_tokens,
+                provider,
             )
         # A cancelled attempt counts too, at the time it was cancelled (its latency is
         # a lower bound of the answer's); the judge counts its user by the sticky bucket.
@@ -276,7 +310,7 @@ class Recorder:
             bucket if bucket is not None else next(self._keyless),
         )
         if trace is not None and span_id is not None:
-            self._client_span(exchange, attempt, now, ttft_s, facts, operation)
+            self._client_span(exchange, attempt, now, ttft_s, facts, operation, provider, tpot_s)
 
     def request_done(self, exchange: Exchange, status: int, now: float) -> None:
         trace = exchange.trace
@@ -354,6 +388,8 @@ class Recorder:
         ttft_s: float | None,
         facts: AnswerFacts | None,
         operation: str | None,
+        provider: str,
+        tpot_s: float | None,
     ) -> None:
         sink = self.sink
         trace = exchange.trace
@@ -385,7 +421,7 @@ class Recorder:
             static["server.port"] = attempt.port
             if operation is not None:
                 static["gen_ai.operation.name"] = operation
-                static["gen_ai.provider.name"] = PROVIDER
+                static["gen_ai.provider.name"] = provider
                 static["gen_ai.request.stream"] = stream
             self._remember(static_key, static)
         attributes = dict(static)
@@ -408,6 +444,8 @@ class Recorder:
         events: tuple[Event, ...] = ()
         if ttft_s is not None and attempt.first_byte_at is not None:
             attributes["gen_ai.response.time_to_first_chunk"] = ttft_s
+            if tpot_s is not None:
+                attributes["canary.time_per_output_token"] = tpot_s
             events = (
                 Event(
                     "first_token",
@@ -526,6 +564,11 @@ class Recorder:
         self, weights: Mapping[str, float], store_up: bool | None = None, leader: bool = False
     ) -> Gauges:
         return Gauges(weights, self.config.version, self.config.fleet_version, store_up, leader)
+
+
+def _providers(config: Config) -> dict[str, str]:
+    """Each backend's `gen_ai.provider.name`, by backend name."""
+    return {name: backend.api.provider for name, backend in config.backends.items()}
 
 
 def _retention_s(config: Config) -> float:
