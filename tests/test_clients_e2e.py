@@ -167,8 +167,10 @@ async def test_anthropic_client_sees_a_failed_stream_as_its_error(
 
 
 async def test_ollama_chat_and_generate(api_backends: dict[str, BackendProcess]) -> None:
-    async with proxy_for(api_backends["ollama"], "ollama") as proxy:
-        client = ollama.AsyncClient(host=proxy.url)
+    async with (
+        proxy_for(api_backends["ollama"], "ollama") as proxy,
+        ollama.AsyncClient(host=proxy.url) as client,
+    ):
         options = {"num_predict": 4}
         chat = await client.chat(model="m", messages=MESSAGES, options=options, stream=False)
         parts = await client.chat(model="m", messages=MESSAGES, options=options, stream=True)
@@ -176,7 +178,6 @@ async def test_ollama_chat_and_generate(api_backends: dict[str, BackendProcess])
         generated = await client.generate(model="m", prompt="hello", options=options)
         pieces = await client.generate(model="m", prompt="hello", options=options, stream=True)
         generated_streamed = "".join([piece.response or "" async for piece in pieces])
-        await client.close()
         counts = await judged(proxy)
     assert chat.message.content == TEXT
     assert (chat.done, chat.done_reason, chat.eval_count) == (True, "length", 4)

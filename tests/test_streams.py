@@ -43,6 +43,7 @@ CASES = [
     (Api.OPENAI, TOKEN + b"data: [DONE]\n\n", StreamEnd.COMPLETE),
     (Api.OPENAI, TOKEN + sse(None, {"choices": [{"finish_reason": "stop"}]}), StreamEnd.COMPLETE),
     (Api.OPENAI, TOKEN + sse(None, {"error": {"message": "x"}}), StreamEnd.FAILED),
+    (Api.OPENAI, sse(None, {"error": {}}) + b"data: [DONE]\n\n", StreamEnd.FAILED),
     (Api.OPENAI, TOKEN + TOKEN, StreamEnd.CUT),
     (Api.OPENAI, b"", StreamEnd.CUT),
     (Api.RESPONSES, sse("response.completed", {"type": "response.completed"}), StreamEnd.COMPLETE),

@@ -111,10 +111,11 @@ def stream_end(api: Api, tail: bytes) -> StreamEnd:
     complete = _COMPLETE.get(api)
     if complete is None:
         return StreamEnd.COMPLETE  # an API without a known end: a clean end is its end
-    for pattern in complete:
-        if pattern.search(tail) is not None:
-            return StreamEnd.COMPLETE
+    # A failure first: some servers (vLLM) still end a failed stream with `[DONE]`.
     for pattern in _FAILED[api]:
         if pattern.search(tail) is not None:
             return StreamEnd.FAILED
+    for pattern in complete:
+        if pattern.search(tail) is not None:
+            return StreamEnd.COMPLETE
     return StreamEnd.CUT
