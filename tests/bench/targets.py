@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,9 +197,10 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
             telemetry = _telemetry_section(sink.url, ratios[name])
         admin_port = free_port()
         admin_url = f"http://127.0.0.1:{admin_port}"
-        config = _write_canary_config(
-            workdir / f"canary-{port}", port, admin_port, backend.url, telemetry
-        )
+        # A directory of its own: a port can come round again in a later round, and the
+        # state store in the directory must start empty.
+        directory = Path(tempfile.mkdtemp(prefix=f"canary-{port}-", dir=workdir))
+        config = _write_canary_config(directory, port, admin_port, backend.url, telemetry)
         run = ["run", "-c", str(config), "--log-level", "warning"]
         argv = (
             [*_before_command(), *run] if name in BEFORE_LABELS else [_canary_proxy_command(), *run]
@@ -248,7 +250,6 @@ def _write_canary_config(
     """One route, stable and canary both the fake backend, 50/50 by x-user-id (salt
     given, so the harness can compute who is in the canary); then `telemetry`, a config
     section (empty: no OTLP export; metrics are recorded anyway)."""
-    directory.mkdir()
     config = directory / "canary.yaml"
     config.write_text(
         f"""# Written by tests/bench/run.py: one route, both variants on one fake backend.
