@@ -281,3 +281,29 @@ async def test_a_sticky_key_inside_the_body_is_read_by_its_path(
         user: {bucket_variant("s", user, 50)} for user in seen
     }
     assert len({variant for variants in seen.values() for variant in variants}) == 2
+
+
+ERROR_SHAPES = {  # what each API's error body says first, as its clients parse it
+    "openai": b'{"error":{"message":',
+    "responses": b'{"error":{"message":',
+    "anthropic": b'{"type":"error","error":{"type":"overloaded_error"',
+    "llamacpp": b'{"error":{"code":529,',
+    "tgi": b'{"error":"fake backend',
+    "ollama": b'{"error":"fake backend',
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+async def test_an_error_status_of_each_api_passes_in_its_shape_and_counts(
+    api_backends: dict[str, BackendProcess], call: Call
+) -> None:
+    async with running_proxy(canary_only(api_backends[call.api], call.api)) as proxy:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{proxy.url}{call.path}", json=call.body, headers={"x-fake-status": "529"}
+            ) as response:
+                status, body = response.status, await response.read()
+        stats = await judged(proxy)
+    assert status == 529
+    assert body.startswith(ERROR_SHAPES[call.api]), body
+    assert (stats["errors"], stats["errors_by_type"]) == (1, {"529": 1})

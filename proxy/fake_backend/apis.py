@@ -225,10 +225,24 @@ def _ollama_last(
     return line
 
 
+# Anthropic's error types by status, as its API documents them.
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+
+
 def api_error_body(api: FakeApi, status: int, message: str, error_type: str) -> bytes:
     """An error answer in `api`'s own shape, which its SDK turns into its typed error."""
     if api is FakeApi.ANTHROPIC:
-        return _dumps({"type": "error", "error": {"type": error_type, "message": message}})
+        kind = _ANTHROPIC_ERRORS.get(status, "api_error" if status >= 500 else error_type)
+        return _dumps({"type": "error", "error": {"type": kind, "message": message}})
     if api is FakeApi.OLLAMA:
         return _dumps({"error": message})
     if api is FakeApi.TGI:
