@@ -191,6 +191,7 @@ def test_a_pass_needs_data_at_this_step_and_failures_carry_over() -> None:
     assert judge(evidence, ERRORS).verdict is Verdict.FAIL
 
 
+@pytest.mark.timeout(180)  # 4,000 judgements: 40 s alone on a busy machine
 def test_a_canary_exactly_at_its_limit_rarely_passes_a_step() -> None:
     # 1% stable, 2% canary, an allowed increase of 1%: at the limit. A wrong pass would
     # step it up; the passing test allows that in at most 5% of steps.
