@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,8 +107,12 @@ APIS = sorted({call.api for call in CALLS.values()})
 def api_backends() -> Iterator[dict[str, BackendProcess]]:
     started: dict[str, BackendProcess] = {}
     try:
-        for api in APIS:
-            started[api] = start_backend(f"m-{api}", "--api", api)
+        # Started side by side: one after another they can outlast a test's timeout on a
+        # busy machine.
+        with ThreadPoolExecutor(len(APIS)) as pool:
+            starting = {api: pool.submit(start_backend, f"m-{api}", "--api", api) for api in APIS}
+            for api, future in starting.items():
+                started[api] = future.result()
         yield started
     finally:
         for backend in started.values():

@@ -41,7 +41,7 @@ from tests.harness import closed_port, proxy_yaml
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "example.yaml"
 COMMAND = (sys.executable, "-m", "proxy")
-PROCESS_TIMEOUT_S = 20.0
+PROCESS_TIMEOUT_S = 45.0
 # The first test of a batch waits for the batch's module fixture: dozens of
 # interpreters, each slower when coverage measures it.
 BATCH_TIMEOUT_S = 120
@@ -633,7 +633,7 @@ def write_trace(path: Path, canary_status: int, *, seconds: int = 1200, rps: int
     return path
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(150)
 def test_simulate_replays_a_trace_through_the_judge(tmp_path: Path) -> None:
     failing = write_trace(tmp_path / "failing.jsonl", 503)
     healthy = write_trace(tmp_path / "healthy.jsonl", 200)

@@ -42,7 +42,7 @@ def declared() -> set[str]:
     return names
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(120)
 def test_every_imported_package_is_declared() -> None:
     missing = {
         name
@@ -52,12 +52,12 @@ def test_every_imported_package_is_declared() -> None:
     assert missing == set()
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(120)
 def test_the_check_finds_the_packages_it_should() -> None:
     assert {"aiohttp", "multidict", "yaml", "mmh3"} <= third_party_imports()
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_a_proxy_without_a_redis_store_never_imports_redis(tmp_path: Path) -> None:
     """The public path (server, store, telemetry) loads, and redis stays out."""
     code = (
@@ -68,12 +68,12 @@ def test_a_proxy_without_a_redis_store_never_imports_redis(tmp_path: Path) -> No
         "print(sorted(m for m in sys.modules if m == 'redis' or m.startswith('redis.')))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
     )
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
 def test_a_redis_store_imports_redis_when_opened() -> None:
     code = (
         "import sys, proxy.store\n"
@@ -82,6 +82,6 @@ def test_a_redis_store_imports_redis_when_opened() -> None:
         "print('redis' in sys.modules)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=100, check=True
     )
     assert result.stdout.strip() == "True"
