@@ -9,6 +9,8 @@ handler never decides a status itself (h11's `error_status_hint`)::
     └── ProxyError                  answered to a client in OpenAI's error shape
         ├── BadHttp                 400 bad_http (not HTTP/1.1 the proxy may forward)
         ├── BadRequestBody          400 bad_json
+        ├── BadFeedback             400 bad_feedback (POST /v1/feedback without an id or a score)
+        ├── UnknownRequest          404 unknown_request_id (feedback for an id not remembered)
         ├── NoRoute                 404 no_route
         ├── RequestTimeout          408 request_timeout (the client went silent mid-body)
         ├── BodyTooLarge            413 body_too_large
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 
 __all__ = [
+    "BadFeedback",
     "BadHttp",
     "BadRequestBody",
     "BodyTooLarge",
@@ -41,6 +44,7 @@ __all__ = [
     "Overloaded",
     "ProxyError",
     "RequestTimeout",
+    "UnknownRequest",
     "UpstreamError",
     "UpstreamProtocolError",
     "UpstreamStatus",
@@ -86,6 +90,18 @@ class BadHttp(ProxyError):
 class BadRequestBody(ProxyError):
     status = 400
     code = "bad_json"
+
+
+class BadFeedback(ProxyError):
+    status = 400
+    code = "bad_feedback"
+
+
+class UnknownRequest(ProxyError):
+    """Feedback for a request id this process does not remember (`proxy.telemetry.feedback`)."""
+
+    status = 404
+    code = "unknown_request_id"
 
 
 class HeadTooLarge(ProxyError):

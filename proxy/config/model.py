@@ -163,6 +163,8 @@ class Limits:
     # keepalive_timeout), so the proxy is not the side that closes one they reuse; 75 s
     # is nginx's own default.
     keepalive_timeout_s: float = 75.0
+    # Request ids remembered for POST /v1/feedback (proxy.telemetry.feedback); 0: off.
+    feedback_ids: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,7 +246,7 @@ def _read_secret_env(reader: Reader, env: _Environment) -> tuple[str, str | None
 
 def _read_limits(reader: Reader) -> Limits | None:
     fields = reader.fields(
-        ("max_body_bytes", "max_concurrency", "header_timeout", "keepalive_timeout")
+        ("max_body_bytes", "max_concurrency", "header_timeout", "keepalive_timeout", "feedback_ids")
     )
     if fields is None:
         return None
@@ -257,6 +257,9 @@ def _read_limits(reader: Reader) -> Limits | None:
         header_timeout_s=fields.get("header_timeout", Reader.duration, defaults.header_timeout_s),
         keepalive_timeout_s=fields.get(
             "keepalive_timeout", Reader.duration, defaults.keepalive_timeout_s
+        ),
+        feedback_ids=fields.get(
+            "feedback_ids", lambda r: r.integer(minimum=0), defaults.feedback_ids
         ),
     )
 

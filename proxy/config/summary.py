@@ -112,6 +112,12 @@ def _limits(limits: Limits) -> list[str]:
             "",
             f"idle client connections closed after {format_duration(limits.keepalive_timeout_s)}",
         ),
+        _row(
+            "",
+            f"feedback on the last {limits.feedback_ids} request ids"
+            if limits.feedback_ids
+            else "feedback off (POST /v1/feedback is forwarded)",
+        ),
     ]
 
 

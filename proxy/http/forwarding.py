@@ -25,6 +25,9 @@ Rules:
 9. Once `draining` (SIGTERM), a request that still reaches the proxy on an open
    connection is answered 503 `draining` with Retry-After, and its connection closed;
    requests already in flight run to their end.
+10. `POST /v1/feedback` is the proxy's own (`proxy.telemetry.feedback`) unless
+   `limits.feedback_ids` is 0: it rates an answered request, by its x-request-id,
+   for the variant that served it. Every answered request's id is remembered for it.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from aiohttp import web
 
 from proxy.config.model import Backend, BackendApi, Variant
 from proxy.errors import (
+    BadFeedback,
     Draining,
     HeadTooLarge,
     NoRoute,
     Overloaded,
     ProxyError,
     RequestTimeout,
+    UnknownRequest,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamStatus,
@@ -64,11 +69,19 @@ from proxy.http.relay import Opened, relay
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
 from proxy.routing.keys import NEED_BODY, is_trusted
+from proxy.telemetry.feedback import score_of
 from proxy.telemetry.logs import REQUEST
 from proxy.telemetry.recorder import Exchange, Recorder
 from proxy.telemetry.tracing import format_traceparent
 
-__all__ = ["FALLBACK", "MAX_HEAD_BYTES", "Forwarder", "Snapshot", "error_response"]
+__all__ = [
+    "FALLBACK",
+    "FEEDBACK_PATH",
+    "MAX_HEAD_BYTES",
+    "Forwarder",
+    "Snapshot",
+    "error_response",
+]
 
 log = logging.getLogger("proxy.http.forwarding")
 
@@ -83,6 +96,9 @@ _SMALL_BODY_BYTES: Final = 64 * 1024
 MAX_HEAD_BYTES: Final = 64 * 1024
 # A client's x-request-id longer than this, or not printable ASCII, is replaced.
 _MAX_REQUEST_ID_CHARS: Final = 200
+FEEDBACK_PATH: Final = "/v1/feedback"
+# A feedback body is an id and a score; anything larger is not one.
+_FEEDBACK_BODY_BYTES: Final = 4096
 
 Payload = bytes | RequestBody | None  # a whole body, one to stream on, or none
 
@@ -151,7 +167,15 @@ class Forwarder:
     async def _serve(
         self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange
     ) -> web.StreamResponse:
+        telemetry = self.telemetry
         try:
+            if (
+                request.path == FEEDBACK_PATH
+                and request.method == "POST"
+                and telemetry.recent.capacity
+            ):
+                exchange.http_route = FEEDBACK_PATH
+                return await self._feedback(request, snapshot, request_id)
             # Opening and relaying are two calls, not one inside the other, so that a
             # long stream keeps only this frame and the relay's alive.
             opened = await self._open(request, snapshot, request_id, exchange)
@@ -166,7 +190,8 @@ class Forwarder:
             attempt.cancelled = True
             raise
         finally:
-            self.telemetry.attempt_done(exchange, attempt, self._time())
+            telemetry.attempt_done(exchange, attempt, self._time())
+        telemetry.recent.remember(request_id, attempt.route, attempt.variant)
         if opened.cut is not None:
             log.debug(
                 "route %s: %s stream from %s cut: %s",
@@ -176,6 +201,33 @@ class Forwarder:
                 opened.cut,
             )
         return response
+
+    async def _feedback(
+        self, request: web.BaseRequest, snapshot: Snapshot, request_id: str
+    ) -> web.Response:
+        """Rule 10: count a score for the variant that served the rated request."""
+        limits = snapshot.table.config.limits
+        body = RequestBody(request, _FEEDBACK_BODY_BYTES, limits.header_timeout_s)
+        parsed = await body.json()
+        rated = parsed.get("request_id")
+        if not isinstance(rated, str) or not rated:
+            raise BadFeedback('give the rated answer\'s x-request-id as "request_id" (a string)')
+        score = score_of(parsed.get("score"))
+        if score is None:
+            raise BadFeedback(
+                '"score" must be a number: below 0 is negative, 0 neutral, above 0 positive'
+            )
+        served = self.telemetry.feedback(rated, score)
+        if served is None:
+            raise UnknownRequest(
+                f"no request {rated!r} among the last {limits.feedback_ids} this process "
+                "answered: it is older, was answered by another process, or was rated already"
+            )
+        route, variant = served
+        return web.json_response(
+            {"request_id": rated, "route": route, "variant": variant.value, "score": score},
+            headers={REQUEST_ID: request_id},
+        )
 
     async def _open(
         self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange

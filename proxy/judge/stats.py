@@ -3,10 +3,11 @@
 Each attempt lands in the current time slice of its route and variant: a count,
 errors by type, cancellations, a latency histogram, a time-to-first-token histogram
 (streams only), a time-per-output-token histogram (streams of two tokens or more),
-output tokens, and per user cluster a few sums the judge needs to tell a regression
-from one user's bad luck. Any window is the sum of its slices, and slices from several
-processes add up the same way (histograms and sums merge exactly), so the status page
-and the rollout judge read the numbers of all workers and replicas as one.
+output tokens, the user feedback given on the variant's answers, and per user cluster
+a few sums the judge needs to tell a regression from one user's bad luck. Any window is
+the sum of its slices, and slices from several processes add up the same way
+(histograms and sums merge exactly), so the status page and the rollout judge read the
+numbers of all workers and replicas as one.
 
 Rules:
 1. An error is what SPEC §5 counts as a backend error: a connection failure, a
@@ -25,6 +26,8 @@ Rules:
 4. Slices older than the retention are dropped as new ones start.
 5. Times are wall-clock epoch seconds, so slice numbers mean the same instant in every
    process and survive a restart.
+6. Feedback lands in the slice of when it came, not of the request it rates. A slice
+   written before a counter existed reads it as 0.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class VariantStats:
         "cancels",
         "errors",
         "errors_by_type",
+        "feedback",
+        "feedback_negative",
         "latency",
         "output_tokens",
         "requests",
@@ -94,6 +99,8 @@ class VariantStats:
         self.output_tokens = 0
         # cluster -> [requests, errors, cancels, sum of log latency, sum of its squares]
         self.users: dict[int, list[float]] = {}
+        self.feedback = 0
+        self.feedback_negative = 0
 
     def record(
         self,
@@ -133,6 +140,11 @@ class VariantStats:
             elif cancel:
                 sums[USER_CANCELS] += 1
 
+    def record_feedback(self, negative: bool) -> None:
+        self.feedback += 1
+        if negative:
+            self.feedback_negative += 1
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, VariantStats):
             return NotImplemented
@@ -151,6 +163,8 @@ class VariantStats:
         self.ttft.merge(other.ttft)
         self.tpot.merge(other.tpot)
         self.output_tokens += other.output_tokens
+        self.feedback += other.feedback
+        self.feedback_negative += other.feedback_negative
         if not users:
             return
         mine = self.users
@@ -172,6 +186,10 @@ class VariantStats:
     def cancel_rate(self) -> float | None:
         return self.cancels / self.requests if self.requests else None
 
+    @property
+    def feedback_negative_rate(self) -> float | None:
+        return self.feedback_negative / self.feedback if self.feedback else None
+
     def summary(self) -> dict[str, object]:
         """The figures the status page shows (seconds; None where there is no data)."""
         return {
@@ -185,6 +203,9 @@ class VariantStats:
             "ttft_s": _quantiles(self.ttft),
             "tpot_s": _quantiles(self.tpot),
             "output_tokens": self.output_tokens,
+            "feedback": self.feedback,
+            "feedback_negative": self.feedback_negative,
+            "feedback_negative_rate": self.feedback_negative_rate,
         }
 
     def to_mapping(self) -> dict[str, object]:
@@ -198,6 +219,8 @@ class VariantStats:
             "tpot": self.tpot.to_mapping(),
             "output_tokens": self.output_tokens,
             "users": {str(cluster): list(sums) for cluster, sums in self.users.items()},
+            "feedback": self.feedback,
+            "feedback_negative": self.feedback_negative,
         }
 
     @classmethod
@@ -227,6 +250,9 @@ class VariantStats:
             assert isinstance(sums, list)
             assert len(sums) == _USER_FIELDS
             stats.users[int(cluster)] = [float(value) for value in sums]
+        # Counters added since the first slices were written: absent reads as 0 (rule 6).
+        stats.feedback = _count(data.get("feedback", 0))
+        stats.feedback_negative = _count(data.get("feedback_negative", 0))
         return stats
 
 
@@ -236,6 +262,11 @@ def _quantiles(histogram: LogHistogram) -> dict[str, float | None]:
         "p95": histogram.quantile(0.95),
         "p99": histogram.quantile(0.99),
     }
+
+
+def _count(value: object) -> int:
+    assert isinstance(value, int)
+    return value
 
 
 class WindowStats:
@@ -269,6 +300,9 @@ class WindowStats:
         self.slice_for(route, variant, now).record(
             latency_s, ttft_s, error_type, output_tokens, cancelled, user
         )
+
+    def record_feedback(self, route: str, variant: str, now: float, negative: bool) -> None:
+        self.slice_for(route, variant, now).record_feedback(negative)
 
     def slice_for(self, route: str, variant: str, now: float) -> VariantStats:
         """The current slice of a route's variant, started if need be."""

@@ -219,6 +219,14 @@ NOTIFICATIONS: Final = _family(
     "Webhook messages of rollout decisions by route and result (delivered, failed, dropped).",
     (),
 )
+FEEDBACK: Final = _family(
+    "canary.feedback",
+    "canary_feedback",
+    Kind.COUNTER,
+    "{feedback}",
+    "User feedback (POST /v1/feedback) by route, variant and score (negative, neutral, positive).",
+    (),
+)
 RELOADS: Final = _family(
     "canary.config.reloads",
     "canary_config_reloads",
@@ -262,6 +270,7 @@ FAMILIES: Final = (
     WEIGHT,
     DECISIONS,
     NOTIFICATIONS,
+    FEEDBACK,
     RELOADS,
     CONFIG_INFO,
     STORE_UP,
@@ -351,6 +360,7 @@ class Metrics:
         self.attempt_tpot: dict[tuple[str, str, str], SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
+        self.feedback: dict[tuple[str, str, str], int] = {}
         self.reloads: dict[str, int] = {}
 
     @property
@@ -436,6 +446,10 @@ class Metrics:
     def record_notification(self, route: str, result: str) -> None:
         key = (route, result)
         self.notifications[key] = self.notifications.get(key, 0) + 1
+
+    def record_feedback(self, route: str, variant: str, score: str) -> None:
+        key = (route, variant, score)
+        self.feedback[key] = self.feedback.get(key, 0) + 1
 
     def record_reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
@@ -525,6 +539,16 @@ class Metrics:
             tuple(
                 ((("canary.route", route), ("result", result)), float(count))
                 for (route, result), count in sorted(self.notifications.items())
+            ),
+        )
+        yield Series(
+            FEEDBACK,
+            tuple(
+                (
+                    (("canary.route", route), ("canary.variant", variant), ("score", score)),
+                    float(count),
+                )
+                for (route, variant, score), count in sorted(self.feedback.items())
             ),
         )
         yield Series(

@@ -47,6 +47,7 @@ from proxy.config.model import Config, Variant
 from proxy.judge.stats import RETENTION_S, WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
+from proxy.telemetry.feedback import RecentRequests, Score
 from proxy.telemetry.logs import ACCESS_LOGGER, access_line
 from proxy.telemetry.metrics import PROVIDER, Gauges, Metrics, Snapshot
 from proxy.telemetry.settings import Sampling
@@ -204,6 +205,7 @@ class Recorder:
         self.metrics = Metrics(time.time_ns())
         self.stats = WindowStats()
         self.stats.keep_for(_retention_s(config))
+        self.recent = RecentRequests(config.limits.feedback_ids)
         self.sampling = sampling
         self.access_ratio = config.telemetry.access_log
         self.sink: SpanSink | None = None
@@ -218,6 +220,7 @@ class Recorder:
         self.access_ratio = config.telemetry.access_log
         self.stats.keep_for(_retention_s(config))
         self._providers = _providers(config)
+        self.recent.resize(config.limits.feedback_ids)
 
     def trace_to(self, sink: SpanSink | None, sampling: Sampling) -> None:
         """Send sampled requests' spans to `sink` from now on (None: trace nothing)."""
@@ -311,6 +314,17 @@ class Recorder:
         )
         if trace is not None and span_id is not None:
             self._client_span(exchange, attempt, now, ttft_s, facts, operation, provider, tpot_s)
+
+    def feedback(self, request_id: str, score: Score) -> tuple[str, Variant] | None:
+        """Count a score for the variant that served `request_id`; None when this process
+        does not remember it (`proxy.telemetry.feedback`)."""
+        served = self.recent.take(request_id)
+        if served is None:
+            return None
+        route, variant = served
+        self.stats.record_feedback(route, variant.value, time.time(), score is Score.NEGATIVE)
+        self.metrics.record_feedback(route, variant.value, score.value)
+        return served
 
     def request_done(self, exchange: Exchange, status: int, now: float) -> None:
         trace = exchange.trace

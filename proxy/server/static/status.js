@@ -136,6 +136,7 @@ function variants(body, figures, windowS) {
       element("td", ["p50", "p95", "p99"].map((q) => seconds(v.latency_s[q])).join(" / ")),
       element("td", ["p50", "p95"].map((q) => seconds(v.ttft_s[q])).join(" / ")),
       element("td", (v.output_tokens / windowS).toFixed(1)),
+      element("td", v.feedback ? `${percent(v.feedback_negative_rate)} of ${v.feedback}` : "–"),
     );
     body.appendChild(row);
   }
