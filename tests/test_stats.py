@@ -137,17 +137,23 @@ def test_stats_published_before_cancels_and_users_were_kept_still_load() -> None
         del mapping[key]
     loaded = VariantStats.from_mapping(mapping)
     assert (loaded.requests, loaded.cancels, loaded.tpot.count, loaded.users) == (1, 0, 0, {})
-def test_slices_written_before_feedback_counts_still_load() -> None:
+
+
+def test_slices_written_before_feedback_and_token_counts_still_load() -> None:
     new = VariantStats()
     new.record(0.5, None, None, 40)
     new.record_feedback(negative=True)
     old_format = {
         key: value
         for key, value in new.to_mapping().items()
-        if key not in ("feedback", "feedback_negative")
+        if key not in ("token_answers", "token_seconds", "feedback", "feedback_negative")
     }
     old = VariantStats.from_mapping(old_format)
-    assert (old.requests, old.output_tokens, old.feedback) == (1, 40, 0)
-    assert old.summary()["feedback_negative_rate"] is None
+    assert (old.requests, old.output_tokens, old.feedback, old.token_answers) == (1, 40, 0, 0)
+    summary = old.summary()
+    assert summary["output_tokens_per_request"] is None
+    assert summary["feedback_negative_rate"] is None
     old.merge(VariantStats.from_mapping(new.to_mapping()))
-    assert (old.feedback, old.feedback_negative, old.feedback_negative_rate) == (1, 1, 1.0)
+    assert (old.feedback, old.feedback_negative, old.token_answers) == (1, 1, 1)
+    assert old.output_tokens_per_request == 80
+    assert old.output_tokens_per_s == pytest.approx(80 / 0.5)

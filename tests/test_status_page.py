@@ -167,7 +167,9 @@ async def test_the_status_page_shows_a_rollout_and_pauses_it(
         canary_requests = int(await rows.nth(1).locator("td").nth(1).inner_text())
         assert stable_requests + canary_requests == 200
         assert canary_requests > 0
-        await expect(rows.nth(0).locator("td").nth(6)).to_have_text("–")  # no feedback yet
+        # Half the answers report usage (the unstreamed ones): each has max_tokens.
+        await expect(rows.nth(0).locator("td").nth(6)).to_have_text("8.0")
+        await expect(rows.nth(0).locator("td").nth(8)).to_have_text("–")  # no feedback yet
         # The chart: a step line at 20%, then up to 50%.
         step_up = re.compile(rf" {chart_y(20)}\b.* V {chart_y(50)}\b")
         await expect(card.locator(".weight-chart path.line")).to_have_attribute("d", step_up)

@@ -28,6 +28,9 @@ Rules:
    process and survive a restart.
 6. Feedback lands in the slice of when it came, not of the request it rates. A slice
    written before a counter existed reads it as 0.
+7. Output tokens per request and per second count only the answers, not cancelled,
+   whose usage said how many tokens they had (an embedding, an error or a usage-less
+   stream does not dilute them): `token_answers` of them, taking `token_seconds` in all.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class VariantStats:
         "latency",
         "output_tokens",
         "requests",
+        "token_answers",
+        "token_seconds",
         "tpot",
         "ttft",
         "users",
@@ -99,6 +104,8 @@ class VariantStats:
         self.output_tokens = 0
         # cluster -> [requests, errors, cancels, sum of log latency, sum of its squares]
         self.users: dict[int, list[float]] = {}
+        self.token_answers = 0  # answers whose usage gave an output token count (rule 7)
+        self.token_seconds = 0.0  # the time those answers took, summed
         self.feedback = 0
         self.feedback_negative = 0
 
@@ -125,8 +132,11 @@ class VariantStats:
             self.ttft.record(ttft_s)
             if output_tokens is not None and output_tokens > 1 and not cancel:
                 self.tpot.record(max(latency_s - ttft_s, 0.0) / (output_tokens - 1))
-        if output_tokens:
+        if output_tokens is not None:
             self.output_tokens += output_tokens
+            if not cancel:
+                self.token_answers += 1
+                self.token_seconds += latency_s
         if user is not None:
             sums = self.users.get(user % CLUSTERS)
             if sums is None:
@@ -163,6 +173,8 @@ class VariantStats:
         self.ttft.merge(other.ttft)
         self.tpot.merge(other.tpot)
         self.output_tokens += other.output_tokens
+        self.token_answers += other.token_answers
+        self.token_seconds += other.token_seconds
         self.feedback += other.feedback
         self.feedback_negative += other.feedback_negative
         if not users:
@@ -190,6 +202,16 @@ class VariantStats:
     def feedback_negative_rate(self) -> float | None:
         return self.feedback_negative / self.feedback if self.feedback else None
 
+    @property
+    def output_tokens_per_request(self) -> float | None:
+        """Mean output tokens of the answers that reported them (rule 5)."""
+        return self.output_tokens / self.token_answers if self.token_answers else None
+
+    @property
+    def output_tokens_per_s(self) -> float | None:
+        """Output tokens per second of answer time, over the answers that reported them."""
+        return self.output_tokens / self.token_seconds if self.token_seconds > 0 else None
+
     def summary(self) -> dict[str, object]:
         """The figures the status page shows (seconds; None where there is no data)."""
         return {
@@ -203,6 +225,9 @@ class VariantStats:
             "ttft_s": _quantiles(self.ttft),
             "tpot_s": _quantiles(self.tpot),
             "output_tokens": self.output_tokens,
+            "output_tokens_per_request": self.output_tokens_per_request,
+            # rounded: a float sum differs in its last bits by the order slices merged in
+            "output_tokens_per_s": _round(self.output_tokens_per_s),
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
             "feedback_negative_rate": self.feedback_negative_rate,
@@ -219,6 +244,8 @@ class VariantStats:
             "tpot": self.tpot.to_mapping(),
             "output_tokens": self.output_tokens,
             "users": {str(cluster): list(sums) for cluster, sums in self.users.items()},
+            "token_answers": self.token_answers,
+            "token_seconds": self.token_seconds,
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
         }
@@ -251,9 +278,17 @@ class VariantStats:
             assert len(sums) == _USER_FIELDS
             stats.users[int(cluster)] = [float(value) for value in sums]
         # Counters added since the first slices were written: absent reads as 0 (rule 6).
+        stats.token_answers = _count(data.get("token_answers", 0))
+        token_seconds = data.get("token_seconds", 0.0)
+        assert isinstance(token_seconds, int | float)
+        stats.token_seconds = float(token_seconds)
         stats.feedback = _count(data.get("feedback", 0))
         stats.feedback_negative = _count(data.get("feedback_negative", 0))
         return stats
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _quantiles(histogram: LogHistogram) -> dict[str, float | None]:

@@ -195,6 +195,15 @@ TOKEN_USAGE: Final = _family(
     "Number of input and output tokens used, as the backend's usage reports them.",
     TOKEN_BOUNDS,
 )
+TOKEN_TIME: Final = _family(
+    "canary.upstream.token_time",
+    "canary_upstream_token_time_seconds",
+    Kind.COUNTER,
+    "s",
+    "Duration of the backend attempts whose usage reported output tokens, summed: their "
+    "output tokens (gen_ai.client.token.usage) over it are tokens per second in an answer.",
+    (),
+)
 WEIGHT: Final = _family(
     "canary.weight",
     "canary_weight_ratio",
@@ -267,6 +276,7 @@ FAMILIES: Final = (
     OPERATION_DURATION,
     TIME_TO_FIRST_CHUNK,
     TOKEN_USAGE,
+    TOKEN_TIME,
     WEIGHT,
     DECISIONS,
     NOTIFICATIONS,
@@ -358,6 +368,7 @@ class Metrics:
         self.attempt_ttft: dict[AttemptKey, SeriesHistogram] = {}
         self.token_usage: dict[tuple[str, str, str, str, str], SeriesHistogram] = {}
         self.attempt_tpot: dict[tuple[str, str, str], SeriesHistogram] = {}
+        self.token_time: dict[tuple[str, str, str], float] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.feedback: dict[tuple[str, str, str], int] = {}
@@ -418,12 +429,16 @@ class Metrics:
         input_tokens: int | None,
         output_tokens: int | None,
         provider: str = PROVIDER,
+        duration_s: float = 0.0,
     ) -> None:
         for token_type, tokens in (("input", input_tokens), ("output", output_tokens)):
             if tokens is None:
                 continue
             key = (route, variant, operation, provider, token_type)
             _add(self.token_usage, key, float(tokens), (), None)
+        if output_tokens is not None:
+            time_key = (route, variant, operation)
+            self.token_time[time_key] = self.token_time.get(time_key, 0.0) + duration_s
 
     def record_tpot(self, route: str, variant: str, backend: str, tpot_s: float) -> None:
         """The time per output token of one streamed attempt."""
@@ -518,6 +533,20 @@ class Metrics:
                 for (route, variant, operation, provider, token_type), histogram in sorted(
                     self.token_usage.items()
                 )
+            ),
+        )
+        yield Series(
+            TOKEN_TIME,
+            tuple(
+                (
+                    (
+                        ("gen_ai.operation.name", operation),
+                        ("canary.route", route),
+                        ("canary.variant", variant),
+                    ),
+                    seconds,
+                )
+                for (route, variant, operation), seconds in sorted(self.token_time.items())
             ),
         )
         yield Series(

@@ -296,6 +296,7 @@ class Recorder:
                 facts.input_tokens,
                 facts.output_tokens,
                 provider,
+                duration_s,
             )
         # A cancelled attempt counts too, at the time it was cancelled (its latency is
         # a lower bound of the answer's); the judge counts its user by the sticky bucket.

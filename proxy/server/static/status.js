@@ -27,6 +27,10 @@ function percent(x) {
   return x === null || x === undefined ? "–" : `${(x * 100).toFixed(2)}%`;
 }
 
+function number(x) {
+  return x === null || x === undefined ? "–" : x.toFixed(1);
+}
+
 function seconds(x) {
   if (x === null || x === undefined) return "–";
   return x < 1 ? `${Math.round(x * 1000)} ms` : `${x.toFixed(2)} s`;
@@ -136,6 +140,8 @@ function variants(body, figures, windowS) {
       element("td", ["p50", "p95", "p99"].map((q) => seconds(v.latency_s[q])).join(" / ")),
       element("td", ["p50", "p95"].map((q) => seconds(v.ttft_s[q])).join(" / ")),
       element("td", (v.output_tokens / windowS).toFixed(1)),
+      element("td", number(v.output_tokens_per_request)),
+      element("td", number(v.output_tokens_per_s)),
       element("td", v.feedback ? `${percent(v.feedback_negative_rate)} of ${v.feedback}` : "–"),
     );
     body.appendChild(row);
