@@ -116,6 +116,10 @@ async def test_feedback_that_cannot_be_counted_says_why(backends: Backends) -> N
         ):
             status, answer = await rate(session, proxy.url, body)
             assert (status, answer["error"]["code"]) == (400, "bad_feedback"), body
+        # Python's JSON reader takes NaN; a score must still be a finite number.
+        nan = b'{"request_id": "%s", "score": NaN}' % newest.encode()
+        async with session.post(f"{proxy.url}/v1/feedback", data=nan) as response:
+            assert response.status == 400
         async with session.post(f"{proxy.url}/v1/feedback", data=b"{not json") as response:
             assert response.status == 400
         async with session.post(

@@ -60,9 +60,6 @@ class RecentRequests:
     def capacity(self) -> int:
         return self._capacity
 
-    def __len__(self) -> int:
-        return len(self._served)
-
     def resize(self, capacity: int) -> None:
         """Remember this many from now on, forgetting the oldest beyond it."""
         self._capacity = capacity
