@@ -447,9 +447,10 @@ async def test_a_reader_that_stops_stops_the_backend_instead_of_filling_memory(
             await asyncio.sleep(0.3)
             samples.append(await sent(session) - before)
         writer.close()
-    # About 150 MB at full speed; the backend stopped after a few socket buffers.
+    # About 150 MB at full speed; the backend stopped after a few socket buffers (four
+    # loopback sockets, each of which the kernel may grow to several MB: 18 MB seen).
     assert samples[-1] == samples[-2] == samples[-3], samples
-    assert samples[-1] < 16 * 1024 * 1024, samples
+    assert samples[-1] < 32 * 1024 * 1024, samples
 
 
 @pytest.mark.parametrize("request_id", [b"\x80\xff", b"id with\ttab", b"r" * 300])
