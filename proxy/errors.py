@@ -21,6 +21,7 @@ handler never decides a status itself (h11's `error_status_hint`)::
         │   ├── UpstreamStatus      (not answered: a backend's own 5xx/429 that made us fall back)
         │   └── UpstreamTimeout     504 upstream_timeout
         ├── Overloaded              503 overloaded (with Retry-After)
+        ├── PoolExhausted           503 pool_timeout (with Retry-After; the proxy's capacity)
         └── Draining                503 draining (with Retry-After)
 
 Library exceptions (aiohttp, asyncio) are translated into this tree at one
@@ -42,6 +43,7 @@ __all__ = [
     "HeadTooLarge",
     "NoRoute",
     "Overloaded",
+    "PoolExhausted",
     "ProxyError",
     "RequestTimeout",
     "UnknownRequest",
@@ -170,6 +172,19 @@ class UpstreamStatus(UpstreamError):
 class Overloaded(ProxyError):
     status = 503
     code = "overloaded"
+    retry_after_s = 1
+
+
+class PoolExhausted(ProxyError):
+    """Every connection to the backend stayed busy for its pool timeout.
+
+    The request never reached the backend: this is the proxy's own capacity
+    (`max_connections`), counted as `pool_timeout` and never against the variant.
+    """
+
+    status = 503
+    code = "pool_timeout"
+    error_type = "pool_timeout"
     retry_after_s = 1
 
 

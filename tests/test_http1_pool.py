@@ -15,7 +15,7 @@ import pytest
 
 from proxy.config.model import Backend, Timeouts
 from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
-from proxy.http.pool import BackendPool, ConnectFailed, ConnectTimeout
+from proxy.http.pool import BackendPool, ConnectFailed, ConnectTimeout, PoolTimeout
 from tests.harness import (
     RunningProxy,
     closed_port,
@@ -76,14 +76,16 @@ async def proxied(script: Script) -> AsyncIterator[tuple[ScriptedBackend, Runnin
         await server.wait_closed()
 
 
-def make_backend(port: int, max_connections: int = 8, connect_s: float = 1.0) -> Backend:
+def make_backend(
+    port: int, max_connections: int = 8, connect_s: float = 1.0, pool_s: float = 5.0
+) -> Backend:
     origin = f"http://127.0.0.1:{port}"
     return Backend(
         "b",
         origin,
         origin,
         "",
-        timeouts=Timeouts(connect_s=connect_s),
+        timeouts=Timeouts(connect_s=connect_s, pool_s=pool_s),
         max_connections=max_connections,
     )
 
@@ -199,6 +201,121 @@ async def test_max_connections_makes_requests_wait_their_turn() -> None:
 
         assert await asyncio.gather(*(one() for _ in range(4))) == [b"ok"] * 4
     assert backend.connections == 1
+
+
+@asynccontextmanager
+async def one_connection_pool(pool_s: float) -> AsyncIterator[tuple[ScriptedBackend, BackendPool]]:
+    backend = ScriptedBackend(answer_each)
+    server = await asyncio.start_server(backend.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = BackendPool(make_backend(port, max_connections=1, pool_s=pool_s), keepalive_s=60)
+    try:
+        yield backend, pool
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_taker_past_max_connections_waits_at_most_the_pool_timeout() -> None:
+    async with one_connection_pool(pool_s=0.2) as (_, pool):
+        busy = await pool.acquire()
+        assert (busy.waited_s, busy.queued_ahead) == (0.0, 0)
+        first = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.01)
+        assert pool.queued == 2
+        with pytest.raises(PoolTimeout) as first_error:
+            await first
+        with pytest.raises(PoolTimeout) as second_error:
+            await second
+        assert pool.queued == 0
+        assert 0.2 <= first_error.value.waited_s < 0.5
+        assert (first_error.value.queued_ahead, second_error.value.queued_ahead) == (0, 1)
+        pool.discard(busy)
+
+
+async def test_queued_takers_get_connections_in_their_order_and_say_how_long_they_waited() -> None:
+    async with one_connection_pool(pool_s=5.0) as (backend, pool):
+        busy = await pool.acquire()
+        takers = [asyncio.create_task(pool.acquire()) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert pool.queued == 3
+        served: list[int] = []
+        connection = busy
+        for index in range(3):
+            # Closed, not released: the place it frees goes to the next in the queue,
+            # which opens a new connection.
+            pool.discard(connection)
+            connection = await takers[index]
+            served.append(connection.queued_ahead)
+            assert connection.waited_s >= 0.1
+        assert served == [0, 1, 2]
+        connection.send(GET, None)
+        await connection.head()
+        assert await connection.read() == b"ok"
+        assert await connection.read() == b""
+        pool.release(connection)  # kept idle: nobody is waiting for it
+        assert pool.queued == 0
+        assert pool.idle_connections == 1
+    assert backend.connections == 4
+
+
+async def test_a_queued_taker_that_is_cancelled_leaves_the_queue() -> None:
+    async with one_connection_pool(pool_s=5.0) as (_, pool):
+        busy = await pool.acquire()
+        taker = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.05)
+        assert pool.queued == 1
+        taker.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await taker
+        assert pool.queued == 0
+        busy.send(GET, None)
+        await busy.head()
+        assert await busy.read() == b"ok"
+        assert await busy.read() == b""
+        pool.release(busy)
+        assert pool.idle_connections == 1  # kept, not handed to the cancelled taker
+
+
+async def test_a_connection_handed_to_a_taker_cancelled_meanwhile_goes_back_to_the_pool() -> None:
+    async with one_connection_pool(pool_s=5.0) as (_, pool):
+        busy = await pool.acquire()
+        busy.send(GET, None)
+        await busy.head()
+        assert await busy.read() == b"ok"
+        assert await busy.read() == b""
+        taker = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.05)
+        pool.release(busy)  # handed to the taker's future ...
+        taker.cancel()  # ... which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await taker
+        assert pool.idle_connections == 1
+        assert pool.queued == 0
+
+
+async def test_a_woken_taker_that_finds_its_place_taken_keeps_its_turn() -> None:
+    async with one_connection_pool(pool_s=5.0) as (_, pool):
+        busy = await pool.acquire()
+        first = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0.05)
+        pool.discard(busy)
+        await asyncio.sleep(0)  # its close frees the place and wakes `first` ...
+        assert pool.open_connections == 0
+        late = await pool.acquire()  # ... but a newcomer takes it before `first` runs
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        assert pool.queued == 2
+        pool.discard(late)
+        winner = await asyncio.wait_for(first, 1.0)  # `first` still goes before `second`
+        assert not second.done()
+        pool.discard(winner)
+        pool.discard(await asyncio.wait_for(second, 1.0))
 
 
 async def test_chunked_body_arrives_chunk_by_chunk_and_ends_cleanly() -> None:

@@ -172,6 +172,9 @@ class Timeouts:
     connect_s: float = 2.0
     first_byte_s: float = 60.0  # from sending the request to the first byte of the response body
     idle_s: float = 30.0  # the longest silence allowed inside a response body
+    # The longest a request waits for a connection while all `max_connections` are busy;
+    # then 503 pool_timeout with Retry-After.
+    pool_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +186,8 @@ class Backend:
     api_key_env: str | None = None
     api_key: str | None = field(default=None, repr=False)
     timeouts: Timeouts = Timeouts()
-    max_connections: int = 256
+    # An LLM stream holds its connection for its whole answer: room for a thousand at once.
+    max_connections: int = 1024
     api: BackendApi = BackendApi.OPENAI
 
 

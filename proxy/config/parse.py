@@ -422,7 +422,7 @@ def _is_http_url(text: str) -> bool:
 
 
 def _read_timeouts(reader: Reader) -> Timeouts | None:
-    fields = reader.fields(("connect", "first_byte", "idle"))
+    fields = reader.fields(("connect", "first_byte", "idle", "pool"))
     if fields is None:
         return None
     defaults = Timeouts()
@@ -430,6 +430,7 @@ def _read_timeouts(reader: Reader) -> Timeouts | None:
         connect_s=fields.get("connect", Reader.duration, defaults.connect_s),
         first_byte_s=fields.get("first_byte", Reader.duration, defaults.first_byte_s),
         idle_s=fields.get("idle", Reader.duration, defaults.idle_s),
+        pool_s=fields.get("pool", Reader.duration, defaults.pool_s),
     )
 
 

@@ -142,7 +142,8 @@ def _backends(backends: Iterable[Backend]) -> list[str]:
                 f"connect {format_duration(timeouts.connect_s)}, "
                 f"first byte {format_duration(timeouts.first_byte_s)}, "
                 f"idle {format_duration(timeouts.idle_s)}; "
-                f"{backend.max_connections} connections",
+                f"{backend.max_connections} connections, "
+                f"queue {format_duration(timeouts.pool_s)}",
                 INDENT,
             )
         )

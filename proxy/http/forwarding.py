@@ -14,6 +14,9 @@ Rules:
    then says `x-canary-variant: stable` and `x-canary-fallback: <why the canary failed>`.
 4. Errors the proxy makes are answered in OpenAI's error shape with the status the
    error carries (`proxy.errors`); a backend's own 4xx/5xx passes through untouched.
+   A request that found every connection to its backend busy for the pool timeout
+   gets 503 `pool_timeout` (no fallback: the request never reached the canary); it
+   is counted as its own error type and never as an error of its variant.
 5. Library exceptions become `proxy.errors` here, at one boundary, with `from exc`.
 6. The backend gets the request target in origin form (`/path?query`), whatever form
    the client used: an absolute-form target (`GET http://other.host/...`) would let a
@@ -50,6 +53,7 @@ from proxy.errors import (
     HeadTooLarge,
     NoRoute,
     Overloaded,
+    PoolExhausted,
     ProxyError,
     RequestTimeout,
     UnknownRequest,
@@ -64,7 +68,7 @@ from proxy.http.body import RequestBody
 from proxy.http.deadlines import Deadlines, Watch
 from proxy.http.headers import REQUEST_ID, VARIANT, request_head
 from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
-from proxy.http.pool import ConnectFailed, ConnectTimeout
+from proxy.http.pool import ConnectFailed, ConnectTimeout, PoolTimeout
 from proxy.http.relay import Opened, relay
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
@@ -307,6 +311,7 @@ class Forwarder:
 
         Raises:
             UpstreamError: the attempt failed before the first byte (it is recorded).
+            PoolExhausted: no connection came free in time (it is recorded, as rejected).
             HeadTooLarge: the head is over `MAX_HEAD_BYTES` (nothing was sent or recorded).
         """
         variant = exchange.variant
@@ -350,12 +355,21 @@ class Forwarder:
         deadlines = self.deadlines
         now = self._time
         head_method = request.method == "HEAD"
-        watch = deadlines.watch(backend.timeouts.first_byte_s)
+        watch: Watch | None = None
         connection: Connection | None = None
         try:
             retry = False
             while True:
                 connection = await pool.acquire(fresh=retry)
+                if watch is None:
+                    # The backend's clocks (first byte, and the attempt's duration and
+                    # time to first token, which the judge reads) start with a connection
+                    # in hand: a wait in the queue is the proxy's (pool rule 1).
+                    watch = deadlines.watch(backend.timeouts.first_byte_s)
+                    if connection.waited_s:
+                        attempt.started += connection.waited_s
+                        attempt.pool_wait_s = connection.waited_s
+                        attempt.queued_ahead = connection.queued_ahead
                 try:
                     await _send(connection, head, payload, head_method, watch, now)
                     response = await connection.head()
@@ -367,15 +381,23 @@ class Forwarder:
                         raise
                     pool.discard(connection)
                     retry = True
+            assert watch is not None
             attempt.status = response.status
             if fail_on_status and (response.status >= 500 or response.status == 429):
                 raise UpstreamStatus(response.status)
             first = await connection.read()
             attempt.first_byte_at = self._time()
         except BaseException as exc:
-            deadlines.unwatch(watch)
+            if watch is not None:
+                deadlines.unwatch(watch)
             if connection is not None:
                 pool.discard(connection)
+            if isinstance(exc, PoolTimeout):
+                attempt.pool_wait_s, attempt.queued_ahead = exc.waited_s, exc.queued_ahead
+                attempt.error_type = PoolExhausted.error_type
+                attempt.rejected = True
+                self.telemetry.attempt_done(exchange, attempt, self._time())
+                raise PoolExhausted(str(exc)) from exc
             failure = _attempt_failure(exc, watch, backend)
             if failure is None:
                 # A client that left, or went silent mid-body, is no fault of the backend.
@@ -427,11 +449,13 @@ def _is_request_id(text: str) -> bool:
     return len(text) <= _MAX_REQUEST_ID_CHARS and text.isascii() and text.isprintable()
 
 
-def _attempt_failure(exc: BaseException, watch: Watch, backend: Backend) -> UpstreamError | None:
+def _attempt_failure(
+    exc: BaseException, watch: Watch | None, backend: Backend
+) -> UpstreamError | None:
     """The upstream error an attempt's exception stands for; None when it stands for none
     (a cancellation from outside, or a fault of the proxy's own)."""
     if isinstance(exc, asyncio.CancelledError):
-        if watch.expired_here():
+        if watch is not None and watch.expired_here():
             first_byte_s = backend.timeouts.first_byte_s
             return UpstreamTimeout(
                 f"backend {backend.name} sent no response within {first_byte_s:g}s"

@@ -96,6 +96,9 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.exchanges = 0  # completed exchanges, to tell a reused connection
         self.overran = False  # the backend sent bytes after a complete answer (Rule 5)
+        # Of the taker the pool last handed this connection to (proxy.http.pool, rule 5).
+        self.waited_s = 0.0
+        self.queued_ahead = 0
         # The current exchange.
         self._head_method = False
         self._head: Head | None = None

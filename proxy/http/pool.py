@@ -2,7 +2,9 @@
 
 Rules:
 1. At most `max_connections` are open at once; a request past the cap waits for one
-   to be released, first come first served (its first-byte timeout keeps running).
+   to be released, first come first served, for at most the backend's pool timeout:
+   then `PoolTimeout`. A wait in the queue is the proxy's capacity, not the backend's
+   time: the first-byte timeout starts once a connection is in hand.
 2. The most recently used idle connection is reused first (it is the least likely
    to have been closed by the backend), and none that has idled `KEEPALIVE_S` or
    longer: uvicorn, which vLLM and TGI's router run on, closes idle connections after
@@ -10,6 +12,9 @@ Rules:
 3. A connection the backend closes while idle leaves the pool at once.
 4. Only a connection whose exchange completed cleanly comes back (`release`);
    anything else is closed (`discard`).
+5. A connection handed out says how long its taker queued for it (`waited_s`) and
+   how many were queued ahead of it then (`queued_ahead`); 0 for both when it did not
+   queue. The queue's length now is `queued`.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from urllib.parse import urlsplit
 from proxy.config.model import Backend
 from proxy.http.http1 import Connection
 
-__all__ = ["KEEPALIVE_S", "BackendPool", "ConnectFailed", "ConnectTimeout"]
+__all__ = ["KEEPALIVE_S", "BackendPool", "ConnectFailed", "ConnectTimeout", "PoolTimeout"]
 
 KEEPALIVE_S: Final = 4.0
 
@@ -34,6 +39,15 @@ class ConnectFailed(Exception):
 
 class ConnectTimeout(ConnectFailed):
     """Connecting took longer than the backend's connect timeout."""
+
+
+class PoolTimeout(Exception):
+    """Every connection stayed busy for the backend's pool timeout (rule 1)."""
+
+    def __init__(self, message: str, waited_s: float, queued_ahead: int) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s
+        self.queued_ahead = queued_ahead
 
 
 class BackendPool:
@@ -52,6 +66,7 @@ class BackendPool:
         self._idle: list[Connection] = []
         self._open = 0
         self._waiters: deque[asyncio.Future[Connection | None]] = deque()
+        self._queued = 0  # takers waiting now (cancelled futures may linger in _waiters)
         self._closed = False
 
     @property
@@ -62,30 +77,77 @@ class BackendPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    @property
+    def queued(self) -> int:
+        """Takers waiting for a connection now."""
+        return self._queued
+
     async def acquire(self, *, fresh: bool = False) -> Connection:
         """A connection ready for one exchange; `fresh` skips the idle ones.
 
         Raises:
             ConnectFailed: a new connection could not be made.
+            PoolTimeout: every connection stayed busy for the pool timeout.
         """
         loop = asyncio.get_running_loop()
-        while True:
-            if not fresh:
-                connection = self._reuse(loop.time())
-                if connection is not None:
-                    return connection
-            if self._open < self.backend.max_connections:
-                return await self._connect(loop)
-            waiter: asyncio.Future[Connection | None] = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                handed = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self.release(waiter.result())  # type: ignore[arg-type]
-                raise
-            if handed is not None:
-                return handed
+        if not fresh:
+            connection = self._reuse(loop.time())
+            if connection is not None:
+                connection.waited_s = 0.0
+                connection.queued_ahead = 0
+                return connection
+        if self._open < self.backend.max_connections:
+            connection = await self._connect(loop)
+            connection.waited_s = 0.0
+            connection.queued_ahead = 0
+            return connection
+        return await self._wait(loop, fresh)
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, fresh: bool) -> Connection:
+        """Queue for a connection (rule 1): the slow path, with its own timer."""
+        started = loop.time()
+        ahead = self._queued
+        timeout_s = self.backend.timeouts.pool_s
+        deadline = started + timeout_s
+        first = True
+        self._queued += 1
+        try:
+            while True:
+                waiter: asyncio.Future[Connection | None] = loop.create_future()
+                if first:
+                    self._waiters.append(waiter)
+                else:
+                    # Woken for a free place that someone else took first: keep our turn.
+                    self._waiters.appendleft(waiter)
+                first = False
+                timer = loop.call_at(deadline, _expire, waiter)
+                try:
+                    handed = await waiter
+                except asyncio.CancelledError:
+                    handed = _handed(waiter)  # given a connection, then cancelled
+                    if handed is not None:
+                        self.release(handed)
+                    raise
+                finally:
+                    timer.cancel()
+                if handed is None:
+                    handed = None if fresh else self._reuse(loop.time())
+                    if handed is None and self._open < self.backend.max_connections:
+                        handed = await self._connect(loop)
+                if handed is not None:
+                    handed.waited_s = loop.time() - started
+                    handed.queued_ahead = ahead
+                    return handed
+        except _Expired:
+            waited_s = loop.time() - started
+            raise PoolTimeout(
+                f"all {self.backend.max_connections} connections to backend "
+                f"{self.backend.name} stayed busy for {timeout_s:g}s",
+                waited_s,
+                ahead,
+            ) from None
+        finally:
+            self._queued -= 1
 
     def release(self, connection: Connection) -> None:
         """Take back a connection after a complete exchange; it is reused or closed."""
@@ -166,3 +228,18 @@ class BackendPool:
             if not waiter.done():
                 waiter.set_result(None)  # try again: there is room for a new connection
                 return
+
+
+class _Expired(Exception):
+    """A queued taker's pool timeout passed (set on its future by its timer)."""
+
+
+def _handed(waiter: asyncio.Future[Connection | None]) -> Connection | None:
+    """The connection a waiter's future holds, if it holds one."""
+    done = waiter.done() and not waiter.cancelled() and waiter.exception() is None
+    return waiter.result() if done else None
+
+
+def _expire(waiter: asyncio.Future[Connection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())

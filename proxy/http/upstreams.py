@@ -15,6 +15,7 @@ from types import MappingProxyType
 
 from proxy.config.model import Backend
 from proxy.http.pool import BackendPool
+from proxy.telemetry.metrics import PoolGauge
 
 __all__ = ["Upstreams"]
 
@@ -47,6 +48,18 @@ class Upstreams:
 
     def __getitem__(self, name: str) -> BackendPool:
         return self._by_name[name]
+
+    def gauges(self) -> tuple[PoolGauge, ...]:
+        """Each pool as it is now, for the pool gauges of /metrics and OTLP."""
+        return tuple(
+            PoolGauge(
+                name,
+                pool.open_connections - pool.idle_connections,
+                pool.idle_connections,
+                pool.queued,
+            )
+            for name, pool in self._by_name.items()
+        )
 
     async def close(self) -> None:
         for pool in self._by_name.values():

@@ -10,7 +10,9 @@ Rules:
 3. Request bodies are not decompressed on the way in; what the client sent is what
    the backend gets.
 4. Starting binds the admin port first, then the public port; a failure half-way
-   undoes what was started.
+   undoes what was started. The listen backlog takes a burst of a thousand new
+   connections (aiohttp's default, 128, makes the rest retry their SYN a second later),
+   and the open-files limit is raised to its hard limit: each stream holds two sockets.
 5. Stopping hands the rollout lease on and closes the listener first, lets in-flight
    requests finish within the grace period, publishes their stats to the state store,
    then closes the backends and flushes telemetry.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -61,6 +64,7 @@ __all__ = ["ProxyServer", "serve"]
 log = logging.getLogger("proxy.server.app")
 
 _STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+_BACKLOG: Final = 1024  # as the workers' shared sockets (proxy.server.supervisor)
 
 
 class ProxyServer:
@@ -135,7 +139,13 @@ class ProxyServer:
 
     def gauges(self) -> Gauges:
         controller = self.controller
-        return self.telemetry.gauges(self.table.weights, controller.store_up, controller.leader)
+        assert self._forwarder is not None
+        return self.telemetry.gauges(
+            self.table.weights,
+            controller.store_up,
+            controller.leader,
+            self._forwarder.snapshot.upstreams.gauges(),
+        )
 
     # --- what the rollout controller needs (proxy.server.controller.ControllerHost) ------
 
@@ -198,6 +208,7 @@ class ProxyServer:
     async def _start(self) -> int:
         config = self.config
         set_format(config.telemetry.log_format)
+        _raise_open_files_limit()
         self._deadlines = Deadlines()
         self._deadlines.start()
         snapshot = Snapshot(RouteTable.build(config), Upstreams.open(config.backends))
@@ -242,7 +253,7 @@ class ProxyServer:
         await runner.setup()
         self._runners.append(runner)
         site: web.BaseSite = (
-            web.TCPSite(runner, address.host, address.port)
+            web.TCPSite(runner, address.host, address.port, backlog=_BACKLOG)
             if sock is None
             else web.SockSite(runner, sock)
         )
@@ -347,6 +358,18 @@ class ProxyServer:
 
     async def _file_changed(self) -> None:
         await self.reload("file changed")
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit of open files up to the hard one (rule 4): a default soft limit of
+    1024 would stop the proxy near 500 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            log.debug("could not raise the open-files limit from %d", soft)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

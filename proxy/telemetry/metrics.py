@@ -13,6 +13,9 @@ Instruments (OTel name → Prometheus name):
 - `canary.upstream.time_per_output_token` (s) →
   `canary_upstream_time_per_output_token_seconds`
 - `canary.upstream.requests` → `canary_upstream_requests_total`
+- `canary.upstream.pool.wait` (s) → `canary_upstream_pool_wait_seconds`
+- `canary.upstream.pool.queued` gauge → `canary_upstream_pool_queued`
+- `canary.upstream.pool.connections` gauge (busy, idle) → `canary_upstream_pool_connections`
 - `gen_ai.client.operation.duration` (s) → `gen_ai_client_operation_duration_seconds`
 - `gen_ai.client.operation.time_to_first_chunk` (s) →
   `gen_ai_client_operation_time_to_first_chunk_seconds`
@@ -36,6 +39,9 @@ Rules:
    four up to 1Mi.
 3. A sampled request leaves its trace and span id as the exemplar of the bucket its
    value fell in; an unsampled one leaves nothing.
+4. An attempt `rejected` by a full connection pool is in `canary.upstream.requests`
+   (outcome `rejected`, error.type `pool_timeout`) and its wait in the pool's wait,
+   but in no duration: it never reached its backend.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ __all__ = [
     "Kind",
     "Metrics",
     "Point",
+    "PoolGauge",
     "Series",
     "SeriesHistogram",
     "Snapshot",
@@ -104,6 +111,16 @@ class Kind(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class PoolGauge:
+    """One backend's connection pool, as it is when a snapshot is taken."""
+
+    backend: str
+    busy: int  # connections open and in an exchange
+    idle: int  # connections kept alive for the next request
+    queued: int  # requests waiting for a connection
+
+
+@dataclass(frozen=True, slots=True)
 class Gauges:
     """The values the gauges show, read when a snapshot is taken."""
 
@@ -112,6 +129,7 @@ class Gauges:
     fleet_version: str = ""  # of what a fleet shares (proxy.config.fleet)
     store_up: bool | None = None  # None: no state store in use
     leader: bool = False
+    pools: tuple[PoolGauge, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +187,31 @@ UPSTREAM_REQUESTS: Final = _family(
     Kind.COUNTER,
     "{request}",
     "Backend attempts by route, variant, backend and outcome (ok, error, cancelled).",
+    (),
+)
+POOL_WAIT: Final = _family(
+    "canary.upstream.pool.wait",
+    "canary_upstream_pool_wait_seconds",
+    Kind.HISTOGRAM,
+    "s",
+    "Time backend attempts queued for a connection while all max_connections were busy "
+    "(only attempts that queued; those that gave up at the pool timeout included).",
+    EXPORT_BOUNDS_S,
+)
+POOL_QUEUED: Final = _family(
+    "canary.upstream.pool.queued",
+    "canary_upstream_pool_queued",
+    Kind.GAUGE,
+    "{request}",
+    "Requests waiting now for a connection to the backend.",
+    (),
+)
+POOL_CONNECTIONS: Final = _family(
+    "canary.upstream.pool.connections",
+    "canary_upstream_pool_connections",
+    Kind.GAUGE,
+    "{connection}",
+    "Connections to the backend now, by state: busy (in an exchange) or idle (kept alive).",
     (),
 )
 OPERATION_DURATION: Final = _family(
@@ -273,6 +316,9 @@ FAMILIES: Final = (
     UPSTREAM_DURATION,
     UPSTREAM_TTFT,
     UPSTREAM_REQUESTS,
+    POOL_WAIT,
+    POOL_QUEUED,
+    POOL_CONNECTIONS,
     OPERATION_DURATION,
     TIME_TO_FIRST_CHUNK,
     TOKEN_USAGE,
@@ -369,6 +415,7 @@ class Metrics:
         self.token_usage: dict[tuple[str, str, str, str, str], SeriesHistogram] = {}
         self.attempt_tpot: dict[tuple[str, str, str], SeriesHistogram] = {}
         self.token_time: dict[tuple[str, str, str], float] = {}
+        self.pool_wait: dict[str, SeriesHistogram] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.feedback: dict[tuple[str, str, str], int] = {}
@@ -420,6 +467,10 @@ class Metrics:
                 histogram.add(ttft_s)
             else:
                 histogram.add_traced(ttft_s, EXPORT_BOUNDS_S, trace[0], trace[1])
+
+    def record_pool_wait(self, backend: str, wait_s: float) -> None:
+        """An attempt that queued for a connection (rule 4)."""
+        _add(self.pool_wait, backend, wait_s, (), None)
 
     def record_tokens(
         self,
@@ -514,6 +565,26 @@ class Metrics:
             counts[labels] = counts.get(labels, 0) + histogram.count
         yield Series(
             UPSTREAM_REQUESTS, tuple((labels, float(n)) for labels, n in sorted(counts.items()))
+        )
+        yield _histograms(
+            POOL_WAIT,
+            (
+                ((("canary.backend", backend),), histogram)
+                for backend, histogram in sorted(self.pool_wait.items())
+            ),
+        )
+        pools = sorted(gauges.pools, key=lambda pool: pool.backend)
+        yield Series(
+            POOL_QUEUED,
+            tuple(((("canary.backend", pool.backend),), float(pool.queued)) for pool in pools),
+        )
+        yield Series(
+            POOL_CONNECTIONS,
+            tuple(
+                ((("canary.backend", pool.backend), ("state", state)), float(count))
+                for pool in pools
+                for state, count in (("busy", pool.busy), ("idle", pool.idle))
+            ),
         )
         yield _histograms(OPERATION_DURATION, _merged(duration, _operation_labels))
         yield _histograms(TIME_TO_FIRST_CHUNK, _merged(ttft, _first_chunk_labels))
@@ -618,7 +689,9 @@ def _add(
 
 
 def _by_backend_labels(key: AttemptKey) -> Labels | None:
-    route, variant, backend, _operation, _provider, _outcome, _error = key
+    route, variant, backend, _operation, _provider, outcome, _error = key
+    if outcome == "rejected":
+        return None  # rule 4
     return (("canary.route", route), ("canary.variant", variant), ("canary.backend", backend))
 
 
@@ -637,7 +710,7 @@ def _operation_labels(key: AttemptKey) -> Labels | None:
     """A GenAI operation's attempt that ended (a client that left is not one), by the
     conventions' attributes."""
     route, variant, _backend, operation, provider, outcome, error_type = key
-    if not operation or outcome == "cancelled":
+    if not operation or outcome in ("cancelled", "rejected"):
         return None
     return (
         ("gen_ai.operation.name", operation),

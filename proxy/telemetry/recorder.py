@@ -11,6 +11,9 @@ Rules:
    counts as a backend error; a client that went away is `cancelled`, not an error,
    recorded with the time it went away at. The stats know the user by the sticky
    bucket (never the key); requests without a key take clusters in turn.
+   An attempt `rejected` because no connection came free (`pool_timeout`) never
+   reached its backend: it is counted in the metrics under its own outcome and error
+   type, and never in the window stats, so the judge never holds it against a variant.
 2. Only a sampled request builds spans: an unsampled one makes no OpenTelemetry SDK
    call and costs a dict increment or two per attempt. A sampled one's spans are
    built whole when they end and handed to the span sink (`proxy.telemetry.export`).
@@ -49,7 +52,7 @@ from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
 from proxy.telemetry.feedback import RecentRequests, Score
 from proxy.telemetry.logs import ACCESS_LOGGER, access_line
-from proxy.telemetry.metrics import PROVIDER, Gauges, Metrics, Snapshot
+from proxy.telemetry.metrics import PROVIDER, Gauges, Metrics, PoolGauge, Snapshot
 from proxy.telemetry.settings import Sampling
 from proxy.telemetry.tracing import (
     AttributeValue,
@@ -119,7 +122,10 @@ class Attempt:
         "first_byte_at",
         "head",
         "host",
+        "pool_wait_s",
         "port",
+        "queued_ahead",
+        "rejected",
         "route",
         "span_id",
         "started",
@@ -146,6 +152,9 @@ class Attempt:
         self.fallback = False  # this is the retry on stable after the canary failed
         self.host = ""
         self.port = 0
+        self.pool_wait_s = 0.0  # queued this long for a connection (0: did not queue)
+        self.queued_ahead = 0  # others queued ahead of it when it joined the queue
+        self.rejected = False  # no connection came free: it never reached the backend
 
 
 class Exchange:
@@ -248,7 +257,10 @@ class Recorder:
         error_type = attempt.error_type
         if error_type is None and status is not None and (status >= 500 or status == 429):
             error_type = attempt.error_type = str(status)
-        outcome = "error" if error_type else "cancelled" if attempt.cancelled else "ok"
+        if attempt.rejected:
+            outcome = "rejected"
+        else:
+            outcome = "error" if error_type else "cancelled" if attempt.cancelled else "ok"
         duration_s = now - attempt.started
         first_byte_at = attempt.first_byte_at
         ttft_s = (
@@ -281,6 +293,8 @@ class Recorder:
             (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
             provider,
         )
+        if attempt.pool_wait_s:
+            self.metrics.record_pool_wait(attempt.backend, attempt.pool_wait_s)
         exchange.ttft_s = ttft_s
         if facts is not None:
             exchange.input_tokens, exchange.output_tokens = facts.input_tokens, facts.output_tokens
@@ -300,19 +314,21 @@ class Recorder:
             )
         # A cancelled attempt counts too, at the time it was cancelled (its latency is
         # a lower bound of the answer's); the judge counts its user by the sticky bucket.
-        assignment = exchange.assignment
-        bucket = assignment.bucket if assignment is not None else None
-        self.stats.record(
-            attempt.route,
-            variant,
-            time.time(),  # wall clock: slices line up across processes and restarts
-            duration_s,
-            ttft_s,
-            error_type,
-            facts.output_tokens if facts is not None else None,
-            attempt.cancelled,
-            bucket if bucket is not None else next(self._keyless),
-        )
+        # A rejected one never reached its backend (rule 1).
+        if not attempt.rejected:
+            assignment = exchange.assignment
+            bucket = assignment.bucket if assignment is not None else None
+            self.stats.record(
+                attempt.route,
+                variant,
+                time.time(),  # wall clock: slices line up across processes and restarts
+                duration_s,
+                ttft_s,
+                error_type,
+                facts.output_tokens if facts is not None else None,
+                attempt.cancelled,
+                bucket if bucket is not None else next(self._keyless),
+            )
         if trace is not None and span_id is not None:
             self._client_span(exchange, attempt, now, ttft_s, facts, operation, provider, tpot_s)
 
@@ -447,6 +463,9 @@ class Recorder:
             attributes["http.response.status_code"] = attempt.status
         if attempt.error_type is not None:
             attributes["error.type"] = attempt.error_type
+        if attempt.pool_wait_s:
+            attributes["canary.pool.wait"] = attempt.pool_wait_s
+            attributes["canary.pool.queued_ahead"] = attempt.queued_ahead
         if facts is not None and operation is not None:
             if facts.model is not None:
                 attributes["gen_ai.response.model"] = facts.model
@@ -576,9 +595,15 @@ class Recorder:
         self._static[key] = attributes
 
     def gauges(
-        self, weights: Mapping[str, float], store_up: bool | None = None, leader: bool = False
+        self,
+        weights: Mapping[str, float],
+        store_up: bool | None = None,
+        leader: bool = False,
+        pools: tuple[PoolGauge, ...] = (),
     ) -> Gauges:
-        return Gauges(weights, self.config.version, self.config.fleet_version, store_up, leader)
+        return Gauges(
+            weights, self.config.version, self.config.fleet_version, store_up, leader, pools
+        )
 
 
 def _providers(config: Config) -> dict[str, str]:
