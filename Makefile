@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry judge-report clean
+.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry bench-hot judge-report clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,12 @@ bench-telemetry: $(STAMP)
 RUNS ?= 300
 judge-report: $(STAMP)
 	$(BIN)/python tests/bench/judge_report.py --runs $(RUNS) --write
+
+# The hot path's four figures beside nginx and the naive aiohttp proxy (its section of
+# docs/benchmarks.md; `make bench` keeps it). Needs nginx and wrk (apt-get install nginx wrk);
+# BEFORE=<source tree> also measures the code before a change in the same run.
+bench-hot: $(STAMP)
+	$(BIN)/python tests/bench/hot_path.py $(if $(BEFORE),--before $(BEFORE))
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

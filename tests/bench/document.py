@@ -40,11 +40,14 @@ from proxy.server.reload import POLL_S
 
 __all__ = [
     "DOC",
+    "HOT_BEGIN",
+    "HOT_END",
     "TELEMETRY_BEGIN",
     "TELEMETRY_END",
     "WORKERS_BEGIN",
     "WORKERS_END",
     "document",
+    "with_hot_block",
     "with_telemetry_block",
     "with_workers_block",
 ]
@@ -54,6 +57,9 @@ WORKERS_BEGIN = "<!-- workers:begin -->"
 WORKERS_END = "<!-- workers:end -->"
 TELEMETRY_BEGIN = "<!-- telemetry:begin -->"
 TELEMETRY_END = "<!-- telemetry:end -->"
+HOT_BEGIN = "<!-- hot-path:begin -->"
+HOT_END = "<!-- hot-path:end -->"
+_RESULTS_HEADING = "## Results\n"
 _NOTES_HEADING = "## Notes from this run"
 _TELEMETRY_HEADING = "## Telemetry cost\n"
 _NEXT_PART = re.compile(r"^(?:## |<!-- )", re.MULTILINE)  # a heading, or a marked block
@@ -93,6 +99,12 @@ def with_telemetry_block(page: str, block: str) -> str:
     """`page` with `block` (telemetry_cost.py's) in place of its telemetry block; without
     one, right after the "Telemetry cost" section, else before the notes, or at the end."""
     return _with_block(page, block, TELEMETRY_BEGIN, TELEMETRY_END, _TELEMETRY_HEADING)
+
+
+def with_hot_block(page: str, block: str) -> str:
+    """`page` with `block` (hot_path.py's) in place of its hot-path block; without one,
+    right after the "Results" section, else before the notes, or at the end."""
+    return _with_block(page, block, HOT_BEGIN, HOT_END, _RESULTS_HEADING)
 
 
 _TARGET_DESCRIPTIONS = {
@@ -339,11 +351,13 @@ counts too):
   hence the rounds. CPU time is counted in clock ticks of 10 ms, well under 1% of
   these windows.
 """
-    # workers.py's and telemetry_cost.py's sections, from the page this one replaces.
+    # workers.py's, telemetry_cost.py's and hot_path.py's sections, from the page this
+    # one replaces.
     replaced = DOC.read_text() if DOC.exists() else ""
     for begin, end, put in (
         (WORKERS_BEGIN, WORKERS_END, with_workers_block),
         (TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block),
+        (HOT_BEGIN, HOT_END, with_hot_block),
     ):
         kept = _marked_block(replaced, begin, end)
         if kept is not None:

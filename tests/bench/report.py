@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from otlp_sink import SinkCounts
 from reloads import ReloadLatency, ReloadServe, WrkRun
 from scenarios import Latency, Settings, Streams, Throughput
-from targets import BEFORE_LABELS, BEFORE_OFF, TARGETS, TELEMETRY_RATIOS
+from targets import BEFORE_OFF, LABELS, TARGETS, TELEMETRY_RATIOS
 
 __all__ = [
     "BEFORE_AIM",
@@ -85,7 +85,7 @@ class TargetResult:
 
     @property
     def label(self) -> str:
-        return TARGETS.get(self.name) or BEFORE_LABELS[self.name]
+        return LABELS[self.name]
 
     @property
     def is_proxy(self) -> bool:

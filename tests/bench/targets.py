@@ -13,6 +13,9 @@ Rules:
 5. A canary-proxy target's config file stays valid and rewritable: `Running.config`
    names it, its route's weight sits on a line of its own, and `rewrite_weight`
    changes just that number (scenario (d); the proxy watches the file).
+6. The hot-path targets (`HOT_TARGETS`, `hot_path.py`) run canary-proxy as the
+   hot-path issue measured it: weight 10, every backend setting at its default (the
+   connection pool included), no OTLP export; "before" from another source tree.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ __all__ = [
     "CANARY_ROUTE",
     "CANARY_SALT",
     "CANARY_WEIGHT",
+    "HOT_TARGETS",
+    "LABELS",
     "LOAD_CORE",
     "PROXY_CORE",
     "TARGETS",
@@ -69,6 +74,13 @@ TARGETS: Final = {
 }
 """Target name (for `--targets`) → the label in the table, in table order."""
 
+HOT_TARGETS: Final = {
+    "hot": "canary-proxy (defaults, weight 10)",
+    "hot-before": "canary-proxy before (defaults, weight 10)",
+}
+"""`hot_path.py`'s canary-proxy targets (rule 6); "hot-before" needs `use_before_tree`."""
+_HOT_WEIGHT: Final = 10.0
+
 TELEMETRY_RATIOS: Final = {"canary-proxy-otel-0.01": 0.01, "canary-proxy-otel-1": 1.0}
 """The telemetry targets: canary-proxy's config plus OTLP export at this trace sample ratio."""
 
@@ -83,6 +95,8 @@ BEFORE_LABELS: Final = {
     "before-otel-0.01": "before, traces 1%",
     "before-otel-1": "before, traces 100%",
 }
+LABELS: Final = {**TARGETS, **BEFORE_LABELS, **HOT_TARGETS}
+"""Every target's label, by name."""
 _before_tree: list[Path] = []
 
 
@@ -205,6 +219,15 @@ def start_target(name: str, children: Children, workdir: Path, backend: Running)
         argv = (
             [*_before_command(), *run] if name in BEFORE_LABELS else [_canary_proxy_command(), *run]
         )
+    elif name in HOT_TARGETS:
+        admin_port = free_port()
+        admin_url = f"http://127.0.0.1:{admin_port}"
+        directory = Path(tempfile.mkdtemp(prefix=f"canary-{port}-", dir=workdir))
+        config = _write_canary_config(directory, port, admin_port, backend.url, defaults=True)
+        run = ["run", "-c", str(config), "--log-level", "warning"]
+        argv = (
+            [*_before_command(), *run] if name == "hot-before" else [_canary_proxy_command(), *run]
+        )
     else:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
     process = children.start(argv, core=PROXY_CORE, log=log, cwd=workdir)
@@ -245,26 +268,35 @@ def _telemetry_section(endpoint: str, ratio: float) -> str:
 
 
 def _write_canary_config(
-    directory: Path, port: int, admin_port: int, backend_url: str, telemetry: str = ""
+    directory: Path,
+    port: int,
+    admin_port: int,
+    backend_url: str,
+    telemetry: str = "",
+    *,
+    defaults: bool = False,
 ) -> Path:
     """One route, stable and canary both the fake backend, 50/50 by x-user-id (salt
     given, so the harness can compute who is in the canary); then `telemetry`, a config
-    section (empty: no OTLP export; metrics are recorded anyway)."""
+    section (empty: no OTLP export; metrics are recorded anyway). `defaults`: weight
+    10 and the backends' settings left at their defaults (rule 6)."""
     config = directory / "canary.yaml"
+    pool = "" if defaults else f", max_connections: {_CANARY_MAX_CONNECTIONS}"
+    weight = _HOT_WEIGHT if defaults else CANARY_WEIGHT
     config.write_text(
         f"""# Written by tests/bench/run.py: one route, both variants on one fake backend.
 listen: 127.0.0.1:{port}
 admin: {{listen: "127.0.0.1:{admin_port}"}}
 backends:
-  stable: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
-  canary: {{url: "{backend_url}", max_connections: {_CANARY_MAX_CONNECTIONS}}}
+  stable: {{url: "{backend_url}"{pool}}}
+  canary: {{url: "{backend_url}"{pool}}}
 routes:
   - name: {CANARY_ROUTE}
     match: {{path_prefix: /}}
     stable: stable
     canary: canary
     sticky: {{keys: ["header:x-user-id"], salt: {CANARY_SALT}}}
-    rollout: {{weight: {CANARY_WEIGHT:g}}}
+    rollout: {{weight: {weight:g}}}
 state: {{store: sqlite, path: "{directory / "canary-state.db"}"}}
 {telemetry}"""
     )
