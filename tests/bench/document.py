@@ -117,8 +117,8 @@ _TARGET_DESCRIPTIONS = {
     "baseline-uvloop": "the same file with `--uvloop`",
     "canary-proxy": "`canary-proxy run`: one route, stable and canary both the fake backend "
     "at weight 50, sticky on `header:x-user-id` (salt `chat`), `max_connections: 1024` per "
-    "backend (the default 256 is close to the ~250 streams each variant gets in (c)), no OTLP "
-    "export "
+    "backend (the default; written out for code from before it, when the default 256 was "
+    "close to the ~250 streams each variant gets in (c)), no OTLP export "
     "(its metrics are recorded all the same): telemetry off",
     "canary-proxy-otel-0.01": "the same config plus `telemetry: {otlp_endpoint: <sink>, "
     "trace_sample_ratio: 0.01}`: 1% of requests traced, spans exported every second and "
