@@ -20,6 +20,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections import deque
 from typing import Final
@@ -241,5 +242,7 @@ def _handed(waiter: asyncio.Future[Connection | None]) -> Connection | None:
 
 
 def _expire(waiter: asyncio.Future[Connection | None]) -> None:
-    if not waiter.done():
+    # The waiter may have been given a connection in this same turn of the loop, before
+    # its task could cancel this timer: then it keeps the connection.
+    with contextlib.suppress(asyncio.InvalidStateError):
         waiter.set_exception(_Expired())
