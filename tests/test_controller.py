@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from proxy.config import Config, parse_config
+from proxy.config.model import Variant
 from proxy.judge.analysis import Evidence, Verdict
 from proxy.judge.stats import WindowStats
 from proxy.rollout.machine import Action, Decision, OperatorAction, RouteState, Status
@@ -106,7 +107,7 @@ class Traffic:
         weight = host.served if host.weights else 0.0
         for _ in range(self.rps):
             canary = self.rng.random() * 100 < weight
-            variant = "canary" if canary else "stable"
+            variant = Variant.CANARY if canary else Variant.STABLE
             rate = self.canary_error_rate if canary else self.stable_error_rate
             error = "upstream_status" if self.rng.random() < rate else None
             latency = self.canary_latency_s if canary else 0.2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config.model import Variant
 from proxy.telemetry.exposition import WORKER_ACCEPT, merge_expositions
 from proxy.telemetry.metrics import Gauges, Metrics
 from proxy.telemetry.prometheus import render
@@ -14,7 +15,7 @@ def worker_text(requests: int, weight: float, version: str) -> str:
     metrics = Metrics(start_time_ns=0)
     for _ in range(requests):
         metrics.record_reload("success")
-    metrics.record_attempt("chat", "canary", "v2", "chat", "ok", "", 0.25, None, (9, 10))
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "ok", "", 0.25, None, (9, 10))
     body, _ = render(lambda: metrics.snapshot(Gauges({"chat": weight}, version)), WORKER_ACCEPT)
     return body.decode()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.config.model import Variant
 from proxy.http.headers import request_head, response_headers
 
 
@@ -116,7 +117,7 @@ def test_response_headers_strip_hop_by_hop_and_add_variant() -> None:
         (b"x-request-id", b"backend-id"),
         (b"X-Name", "caf\u00e9".encode()),
     ]
-    out = response_headers(upstream, variant="canary", request_id="rid-9")
+    out = response_headers(upstream, variant=Variant.CANARY, request_id="rid-9")
     assert out.getall("Set-Cookie") == ["a=1", "b=2"]
     assert out["Content-Type"] == "text/event-stream"
     assert out["x-canary-variant"] == "canary"
@@ -142,5 +143,5 @@ def test_without_a_peer_or_a_forwarded_for_there_is_no_forwarded_for() -> None:
 
 
 def test_a_response_header_that_is_not_utf8_passes_byte_for_byte_as_latin1() -> None:
-    out = response_headers([(b"X-Name", b"caf\xe9 \xff")], variant="stable", request_id="r")
+    out = response_headers([(b"X-Name", b"caf\xe9 \xff")], variant=Variant.STABLE, request_id="r")
     assert out["X-Name"].encode("latin-1") == b"caf\xe9 \xff"

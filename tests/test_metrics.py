@@ -14,6 +14,7 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config.model import Variant
 from proxy.telemetry.metrics import Gauges, Metrics, known_method, metrics_data
 from proxy.telemetry.prometheus import render
 
@@ -29,10 +30,10 @@ def prometheus_text(metrics: Metrics, gauges: Gauges = GAUGES, accept: str = "")
 def recorded() -> Metrics:
     metrics = Metrics(start_time_ns=1_000)
     for _ in range(3):
-        metrics.record_attempt("chat", "stable", "v1", "chat", "ok", "", 0.2, None)
-    metrics.record_attempt("chat", "canary", "v2", "chat", "error", "timeout", 60.0, None)
-    metrics.record_attempt("chat", "canary", "v2", "chat", "ok", "", 1.5, 0.3, (7, 8))
-    metrics.record_tokens("chat", "canary", "chat", 12, 300)
+        metrics.record_attempt("chat", Variant.STABLE, "v1", "chat", "ok", "", 0.2, None)
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "error", "timeout", 60.0, None)
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "ok", "", 1.5, 0.3, (7, 8))
+    metrics.record_tokens("chat", Variant.CANARY, "chat", 12, 300)
     metrics.record_request("POST", 200, "/v1/", 0.25)
     metrics.record_request("BREW", 404, "", 0.001)
     metrics.record_reload("success")
@@ -128,7 +129,7 @@ def test_histogram_buckets_reach_llm_time_scales() -> None:
 
 def test_label_values_are_escaped() -> None:
     metrics = Metrics(0)
-    metrics.record_attempt('we"ird\\route', "stable", "v1", None, "ok", "", 0.1, None)
+    metrics.record_attempt('we"ird\\route', Variant.STABLE, "v1", None, "ok", "", 0.1, None)
     text = prometheus_text(metrics, Gauges({}, "v"))
     routes = {
         sample.labels.get("canary_route")
@@ -236,10 +237,10 @@ def test_known_methods_keep_their_name() -> None:
 
 def test_each_family_is_the_attempts_merged_by_its_own_labels() -> None:
     metrics = Metrics(0)
-    metrics.record_attempt("chat", "canary", "v2", "chat", "ok", "", 0.5, 0.1)
-    metrics.record_attempt("chat", "canary", "v2", "chat", "error", "502", 0.25, None)
-    metrics.record_attempt("chat", "canary", "v2", "chat", "cancelled", "", 0.125, None)
-    metrics.record_attempt("chat", "canary", "v2", None, "ok", "", 0.5, None)  # /v1/models
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "ok", "", 0.5, 0.1)
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "error", "502", 0.25, None)
+    metrics.record_attempt("chat", Variant.CANARY, "v2", "chat", "cancelled", "", 0.125, None)
+    metrics.record_attempt("chat", Variant.CANARY, "v2", None, "ok", "", 0.5, None)  # /v1/models
     values = samples(prometheus_text(metrics))
     backend = frozenset(
         {("canary_route", "chat"), ("canary_variant", "canary"), ("canary_backend", "v2")}

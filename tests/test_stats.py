@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from proxy.config.model import Variant
 from proxy.judge.stats import (
     CLUSTERS,
     USER_CANCELS,
@@ -22,24 +23,24 @@ from proxy.judge.stats import (
 def test_a_window_sums_the_slices_it_covers() -> None:
     stats = WindowStats(slice_s=5, retention_s=60)
     for second in range(30):
-        stats.record("chat", "canary", 1000.0 + second, 0.1, 0.02, None, 10)
-    stats.record("chat", "canary", 1029.0, 2.0, None, "timeout", None)
-    last_ten = stats.window("chat", "canary", 1020.0, 1029.9)
+        stats.record("chat", Variant.CANARY, 1000.0 + second, 0.1, 0.02, None, 10)
+    stats.record("chat", Variant.CANARY, 1029.0, 2.0, None, "timeout", None)
+    last_ten = stats.window("chat", Variant.CANARY, 1020.0, 1029.9)
     assert last_ten.requests == 11
     assert last_ten.errors == 1
     assert last_ten.errors_by_type == {"timeout": 1}
     assert last_ten.output_tokens == 100
     assert last_ten.error_rate == pytest.approx(1 / 11)
-    assert stats.window("chat", "stable", 1000.0, 1030.0).requests == 0
+    assert stats.window("chat", Variant.STABLE, 1000.0, 1030.0).requests == 0
 
 
 def test_old_slices_are_dropped_past_the_retention() -> None:
     stats = WindowStats(slice_s=1, retention_s=10)
     for second in range(100):
-        stats.record("chat", "stable", float(second), 0.1, None, None, None)
+        stats.record("chat", Variant.STABLE, float(second), 0.1, None, None, None)
     kept = list(stats.slices())
     assert len(kept) == 10
-    assert stats.window("chat", "stable", 0, 100).requests == 10
+    assert stats.window("chat", Variant.STABLE, 0, 100).requests == 10
 
 
 def test_summary_reads_quantiles_in_seconds() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.model import StateConfig, StateStoreKind
+from proxy.config.model import StateConfig, StateStoreKind, Variant
 from proxy.judge.analysis import CheckResult, Judgement, Verdict
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.stats import VariantStats
@@ -238,11 +238,13 @@ async def test_stats_from_two_sources_are_merged(connect: Connect) -> None:
     a_stable = variant_stats(400, 1, 0.4)
     async with connect() as one, connect() as two:
         await one.publish_stats(
-            "worker-1", [("chat", "canary", 10, a_canary), ("chat", "stable", 10, a_stable)], TTL_S
+            "worker-1",
+            [("chat", Variant.CANARY, 10, a_canary), ("chat", Variant.STABLE, 10, a_stable)],
+            TTL_S,
         )
-        await two.publish_stats("worker-2", [("chat", "canary", 10, b_canary)], TTL_S)
-        canary = await one.read_stats("chat", "canary", 10, 10)
-        stable = await two.read_stats("chat", "stable", 0, 100)
+        await two.publish_stats("worker-2", [("chat", Variant.CANARY, 10, b_canary)], TTL_S)
+        canary = await one.read_stats("chat", Variant.CANARY, 10, 10)
+        stable = await two.read_stats("chat", Variant.STABLE, 0, 100)
     assert (canary.requests, canary.errors) == (150, 5)
     assert canary.errors_by_type == {"timeout": 5}
     assert canary.output_tokens == 1500
@@ -258,58 +260,58 @@ async def test_stats_from_two_sources_are_merged(connect: Connect) -> None:
 async def test_republishing_a_slice_replaces_it(connect: Connect) -> None:
     async with connect() as store:
         await store.publish_stats(
-            "worker-1", [("chat", "canary", 7, variant_stats(10, 1, 1.0))], TTL_S
+            "worker-1", [("chat", Variant.CANARY, 7, variant_stats(10, 1, 1.0))], TTL_S
         )
         await store.publish_stats(
-            "worker-1", [("chat", "canary", 7, variant_stats(25, 4, 1.0))], TTL_S
+            "worker-1", [("chat", Variant.CANARY, 7, variant_stats(25, 4, 1.0))], TTL_S
         )
-        merged = await store.read_stats("chat", "canary", 7, 7)
+        merged = await store.read_stats("chat", Variant.CANARY, 7, 7)
     assert (merged.requests, merged.errors, merged.latency.count) == (25, 4, 25)
 
 
 async def test_only_slices_in_range_and_of_the_variant_are_read(connect: Connect) -> None:
     slices: list[StatsSlice] = [
-        ("chat", "canary", index, variant_stats(10 * (index - 9), 0, 0.1))
+        ("chat", Variant.CANARY, index, variant_stats(10 * (index - 9), 0, 0.1))
         for index in range(10, 15)
     ]
-    slices.append(("chat", "stable", 12, variant_stats(1000, 0, 0.1)))
-    slices.append(("embed", "canary", 12, variant_stats(1000, 0, 0.1)))
+    slices.append(("chat", Variant.STABLE, 12, variant_stats(1000, 0, 0.1)))
+    slices.append(("embed", Variant.CANARY, 12, variant_stats(1000, 0, 0.1)))
     async with connect() as store:
         await store.publish_stats("worker-1", slices, TTL_S)
         # Slices 11, 12 and 13 hold 20 + 30 + 40 requests.
-        window = await store.read_stats("chat", "canary", 11, 13)
+        window = await store.read_stats("chat", Variant.CANARY, 11, 13)
         assert window.requests == 90
-        assert (await store.read_stats("chat", "canary", 15, 20)).requests == 0
-        assert (await store.read_stats("chat", "canary", 14, 14)).requests == 50
+        assert (await store.read_stats("chat", Variant.CANARY, 15, 20)).requests == 0
+        assert (await store.read_stats("chat", Variant.CANARY, 14, 14)).requests == 50
 
 
 async def test_expired_slices_are_not_read(connect: Connect) -> None:
     async with connect() as store:
         await store.publish_stats(
-            "worker-1", [("chat", "canary", 1, variant_stats(10, 0, 0.1))], 0.1
+            "worker-1", [("chat", Variant.CANARY, 1, variant_stats(10, 0, 0.1))], 0.1
         )
         await store.publish_stats(
-            "worker-2", [("chat", "canary", 1, variant_stats(5, 0, 0.1))], TTL_S
+            "worker-2", [("chat", Variant.CANARY, 1, variant_stats(5, 0, 0.1))], TTL_S
         )
-        assert (await store.read_stats("chat", "canary", 1, 1)).requests == 15
+        assert (await store.read_stats("chat", Variant.CANARY, 1, 1)).requests == 15
         await asyncio.sleep(0.2)
         # Expired on its own: not read, even before anything else is written.
-        assert (await store.read_stats("chat", "canary", 1, 1)).requests == 5
+        assert (await store.read_stats("chat", Variant.CANARY, 1, 1)).requests == 5
         await store.publish_stats(
-            "worker-2", [("chat", "canary", 2, variant_stats(1, 0, 0.1))], TTL_S
+            "worker-2", [("chat", Variant.CANARY, 2, variant_stats(1, 0, 0.1))], TTL_S
         )
-        assert (await store.read_stats("chat", "canary", 1, 2)).requests == 6
+        assert (await store.read_stats("chat", Variant.CANARY, 1, 2)).requests == 6
 
 
 async def test_sqlite_deletes_expired_slices_on_the_next_write(db_path: str) -> None:
     store = SqliteStore(db_path)
     try:
-        one_slice = [("chat", "canary", 1, variant_stats(1, 0, 0.1))]
+        one_slice = [("chat", Variant.CANARY, 1, variant_stats(1, 0, 0.1))]
         await store.publish_stats("worker-1", one_slice, 0.1)
         await store.publish_stats("worker-2", one_slice, TTL_S)
         await asyncio.sleep(0.2)
         assert stored_rows(db_path) == 2  # expired, not read, still in the file
-        await store.publish_stats("worker-2", [("chat", "canary", 2, one_slice[0][3])], TTL_S)
+        await store.publish_stats("worker-2", [("chat", Variant.CANARY, 2, one_slice[0][3])], TTL_S)
         assert stored_rows(db_path) == 2  # worker-1's went, worker-2's second came
     finally:
         await store.close()

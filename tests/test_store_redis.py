@@ -18,7 +18,7 @@ import redis.asyncio
 import redis.exceptions
 from redis.exceptions import RedisClusterException
 
-from proxy.config.model import StateConfig, StateStoreKind
+from proxy.config.model import StateConfig, StateStoreKind, Variant
 from proxy.rollout.machine import RouteState
 from proxy.store import StatsSlice, open_store
 from proxy.store.redis import (
@@ -61,14 +61,14 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
 
 
 def every_call(store: RedisStore) -> dict[str, Callable[[], Awaitable[Any]]]:
-    one_slice = [("chat", "canary", 1, variant_stats(1, 0, 0.1))]
+    one_slice = [("chat", Variant.CANARY, 1, variant_stats(1, 0, 0.1))]
     return {
         "load_states": store.load_states,
         "compare_and_set": lambda: store.compare_and_set(route_state(), 0),
         "acquire_lease": lambda: store.acquire_lease("a", TTL_S),
         "release_lease": lambda: store.release_lease("a"),
         "publish_stats": lambda: store.publish_stats("worker-1", one_slice, TTL_S),
-        "read_stats": lambda: store.read_stats("chat", "canary", 0, 10),
+        "read_stats": lambda: store.read_stats("chat", Variant.CANARY, 0, 10),
         "heartbeat": lambda: store.heartbeat("host:1", {"config_version": "aaa"}, TTL_S),
         "processes": store.processes,
     }
@@ -91,10 +91,12 @@ async def test_every_key_is_under_the_prefix_and_the_shared_ones_expire(
 ) -> None:
     assert await store.compare_and_set(route_state(), 0) is not None
     assert await store.acquire_lease("a", 30.0)
-    await store.publish_stats("worker-1", [("chat", "canary", 7, variant_stats(3, 0, 0.1))], 20.0)
+    await store.publish_stats(
+        "worker-1", [("chat", Variant.CANARY, 7, variant_stats(3, 0, 0.1))], 20.0
+    )
     await store.heartbeat("host:1", {"config_version": "aaa"}, 10.0)
     keys = set(await raw.keys("*"))
-    slice_key = stats_key("chat", "canary", 7)
+    slice_key = stats_key("chat", Variant.CANARY, 7)
     assert slice_key == PREFIX + "{chat}:stats:canary:7"
     assert state_key("chat") == PREFIX + "{chat}:state"
     assert keys == {state_key("chat"), ROUTES_KEY, LEASE_KEY, PROCESSES_KEY, slice_key}
@@ -118,14 +120,14 @@ async def test_on_a_cluster_the_keys_of_a_route_share_one_slot(
         slices: list[StatsSlice] = [
             (route, variant, index, variant_stats(2, 1, 0.1))
             for route in ("chat", "search")
-            for variant in ("stable", "canary")
+            for variant in (Variant.STABLE, Variant.CANARY)
             for index in range(5)
         ]
         await store.publish_stats("worker-1", slices, TTL_S)
         await store.heartbeat("host:1", {"config_version": "aaa"}, TTL_S)
         assert await store.acquire_lease("a", TTL_S)
         assert set(await store.load_states()) == {"chat", "search"}
-        assert (await store.read_stats("search", "canary", 0, 4)).requests == 10
+        assert (await store.read_stats("search", Variant.CANARY, 0, 4)).requests == 10
     finally:
         await store.close()
     held = await asyncio.to_thread(redis_cluster.keys)
@@ -161,9 +163,13 @@ async def test_a_cluster_node_used_as_one_server_names_the_setting(
 async def test_a_slice_key_lives_as_long_as_its_longest_lived_source(
     store: RedisStore, raw: redis.asyncio.Redis
 ) -> None:
-    key = stats_key("chat", "canary", 1)
-    await store.publish_stats("worker-1", [("chat", "canary", 1, variant_stats(1, 0, 0.1))], 30.0)
-    await store.publish_stats("worker-2", [("chat", "canary", 1, variant_stats(1, 0, 0.1))], 0.1)
+    key = stats_key("chat", Variant.CANARY, 1)
+    await store.publish_stats(
+        "worker-1", [("chat", Variant.CANARY, 1, variant_stats(1, 0, 0.1))], 30.0
+    )
+    await store.publish_stats(
+        "worker-2", [("chat", Variant.CANARY, 1, variant_stats(1, 0, 0.1))], 0.1
+    )
     assert await raw.pttl(key) > 29_000  # the shorter write did not cut the longer one
     assert set(await raw.hkeys(key)) == {"worker-1", "worker-2"}
 
@@ -186,11 +192,11 @@ async def test_a_window_of_hundreds_of_slices_is_read_at_once(
 ) -> None:
     # Ten minutes of one-second slices from three workers.
     for worker in ("worker-1", "worker-2", "worker-3"):
-        slices = [("chat", "canary", index, variant_stats(2, 1, 0.1)) for index in range(600)]
+        slices = [("chat", Variant.CANARY, index, variant_stats(2, 1, 0.1)) for index in range(600)]
         await store.publish_stats(worker, slices, TTL_S)
-    await store.read_stats("chat", "canary", 0, 0)  # the script is loaded once
+    await store.read_stats("chat", Variant.CANARY, 0, 0)  # the script is loaded once
     before = await commands_served(raw)
-    window = await store.read_stats("chat", "canary", 0, 599)
+    window = await store.read_stats("chat", Variant.CANARY, 0, 599)
     # One round trip for 600 slice keys: a single script call (the server counts its
     # clock read and its reads too). Counted, not timed: a loaded machine cannot fail it.
     served = await commands_served(raw)

@@ -25,6 +25,8 @@ from typing import Final
 
 from multidict import CIMultiDict
 
+from proxy.config.model import Variant
+
 __all__ = [
     "REQUEST_ID",
     "VARIANT",
@@ -139,10 +141,14 @@ def request_head(
     return b"".join(lines)
 
 
+# Plain str for the header writer, and cheaper than an enum's `.value` per request.
+_VARIANT_NAMES: Final = {variant: variant.value for variant in Variant}
+
+
 def response_headers(
     upstream: Iterable[tuple[bytes, bytes]],
     *,
-    variant: str,
+    variant: Variant,
     request_id: str,
 ) -> CIMultiDict[str]:
     """The headers to send to the client for a backend response with `upstream` headers."""
@@ -158,7 +164,7 @@ def response_headers(
     if listed:
         kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
     out: CIMultiDict[str] = CIMultiDict(kept)
-    out[VARIANT] = variant
+    out[VARIANT] = _VARIANT_NAMES[variant]
     out[REQUEST_ID] = request_id
     return out
 

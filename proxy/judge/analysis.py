@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from proxy.config.model import QUANTILE_CHECKS, AutoRollout, Checks
+from proxy.config.model import QUANTILE_CHECKS, AutoRollout, Checks, Variant
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.sequential import (
     EProcess,
@@ -608,10 +608,13 @@ class _UserEffects:
     """The user-cluster design effect of each measure, per variant, read once."""
 
     def __init__(self, evidence: Evidence) -> None:
-        self._stats = {"canary": evidence.rollout_canary, "stable": evidence.rollout_stable}
+        self._stats = {
+            Variant.CANARY: evidence.rollout_canary,
+            Variant.STABLE: evidence.rollout_stable,
+        }
         self._cache: dict[tuple[str, str], float] = {}
 
-    def of(self, variant: str, metric: str) -> float:
+    def of(self, variant: Variant, metric: str) -> float:
         key = (variant, metric if metric in ("errors", "cancels") else "times")
         found = self._cache.get(key)
         if found is None:
@@ -620,10 +623,10 @@ class _UserEffects:
 
     def combined(self, metric: str, dispersion: float) -> float:
         """The canary's, with stable's in the share of the variance its estimate adds."""
-        canary = self.of("canary", metric)
+        canary = self.of(Variant.CANARY, metric)
         if dispersion <= 1.0:
             return canary
-        return (canary + (dispersion - 1.0) * self.of("stable", metric)) / dispersion
+        return (canary + (dispersion - 1.0) * self.of(Variant.STABLE, metric)) / dispersion
 
 
 def _user_effect(stats: VariantStats, metric: str) -> float:

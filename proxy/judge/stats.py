@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Final
 
+from proxy.config.model import Variant
 from proxy.judge.histogram import LogHistogram
 
 __all__ = [
@@ -310,7 +311,7 @@ class WindowStats:
     def __init__(self, slice_s: float = SLICE_S, retention_s: float = RETENTION_S) -> None:
         self.slice_s = slice_s
         self._keep = max(1, int(retention_s / slice_s))
-        self._rings: dict[tuple[str, str], deque[tuple[int, VariantStats]]] = {}
+        self._rings: dict[tuple[str, Variant], deque[tuple[int, VariantStats]]] = {}
 
     def keep_for(self, retention_s: float) -> None:
         """Hold slices this long from now on (at least a judgement interval, twice over)."""
@@ -323,7 +324,7 @@ class WindowStats:
     def record(
         self,
         route: str,
-        variant: str,
+        variant: Variant,
         now: float,
         latency_s: float,
         ttft_s: float | None,
@@ -336,10 +337,10 @@ class WindowStats:
             latency_s, ttft_s, error_type, output_tokens, cancelled, user
         )
 
-    def record_feedback(self, route: str, variant: str, now: float, negative: bool) -> None:
+    def record_feedback(self, route: str, variant: Variant, now: float, negative: bool) -> None:
         self.slice_for(route, variant, now).record_feedback(negative)
 
-    def slice_for(self, route: str, variant: str, now: float) -> VariantStats:
+    def slice_for(self, route: str, variant: Variant, now: float) -> VariantStats:
         """The current slice of a route's variant, started if need be."""
         index = int(now // self.slice_s)
         ring = self._rings.get((route, variant))
@@ -351,11 +352,11 @@ class WindowStats:
                 ring.popleft()
         return ring[-1][1]
 
-    def window(self, route: str, variant: str, since: float, until: float) -> VariantStats:
+    def window(self, route: str, variant: Variant, since: float, until: float) -> VariantStats:
         """The sum of the slices that overlap [since, until]."""
         return self.between(route, variant, self.slice_of(since), self.slice_of(until))
 
-    def between(self, route: str, variant: str, first: int, last: int) -> VariantStats:
+    def between(self, route: str, variant: Variant, first: int, last: int) -> VariantStats:
         """The sum of the slices numbered `first` to `last`, both included."""
         total = VariantStats()
         for index, stats in self._rings.get((route, variant), ()):
@@ -366,7 +367,7 @@ class WindowStats:
     def slice_of(self, epoch_s: float) -> int:
         return int(epoch_s // self.slice_s)
 
-    def slices(self) -> Iterator[tuple[str, str, int, VariantStats]]:
+    def slices(self) -> Iterator[tuple[str, Variant, int, VariantStats]]:
         """Every slice held: (route, variant, slice index, stats)."""
         for (route, variant), ring in self._rings.items():
             for index, stats in ring:

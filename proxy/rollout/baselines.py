@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from proxy.config.model import AutoRollout
+from proxy.config.model import AutoRollout, Variant
 from proxy.judge.analysis import Limit, LimitKind, limits_of
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.sequential import above
@@ -319,8 +319,8 @@ class _Truth:
                 stable = world.stable_rate(t)
                 actual = min(stable + scenario.canary_error_rate - scenario.stable_error_rate, 1.0)
             else:
-                stable = self.samples.share("stable", "cancels", None)
-                actual = self.samples.share("canary", "cancels", None)
+                stable = self.samples.share(Variant.STABLE, "cancels", None)
+                actual = self.samples.share(Variant.CANARY, "cancels", None)
             if limit.kind is LimitKind.MAX_INCREASE:
                 return min(stable + limit.value, 1.0), actual, events, trials
             return max(limit.value, stable), actual, events, trials
@@ -329,12 +329,12 @@ class _Truth:
         slower = world.slower(t)
         exceed = 1.0 - limit.quantile
         if limit.kind is LimitKind.MAX_RATIO:
-            stable_q = self.samples.quantile("stable", limit.metric, limit.quantile) * slower
+            stable_q = self.samples.quantile(Variant.STABLE, limit.metric, limit.quantile) * slower
             threshold = limit.value * stable_q
-            actual = self.samples.share("canary", limit.metric, threshold / slower)
+            actual = self.samples.share(Variant.CANARY, limit.metric, threshold / slower)
             return exceed, actual, above(histogram, threshold), float(histogram.count)
-        stable_share = self.samples.share("stable", limit.metric, limit.value / slower)
-        actual = self.samples.share("canary", limit.metric, limit.value / slower)
+        stable_share = self.samples.share(Variant.STABLE, limit.metric, limit.value / slower)
+        actual = self.samples.share(Variant.CANARY, limit.metric, limit.value / slower)
         return (
             max(exceed, stable_share),
             actual,

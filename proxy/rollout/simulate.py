@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
 
-from proxy.config.model import AutoRollout, Route
+from proxy.config.model import AutoRollout, Route, Variant
 from proxy.judge.analysis import judge, limits_of
 from proxy.judge.stats import VariantStats
 from proxy.rollout.baselines import Oracle, Usual, flagger_passes, kayenta_outcome
@@ -255,10 +255,12 @@ def _usual(auto: AutoRollout, world: World) -> Usual:
     samples = world.base_samples()
     rates = {
         "errors": world.usual_error_rate(),
-        "cancels": samples.share("stable", "cancels", None),
+        "cancels": samples.share(Variant.STABLE, "cancels", None),
     }
     quantiles = {
-        (limit.metric, limit.quantile): samples.quantile("stable", limit.metric, limit.quantile)
+        (limit.metric, limit.quantile): samples.quantile(
+            Variant.STABLE, limit.metric, limit.quantile
+        )
         for limit in limits_of(auto.checks)
         if limit.quantile is not None
     }

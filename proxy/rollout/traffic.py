@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from proxy.config.model import Variant
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.stats import CLUSTERS, VariantStats
 
@@ -355,7 +356,7 @@ class Samples:
     ) -> None:
         self._of = {"stable": stable, "canary": canary}
 
-    def share(self, variant: str, metric: str, threshold: float | None) -> float:
+    def share(self, variant: Variant, metric: str, threshold: float | None) -> float:
         """The share of a variant's requests above `threshold` (cancels: cancelled)."""
         import numpy as np
 
@@ -367,7 +368,7 @@ class Samples:
             return 0.0
         return float(1.0 - np.searchsorted(values, threshold, side="right") / len(values))
 
-    def quantile(self, variant: str, metric: str, q: float) -> float:
+    def quantile(self, variant: Variant, metric: str, q: float) -> float:
         import numpy as np
 
         values = self._of[variant][metric]

@@ -32,7 +32,7 @@ from typing import Final, Protocol
 from aiohttp import web
 
 from proxy import __version__
-from proxy.config.model import AutoRollout
+from proxy.config.model import AutoRollout, Variant
 from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
 from proxy.rollout.machine import (
     MAX_DECISIONS,
@@ -268,7 +268,7 @@ async def status_document(
                 },
                 "variants": {
                     variant: (await controller.window(route.name, variant, first, last)).summary()
-                    for variant in ("stable", "canary")
+                    for variant in (Variant.STABLE, Variant.CANARY)
                 },
             }
         )

@@ -154,7 +154,7 @@ class ProxyServer:
         return self.telemetry.stats
 
     def record_judgement(self, route: str, verdict: Verdict | None) -> None:
-        self.telemetry.record_judgement(route, verdict.value if verdict else "advance")
+        self.telemetry.record_judgement(route, verdict)
 
     def record_decision(self, route: str, decision: Decision) -> None:
         self.telemetry.record_decision(route, decision)

@@ -53,7 +53,7 @@ from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from proxy.config.fleet import disagreements, explain, shared_settings
-from proxy.config.model import Config, Route, StateStoreKind
+from proxy.config.model import Config, Route, StateStoreKind, Variant
 from proxy.judge.analysis import Evidence, Verdict
 from proxy.judge.stats import VariantStats, WindowStats
 from proxy.rollout.machine import Decision, OperatorAction, RouteState, Transition, on_operator
@@ -224,7 +224,7 @@ class Controller:
         """Whether the state store answers; None when no store is in use."""
         return None if self._store is None else self.store_down_since is None
 
-    async def window(self, route: str, variant: str, first: int, last: int) -> VariantStats:
+    async def window(self, route: str, variant: Variant, first: int, last: int) -> VariantStats:
         """A route variant's stats over slices [first, last], of every process.
 
         What this process published comes from the store with everyone else's; its
@@ -437,8 +437,8 @@ class Controller:
         if span is None or config is None or config.rollout.auto is None:
             return evidence
         return evidence.added(
-            await self.window(route, "canary", span.first, span.last),
-            await self.window(route, "stable", span.first, span.last),
+            await self.window(route, Variant.CANARY, span.first, span.last),
+            await self.window(route, Variant.STABLE, span.first, span.last),
             span.next,
             config.rollout.auto,
         )

@@ -56,6 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, NoScriptError, ResponseError
 
+from proxy.config.model import Variant
 from proxy.judge.stats import VariantStats
 from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
@@ -162,7 +163,7 @@ def state_key(route: str) -> str:
     return route_key(route, "state")
 
 
-def stats_key(route: str, variant: str, index: int) -> str:
+def stats_key(route: str, variant: Variant, index: int) -> str:
     """The hash of one route's variant's time slice."""
     return route_key(route, "stats", variant, index)
 
@@ -260,7 +261,7 @@ class RedisStore:
             )
 
     async def read_stats(
-        self, route: str, variant: str, first_slice: int, last_slice: int
+        self, route: str, variant: Variant, first_slice: int, last_slice: int
     ) -> VariantStats:
         keys = [stats_key(route, variant, index) for index in range(first_slice, last_slice + 1)]
         total = VariantStats()

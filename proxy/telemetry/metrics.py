@@ -69,6 +69,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from proxy.config.model import Variant
 from proxy.judge.histogram import EXPORT_BOUNDS_S, LogHistogram
 
 __all__ = [
@@ -437,7 +438,7 @@ class Metrics:
     def record_attempt(
         self,
         route: str,
-        variant: str,
+        variant: Variant,
         backend: str,
         operation: str | None,
         outcome: str,
@@ -475,7 +476,7 @@ class Metrics:
     def record_tokens(
         self,
         route: str,
-        variant: str,
+        variant: Variant,
         operation: str,
         input_tokens: int | None,
         output_tokens: int | None,
@@ -491,7 +492,7 @@ class Metrics:
             time_key = (route, variant, operation)
             self.token_time[time_key] = self.token_time.get(time_key, 0.0) + duration_s
 
-    def record_tpot(self, route: str, variant: str, backend: str, tpot_s: float) -> None:
+    def record_tpot(self, route: str, variant: Variant, backend: str, tpot_s: float) -> None:
         """The time per output token of one streamed attempt."""
         _add(self.attempt_tpot, (route, variant, backend), tpot_s, (), None)
 
@@ -513,7 +514,7 @@ class Metrics:
         key = (route, result)
         self.notifications[key] = self.notifications.get(key, 0) + 1
 
-    def record_feedback(self, route: str, variant: str, score: str) -> None:
+    def record_feedback(self, route: str, variant: Variant, score: str) -> None:
         key = (route, variant, score)
         self.feedback[key] = self.feedback.get(key, 0) + 1
 

@@ -47,6 +47,7 @@ from opentelemetry.trace import Tracer
 from proxy.apis.answer import AnswerFacts, read_facts, request_model
 from proxy.apis.streams import api_of
 from proxy.config.model import Config, Variant
+from proxy.judge.analysis import Verdict
 from proxy.judge.stats import RETENTION_S, WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
@@ -270,7 +271,7 @@ class Recorder:
         )
         path = exchange.path
         facts = read_facts(attempt.tail, api_of(path), attempt.head) if attempt.tail else None
-        variant = attempt.variant.value
+        variant = attempt.variant
         operation = operation_of(path)
         provider = self._providers.get(attempt.backend, PROVIDER)
         trace = exchange.trace
@@ -339,8 +340,8 @@ class Recorder:
         if served is None:
             return None
         route, variant = served
-        self.stats.record_feedback(route, variant.value, time.time(), score is Score.NEGATIVE)
-        self.metrics.record_feedback(route, variant.value, score.value)
+        self.stats.record_feedback(route, variant, time.time(), score is Score.NEGATIVE)
+        self.metrics.record_feedback(route, variant, score.value)
         return served
 
     def request_done(self, exchange: Exchange, status: int, now: float) -> None:
@@ -380,8 +381,9 @@ class Recorder:
 
     # --- the rollout controller ---------------------------------------------------------
 
-    def record_judgement(self, route: str, verdict: str) -> None:
-        self.metrics.record_decision(route, verdict)
+    def record_judgement(self, route: str, verdict: Verdict | None) -> None:
+        """Count a judgement (None: the first step, taken without one, counted as advance)."""
+        self.metrics.record_decision(route, verdict.value if verdict is not None else "advance")
 
     def record_decision(self, route: str, decision: Decision) -> None:
         """A span of its own for a rollout decision, with the reason as an event; the
