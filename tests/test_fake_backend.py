@@ -417,14 +417,13 @@ def test_stream_events_are_valid_openai_chunks(kind: Kind) -> None:
         assert token["choices"][0]["delta"] == {"content": "tok3 "}
         assert far_token["choices"][0]["delta"] == {"content": "tok5000 "}
         assert finish["choices"][0]["delta"] == {}
-        opening = events.opening()
-        assert opening is not None
+        (opening,) = events.opening()
         assert sse_data(opening)["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     else:
         assert token["object"] == "text_completion"
         assert token["choices"][0]["text"] == "tok3 "
         assert far_token["choices"][0]["text"] == "tok5000 "
-        assert events.opening() is None
+        assert events.opening() == []
 
 
 def test_completion_body_concatenates_the_stream_tokens() -> None:

@@ -53,10 +53,8 @@ from proxy.fake_backend.plan import (
     plan_request,
 )
 from proxy.fake_backend.wire import (
-    DONE_EVENT,
     GARBAGE_RESPONSE,
     JSON_GARBAGE_BODY,
-    STREAM_ERROR_EVENT,
     StreamEvents,
     completion_body,
     completion_id,
@@ -236,10 +234,8 @@ class FakeBackend:
 
     async def _perform(self, request: web.BaseRequest, action: Action) -> _Handled:
         match action:
-            case Generate(stream=True, shape=None):
-                return await self._stream(request, action)
             case Generate(stream=True):
-                return await self._api_stream(request, action)
+                return await self._stream(request, action)
             case Generate():
                 return await self._generate(request, action)
             case ErrorReply():
@@ -330,54 +326,31 @@ class FakeBackend:
         return web.Response()
 
     async def _stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
-        """Stream one SSE event per write: opening, tokens, finish, usage, [DONE]."""
-        response = web.StreamResponse(headers=self._sse_headers)
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        events = StreamEvents.for_request(
-            generate.kind,
-            completion_id(generate.kind, next(self._serials)),
-            int(time.time()),
-            self.options.model,
-        )
-        if generate.ttft_s > 0:
-            await asyncio.sleep(generate.ttft_s)
-        opening = events.opening()
-        if opening is not None:
-            await response.write(opening)
-        n_tokens = generate.n_tokens
-        if generate.cut_after is not None:
-            n_tokens = min(n_tokens, generate.cut_after)
-        await self._write_tokens(response, events, n_tokens, generate.token_interval_s)
-        if generate.cut_after is not None:
-            _close(request)
-            return response, Outcome.ABORTED
-        if generate.stream_error:
-            await response.write(STREAM_ERROR_EVENT)
-        elif not generate.no_done:
-            await response.write(events.finish(generate.finish_reason))
-            if generate.include_usage:
-                await response.write(events.usage(generate.prompt_tokens, generate.n_tokens))
-            await response.write(DONE_EVENT)
-        await response.write_eof()
-        return response, Outcome.COMPLETED
-
-    async def _api_stream(self, request: web.BaseRequest, generate: Generate) -> _Handled:
-        """Stream one event per write in the API's shape (`proxy.fake_backend.apis`)."""
+        """Stream one event per write in the request's API: opening, tokens, then its end
+        (or a failure event, or nothing when told to cut or to leave out the end)."""
         shape = generate.shape
-        assert shape is not None
-        headers = CIMultiDict(self._sse_headers)
-        headers[hdrs.CONTENT_TYPE] = shape.content_type
+        serial = next(self._serials)
+        if shape is None:
+            events: StreamEvents | ApiStream = StreamEvents.for_request(
+                generate.kind,
+                completion_id(generate.kind, serial),
+                int(time.time()),
+                self.options.model,
+            )
+            headers = self._sse_headers
+        else:
+            events = ApiStream(
+                shape,
+                f"{shape.value}-fake-{serial}",
+                int(time.time()),
+                self.options.model,
+                generate.prompt_tokens,
+            )
+            headers = CIMultiDict(self._sse_headers)
+            headers[hdrs.CONTENT_TYPE] = shape.content_type
         response = web.StreamResponse(headers=headers)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        events = ApiStream(
-            shape,
-            f"{shape.value}-fake-{next(self._serials)}",
-            int(time.time()),
-            self.options.model,
-            generate.prompt_tokens,
-        )
         if generate.ttft_s > 0:
             await asyncio.sleep(generate.ttft_s)
         for event in events.opening():
@@ -392,7 +365,12 @@ class FakeBackend:
         if generate.stream_error:
             await response.write(events.failure(n_tokens))
         elif not generate.no_done:
-            for event in events.end(n_tokens, generate.finish_reason):
+            if isinstance(events, StreamEvents):
+                usage = generate.prompt_tokens if generate.include_usage else None
+                ending = events.end(n_tokens, generate.finish_reason, usage)
+            else:
+                ending = events.end(n_tokens, generate.finish_reason)
+            for event in ending:
                 await response.write(event)
         await response.write_eof()
         return response, Outcome.COMPLETED

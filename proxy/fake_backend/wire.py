@@ -171,11 +171,11 @@ class StreamEvents:
         )
         return cls(kind, response_id, created, model, head, _TOKEN_TAILS[kind])
 
-    def opening(self) -> bytes | None:
-        """The event before the first token: the assistant role for chat, none for text."""
+    def opening(self) -> list[bytes]:
+        """The events before the first token: the assistant role for chat, none for text."""
         if self.kind is not Kind.CHAT:
-            return None
-        return self.head + b'"delta":{"role":"assistant","content":""}' + _TOKEN_TAIL_END
+            return []
+        return [self.head + b'"delta":{"role":"assistant","content":""}' + _TOKEN_TAIL_END]
 
     def token(self, index: int) -> bytes:
         """The event carrying token `index`."""
@@ -194,6 +194,20 @@ class StreamEvents:
             + _dumps(finish_reason)
             + b"}]}\n\n"
         )
+
+    def end(self, n_tokens: int, finish_reason: str, prompt_tokens: int | None) -> list[bytes]:
+        """The events after the last token: the finish, the usage when `prompt_tokens` is
+        given (`stream_options.include_usage`), then `[DONE]`."""
+        events = [self.finish(finish_reason)]
+        if prompt_tokens is not None:
+            events.append(self.usage(prompt_tokens, n_tokens))
+        events.append(DONE_EVENT)
+        return events
+
+    @staticmethod
+    def failure(n_tokens: int) -> bytes:
+        """The event by which the backend reports that the generation failed."""
+        return STREAM_ERROR_EVENT
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The `stream_options.include_usage` event: no choices, the usage."""
