@@ -253,28 +253,18 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
     config_weight = route.rollout.weight
     if auto is None:
         return _manual(state, route.name, config_weight, identity, now)
-    if state is None:
-        if config_weight > 0:
-            return _adopt(
-                state,
-                route.name,
-                auto,
-                config_weight,
-                config_weight,
-                identity,
-                now,
-                "the config's weight",
-            )
-        return _restart(
+    if state is None and config_weight > 0:
+        return _adopt(
             state,
             route.name,
             auto,
             config_weight,
+            config_weight,
             identity,
             now,
-            "a new canary starts at the first step",
+            "the config's weight",
         )
-    if state.canary != identity:
+    if state is None or state.canary != identity:
         return _restart(
             state,
             route.name,

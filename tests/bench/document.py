@@ -11,7 +11,7 @@ fleet", between `WORKERS_BEGIN` and `WORKERS_END`, written by `workers.py`, and
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -87,6 +87,14 @@ def _with_block(page: str, block: str, begin: str, end: str, after: str | None =
     if at < 0:
         return page.rstrip("\n") + "\n\n" + block
     return page[:at] + block + "\n" + page[at:]
+
+
+def write_block(output: Path, block: str, with_block: Callable[[str, str], str]) -> None:
+    """Put `block` into the page at `output` (made when missing) with `with_block`."""
+    page = output.read_text() if output.exists() else "# Benchmarks\n"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(with_block(page, block))
+    print(f"wrote {output}")
 
 
 def with_workers_block(page: str, block: str) -> str:

@@ -31,15 +31,13 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import textwrap
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Final
 
-from document import DOC, HOT_BEGIN, HOT_END, with_hot_block
+from document import DOC, HOT_BEGIN, HOT_END, with_hot_block, write_block
 from report import (
     Metric,
     Results,
@@ -60,7 +58,15 @@ from scenarios import (
     measure_streams,
     measure_throughput,
 )
-from system import Children, install_signal_exit, machine_info, positive_int, wait_until_quiet
+from system import (
+    Children,
+    machine_info,
+    output_argument,
+    output_of,
+    positive_int,
+    run_in_workdir,
+    wait_until_quiet,
+)
 from targets import LOAD_CORE, start_backend, start_target, use_before_tree
 
 __all__ = ["main"]
@@ -312,16 +318,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--before", type=Path, metavar="TREE", help="also run canary-proxy from this source tree"
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="the page to write the section into (default docs/benchmarks.md; "
-        "nothing after --quick unless given)",
-    )
-    args = parser.parse_args(argv)
-    if args.output is None and not args.quick:
-        args.output = DOC
-    return args
+    output_argument(parser, DOC)
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -333,23 +331,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before is not None:
         use_before_tree(args.before)
         names.append(BEFORE)
-    install_signal_exit()
     os.sched_setaffinity(0, {LOAD_CORE})
-    started = datetime.now().astimezone()
-    clock = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="canary-bench-hot-") as tmp:
-            results = run(names, settings, Path(tmp))
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process the benchmark started has been stopped")
+    done = run_in_workdir("canary-bench-hot-", lambda workdir: run(names, settings, workdir))
+    if done is None:
         return 130
-    text = section(results, settings, started, time.monotonic() - clock)
+    results = done.value
+    text = section(results, settings, done.started, done.elapsed_s)
     print()
     print(text)
-    if args.output is not None:
-        page = args.output.read_text() if args.output.exists() else "# Benchmarks\n"
-        args.output.write_text(with_hot_block(page, text))
-        print(f"wrote {args.output}")
+    if (output := output_of(args, DOC)) is not None:
+        write_block(output, text, with_hot_block)
     return 1 if any(result.failures for result in results.values()) else 0
 
 

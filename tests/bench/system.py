@@ -20,12 +20,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "CLOCK_TICKS_PER_S",
@@ -111,6 +116,45 @@ def install_signal_exit() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _raise)
+
+
+def run_in_workdir(prefix: str, work: Callable[[Path], T]) -> Timed[T] | None:
+    """Run `work` in a fresh temporary folder, with SIGTERM/SIGHUP unwinding like Ctrl-C;
+    None when interrupted (every process the benchmark started is stopped by then)."""
+    install_signal_exit()
+    started = datetime.now().astimezone()
+    clock = time.monotonic()
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            value = work(Path(tmp))
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process the benchmark started has been stopped")
+        return None
+    return Timed(value, started, time.monotonic() - clock)
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    """What a benchmark's work returned, when it began, and how long it took."""
+
+    value: T
+    started: datetime
+    elapsed_s: float
+
+
+def output_argument(parser: argparse.ArgumentParser, default: Path) -> None:
+    """`--output PATH`: the page to write into (`default` after a full run; nothing after
+    --quick unless given). Read it with `output_of`."""
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help=f"put the section into this page (default: {default.name} after a full run; "
+        "nothing after --quick)",
+    )
+
+
+def output_of(args: argparse.Namespace, default: Path) -> Path | None:
+    return args.output if args.output is not None or args.quick else default
 
 
 # --- /proc -------------------------------------------------------------------------------

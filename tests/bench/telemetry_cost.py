@@ -49,7 +49,6 @@ import dataclasses
 import os
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Sequence
@@ -59,7 +58,7 @@ from pathlib import Path
 from typing import Final
 
 import scenarios
-from document import DOC, TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block
+from document import DOC, TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block, write_block
 from otlp_sink import SinkCounts
 from report import BEFORE_AIM, TELEMETRY_AIMS, markdown_table
 from scenarios import THROUGHPUT_CONNECTIONS, MeasurementError, measure_streams, wrk_post
@@ -67,10 +66,12 @@ from stream_client import SETTLE_S, TAIL_S
 from system import (
     Children,
     cpu_seconds,
-    install_signal_exit,
     machine_info,
+    output_argument,
+    output_of,
     positive_int,
     process_tree,
+    run_in_workdir,
     scrub_paths,
     wait_until_quiet,
 )
@@ -640,16 +641,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="also run the telemetry targets from this source tree (the code before a "
         "change, e.g. `git archive main | tar -x -C TREE`), side by side",
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="put the section into this page (default: docs/benchmarks.md after a full "
-        "run; nothing after --quick)",
-    )
-    args = parser.parse_args(argv)
-    if args.output is None and not args.quick:
-        args.output = DOC
-    return args
+    output_argument(parser, DOC)
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -660,28 +653,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.before is not None:
         use_before_tree(args.before)
         NAMES.extend(BEFORE_RATIOS)
-    install_signal_exit()
     os.sched_setaffinity(0, {LOAD_CORE})
-    started = datetime.now().astimezone()
-    clock = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="canary-bench-telemetry-") as tmp:
-            requests = run_requests(settings, Path(tmp))
-            streams = run_streams(settings, Path(tmp))
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process the benchmark started has been stopped")
+    done = run_in_workdir(
+        "canary-bench-telemetry-",
+        lambda workdir: (run_requests(settings, workdir), run_streams(settings, workdir)),
+    )
+    if done is None:
         return 130
-    elapsed_s = time.monotonic() - clock
+    requests, streams = done.value
     machine = machine_info()
     machine = {key: machine[key] for key in ("CPU", "cores", "kernel", "Python")}
-    text = section(requests, streams, settings, machine, started, elapsed_s)
+    text = section(requests, streams, settings, machine, done.started, done.elapsed_s)
     print()
     print(text)
-    if args.output is not None:
-        page = args.output.read_text() if args.output.exists() else "# Benchmarks\n"
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(with_telemetry_block(page, text))
-        print(f"wrote {args.output}")
+    if (output := output_of(args, DOC)) is not None:
+        write_block(output, text, with_telemetry_block)
     return 1 if requests.failures or streams.failures else 0
 
 

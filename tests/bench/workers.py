@@ -43,7 +43,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from document import DOC, WORKERS_BEGIN, WORKERS_END, with_workers_block
+from document import DOC, WORKERS_BEGIN, WORKERS_END, with_workers_block, write_block
 from report import markdown_table
 from scenarios import MeasurementError
 from system import (
@@ -61,10 +60,12 @@ from system import (
     CoreTimes,
     cpu_seconds,
     free_port,
-    install_signal_exit,
     machine_info,
+    output_argument,
+    output_of,
     positive_int,
     process_tree,
+    run_in_workdir,
     scrub_paths,
     wait_for_port,
     wait_until_quiet,
@@ -805,16 +806,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=positive_int, metavar="N", help="default 3, 1 with --quick"
     )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        help="put the section into this page (default: docs/benchmarks.md after a full "
-        "run; nothing after --quick)",
-    )
-    args = parser.parse_args(argv)
-    if args.output is None and not args.quick:
-        args.output = DOC
-    return args
+    output_argument(parser, DOC)
+    return parser.parse_args(argv)
 
 
 def _run(
@@ -868,27 +861,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = QUICK if args.quick else FULL
     if args.rounds is not None:
         settings = dataclasses.replace(settings, rounds=args.rounds)
-    install_signal_exit()
-    started = datetime.now().astimezone()
-    clock = time.monotonic()
-    try:
-        with tempfile.TemporaryDirectory(prefix="canary-bench-workers-") as tmp:
-            runs, propagation, failures = _run(settings, Path(tmp))
-    except KeyboardInterrupt:
-        print("\ninterrupted: every process the benchmark started has been stopped")
+    done = run_in_workdir("canary-bench-workers-", lambda workdir: _run(settings, workdir))
+    if done is None:
         return 130
-    elapsed_s = time.monotonic() - clock
+    runs, propagation, failures = done.value
     machine = machine_info()
     machine = {key: machine[key] for key in ("CPU", "cores", "kernel", "Python", "wrk")}
     machine["redis-server"] = _redis_version()
-    text = section(runs, propagation, failures, settings, machine, started, elapsed_s)
+    text = section(runs, propagation, failures, settings, machine, done.started, done.elapsed_s)
     print()
     print(text)
-    if args.output is not None:
-        page = args.output.read_text() if args.output.exists() else "# Benchmarks\n"
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(with_workers_block(page, text))
-        print(f"wrote {args.output}")
+    if (output := output_of(args, DOC)) is not None:
+        write_block(output, text, with_workers_block)
     return 1 if failures else 0
 
 
