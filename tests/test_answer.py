@@ -46,6 +46,33 @@ def test_facts_of_a_json_answer() -> None:
     assert facts.model == "llama-3.1-8b"
 
 
+def test_usage_only_reads_the_usage_and_nothing_else() -> None:
+    facts = read_facts(CHUNK + FINISH + USAGE + DONE, usage_only=True)
+    assert (facts.input_tokens, facts.output_tokens) == (3, 9)
+    assert (facts.finish_reasons, facts.model) == ((), None)
+
+
+def test_the_last_usage_is_the_last_that_has_a_value() -> None:
+    """Found from the end: a later key without a number does not hide an earlier one."""
+    tail = USAGE + b'data: {"model":null,"usage":{"prompt_tokens":null}}\n\n' + DONE
+    facts = read_facts(tail)
+    assert (facts.input_tokens, facts.output_tokens, facts.model) == (3, 9, "m1")
+    later = USAGE.replace(b":3", b":30").replace(b":9,", b":90,").replace(b":9}", b":90}")
+    assert (read_facts(USAGE + later).input_tokens, read_facts(USAGE + later).output_tokens) == (
+        30,
+        90,
+    )
+
+
+def test_the_usage_at_the_end_of_a_long_answer() -> None:
+    vectors = [{"index": i, "embedding": [0.125] * 1536} for i in range(4)]
+    body = json.dumps(
+        {"data": vectors, "model": "embed-v2", "usage": {"prompt_tokens": 40, "total_tokens": 40}}
+    ).encode()
+    facts = read_facts(body)
+    assert (facts.input_tokens, facts.output_tokens, facts.model) == (40, None, "embed-v2")
+
+
 def test_an_answer_that_says_nothing_has_no_facts() -> None:
     facts = read_facts(b"<html>oops</html>")
     assert (facts.input_tokens, facts.output_tokens, facts.finish_reasons, facts.model) == (

@@ -30,12 +30,21 @@ from proxy.apis.streams import Api
 __all__ = ["AnswerFacts", "read_facts", "request_model"]
 
 
-def _count(name: str) -> re.Pattern[bytes]:
-    return re.compile(rb'"%s"\s*:\s*(\d{1,12})' % name.encode())
+class _Key(NamedTuple):
+    """A pattern for one key's value; the pattern begins with the key's `literal`."""
+
+    literal: bytes
+    pattern: re.Pattern[bytes]
 
 
-def _word(name: str, length: int = 64) -> re.Pattern[bytes]:
-    return re.compile(rb'"%s"\s*:\s*"([^"\\]{1,%d})"' % (name.encode(), length))
+def _count(name: str) -> _Key:
+    literal = b'"%s"' % name.encode()
+    return _Key(literal, re.compile(rb"%s\s*:\s*(\d{1,12})" % literal))
+
+
+def _word(name: str, length: int = 64) -> _Key:
+    literal = b'"%s"' % name.encode()
+    return _Key(literal, re.compile(rb'%s\s*:\s*"([^"\\]{1,%d})"' % (literal, length)))
 
 
 _FINISH_REASON: Final = _word("finish_reason")
@@ -45,11 +54,13 @@ _INPUT_TOKENS: Final = _count("input_tokens")
 _OUTPUT_TOKENS: Final = _count("output_tokens")
 # A Responses object's own status: the first one after `"object":"response"`, not an
 # output item's.
-_RESPONSE_STATUS: Final = re.compile(
-    rb'"object"\s*:\s*"response"[^{}]*?"status"\s*:\s*"(\w{1,32})"'
+_RESPONSE_STATUS: Final = _Key(
+    b'"object"',
+    re.compile(rb'"object"\s*:\s*"response"[^{}]*?"status"\s*:\s*"(\w{1,32})"'),
 )
-_INCOMPLETE_REASON: Final = re.compile(
-    rb'"incomplete_details"\s*:\s*\{\s*"reason"\s*:\s*"([^"\\]{1,64})"'
+_INCOMPLETE_REASON: Final = _Key(
+    b'"incomplete_details"',
+    re.compile(rb'"incomplete_details"\s*:\s*\{\s*"reason"\s*:\s*"([^"\\]{1,64})"'),
 )
 
 
@@ -57,9 +68,9 @@ class _Fields(NamedTuple):
     """Where one API says its usage and finish; `input_first`: the input count is the
     first one of the answer (sent at its start), not the last."""
 
-    input_tokens: re.Pattern[bytes] | None
-    output_tokens: re.Pattern[bytes]
-    finish: re.Pattern[bytes] | None
+    input_tokens: _Key | None
+    output_tokens: _Key
+    finish: _Key | None
     input_first: bool = False
 
 
@@ -95,29 +106,37 @@ class AnswerFacts:
         self.model = model
 
 
-def read_facts(tail: bytes, api: Api = Api.OPENAI, head: bytes = b"") -> AnswerFacts:
+def read_facts(
+    tail: bytes, api: Api = Api.OPENAI, head: bytes = b"", *, usage_only: bool = False
+) -> AnswerFacts:
     """Usage, finish reasons and model of an answer of `api` (JSON, SSE or NDJSON), from
-    its last bytes and, for what an API sends first, its first chunk `head`."""
+    its last bytes and, for what an API sends first, its first chunk `head`; with
+    `usage_only`, the usage alone (no finish reasons, no model)."""
     fields = _FIELDS[api]
     first = head + tail if fields.input_first else tail
     prompt = None
     if fields.input_tokens is not None:
-        found = fields.input_tokens.search(first) if fields.input_first else None
+        found = fields.input_tokens.pattern.search(first) if fields.input_first else None
         prompt = found.group(1) if found is not None else _last(fields.input_tokens, tail)
     completion = _last(fields.output_tokens, tail)
+    input_tokens = int(prompt) if prompt is not None else None
+    output_tokens = int(completion) if completion is not None else None
+    if usage_only:
+        return AnswerFacts(input_tokens, output_tokens)
     if fields.finish is not None:
-        reasons = tuple(dict.fromkeys(m.decode() for m in fields.finish.findall(tail)))
+        found_reasons = fields.finish.pattern.findall(tail)
+        reasons = tuple(dict.fromkeys(m.decode() for m in found_reasons))
     else:  # Responses: the response's status, or why it is incomplete
         why = _last(_INCOMPLETE_REASON, tail) or _last(_RESPONSE_STATUS, tail)
         reasons = (why.decode(),) if why is not None else ()
     if fields.input_first:  # the model is said first as well
-        found = _MODEL.search(first)
+        found = _MODEL.pattern.search(first)
         model = found.group(1) if found is not None else None
     else:
         model = _last(_MODEL, tail)
     return AnswerFacts(
-        int(prompt) if prompt is not None else None,
-        int(completion) if completion is not None else None,
+        input_tokens,
+        output_tokens,
         reasons,
         model.decode(errors="replace") if model is not None else None,
     )
@@ -125,11 +144,20 @@ def read_facts(tail: bytes, api: Api = Api.OPENAI, head: bytes = b"") -> AnswerF
 
 def request_model(body: bytes) -> tuple[str | None, bool]:
     """The "model" and "stream" a raw JSON request body asks for."""
-    match = _MODEL.search(body)
+    match = _MODEL.pattern.search(body)
     model = match.group(1).decode(errors="replace") if match is not None else None
     return model, _STREAM.search(body) is not None
 
 
-def _last(pattern: re.Pattern[bytes], data: bytes) -> bytes | None:
-    found = pattern.findall(data)
-    return found[-1] if found else None
+def _last(key: _Key, data: bytes) -> bytes | None:
+    """The group of `key`'s last match in `data`, looked for from the end: the last
+    match starts at the last occurrence of the key's literal that begins one (an
+    answer's last bytes are most of a JSON answer, and its usage comes last)."""
+    literal, pattern = key
+    end = len(data)
+    while (at := data.rfind(literal, 0, end)) >= 0:
+        match = pattern.match(data, at)
+        if match is not None:
+            return match.group(1)
+        end = at
+    return None

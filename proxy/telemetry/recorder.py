@@ -270,12 +270,19 @@ class Recorder:
             else None
         )
         path = exchange.path
-        facts = read_facts(attempt.tail, api_of(path), attempt.head) if attempt.tail else None
+        trace = exchange.trace
+        span_id = attempt.span_id
+        # Finish reasons and model go only into a span: an untraced answer is read for
+        # its usage alone.
+        usage_only = trace is None or span_id is None
+        facts = (
+            read_facts(attempt.tail, api_of(path), attempt.head, usage_only=usage_only)
+            if attempt.tail
+            else None
+        )
         variant = attempt.variant
         operation = operation_of(path)
         provider = self._providers.get(attempt.backend, PROVIDER)
-        trace = exchange.trace
-        span_id = attempt.span_id
         tpot_s = None
         if ttft_s is not None and facts is not None and first_byte_at is not None:
             output_tokens = facts.output_tokens
