@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from multidict import CIMultiDict
+
 from proxy.config.model import Variant
 from proxy.http.headers import request_head, response_headers
 
@@ -117,7 +119,7 @@ def test_response_headers_strip_hop_by_hop_and_add_variant() -> None:
         (b"x-request-id", b"backend-id"),
         (b"X-Name", "caf\u00e9".encode()),
     ]
-    out = response_headers(upstream, variant=Variant.CANARY, request_id="rid-9")
+    out = CIMultiDict(response_headers(upstream, variant=Variant.CANARY, request_id="rid-9"))
     assert out.getall("Set-Cookie") == ["a=1", "b=2"]
     assert out["Content-Type"] == "text/event-stream"
     assert out["x-canary-variant"] == "canary"
@@ -143,5 +145,35 @@ def test_without_a_peer_or_a_forwarded_for_there_is_no_forwarded_for() -> None:
 
 
 def test_a_response_header_that_is_not_utf8_passes_byte_for_byte_as_latin1() -> None:
-    out = response_headers([(b"X-Name", b"caf\xe9 \xff")], variant=Variant.STABLE, request_id="r")
+    out = dict(
+        response_headers([(b"X-Name", b"caf\xe9 \xff")], variant=Variant.STABLE, request_id="r")
+    )
     assert out["X-Name"].encode("latin-1") == b"caf\xe9 \xff"
+
+
+def test_the_proxys_extra_response_headers_replace_a_backends() -> None:
+    upstream = [(b"X-Canary-Fallback", b"backend-said"), (b"X-Other", b"1")]
+    out = response_headers(
+        upstream, variant=Variant.STABLE, request_id="r", extra={"x-canary-fallback": "timeout"}
+    )
+    assert out == [
+        ("X-Other", "1"),
+        ("x-canary-fallback", "timeout"),
+        ("x-canary-variant", "stable"),
+        ("x-request-id", "r"),
+    ]
+
+
+def test_a_header_named_by_connection_is_dropped_wherever_it_stands() -> None:
+    raw = lines(
+        head(
+            (b"X-Before", b"1"),
+            (b"Keep", b"2"),
+            (b"Connection", b"x-before, keep-alive"),
+            (b"Connection", b"X-After"),
+            (b"X-After", b"3"),
+        )
+    )
+    assert [line for line in raw if line.startswith((b"X-Before", b"X-After", b"Keep"))] == [
+        b"Keep: 2"
+    ]

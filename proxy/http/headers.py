@@ -20,10 +20,8 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Final
-
-from multidict import CIMultiDict
 
 from proxy.config.model import Variant
 
@@ -92,53 +90,67 @@ def request_head(
         traceparent: the W3C trace context for the backend, in place of the client's.
         x_api_key: `api_key` goes in an `x-api-key` header (Anthropic), not as a bearer.
     """
-    kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
-    listed: set[bytes] = set()
+    # One pass, writing the kept headers as it goes, and one join at the end: the head
+    # is built for every request. A Connection header that names other headers (rare)
+    # sends the kept ones through a second pass (`_without_listed`).
+    parts = [method.encode(), b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    kept_from = len(parts)
+    listed: set[bytes] | None = None
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = client_host = None
+    drop_auth = api_key is not None
     for name, value in raw_headers:
         lowered = name.lower()
         if lowered not in _NOT_FORWARDED:
-            if not lowered.startswith(b"proxy-"):
-                kept.append((lowered, name, value))
+            if lowered.startswith(b"proxy-") or (drop_auth and lowered in _CREDENTIALS):
+                continue
+            if traceparent is not None and lowered == b"traceparent":
+                continue
+            parts += (name, b": ", value, b"\r\n")
         elif lowered == b"x-forwarded-for":
             forwarded_for.append(value)
         elif lowered == b"host":
             client_host = value
         elif lowered == b"connection":
-            listed.update(token.strip().lower() for token in value.split(b","))
+            tokens = {token.strip().lower() for token in value.split(b",")}
+            listed = tokens if listed is None else listed | tokens
         elif lowered == b"x-forwarded-proto":
             forwarded_proto = value
         elif lowered == b"x-forwarded-host":
             forwarded_host = value
-    listed -= _CONNECTION_OPTIONS
-    drop_auth = api_key is not None
-    if traceparent is not None:
-        listed.add(b"traceparent")
-    lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method.encode(), target, host)]
-    for lowered, name, value in kept:
-        if (listed and lowered in listed) or (drop_auth and lowered in _CREDENTIALS):
-            continue
-        lines.append(b"%s: %s\r\n" % (name, value))
+    if listed is not None:
+        listed -= _CONNECTION_OPTIONS
+        if listed:
+            parts[kept_from:] = _without_listed(parts[kept_from:], listed)
     if peer:
         forwarded_for.append(peer.encode())
     if forwarded_for:
-        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+        parts += (b"X-Forwarded-For: ", b", ".join(forwarded_for), b"\r\n")
     proto = (forwarded_proto if peer_trusted else None) or scheme.encode()
-    lines.append(b"X-Forwarded-Proto: %s\r\n" % proto)
+    parts += (b"X-Forwarded-Proto: ", proto, b"\r\n")
     forwarded = (forwarded_host if peer_trusted else None) or client_host
     if forwarded:
-        lines.append(b"X-Forwarded-Host: %s\r\n" % forwarded)
+        parts += (b"X-Forwarded-Host: ", forwarded, b"\r\n")
     if api_key is not None:
-        key_line = b"x-api-key: %s\r\n" if x_api_key else b"Authorization: Bearer %s\r\n"
-        lines.append(key_line % api_key.encode())
-    lines.append(b"x-request-id: %s\r\n" % request_id.encode())
+        parts += (b"x-api-key: " if x_api_key else b"Authorization: Bearer ", api_key.encode())
+        parts.append(b"\r\n")
+    parts += (b"x-request-id: ", request_id.encode(), b"\r\n")
     if traceparent is not None:
-        lines.append(b"traceparent: %s\r\n" % traceparent.encode())
+        parts += (b"traceparent: ", traceparent.encode(), b"\r\n")
     if content_length is not None:
-        lines.append(b"Content-Length: %d\r\n" % content_length)
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        parts.append(b"Content-Length: %d\r\n" % content_length)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def _without_listed(kept: list[bytes], listed: set[bytes]) -> list[bytes]:
+    """The kept header parts (name, ": ", value, CRLF; four each) less the headers a
+    Connection header named."""
+    out: list[bytes] = []
+    for at in range(0, len(kept), 4):
+        if kept[at].lower() not in listed:
+            out += kept[at : at + 4]
+    return out
 
 
 # Plain str for the header writer, and cheaper than an enum's `.value` per request.
@@ -150,23 +162,29 @@ def response_headers(
     *,
     variant: Variant,
     request_id: str,
-) -> CIMultiDict[str]:
-    """The headers to send to the client for a backend response with `upstream` headers."""
+    extra: Mapping[str, str] | None = None,
+) -> list[tuple[str, str]]:
+    """The headers to send to the client for a backend response with `upstream` headers,
+    and `extra` ones of the proxy's; as pairs, which aiohttp's response takes as they are."""
     kept: list[tuple[str, str]] = []
-    listed: set[bytes] = set()
+    listed: set[bytes] | None = None
     for name, value in upstream:
         lowered = name.lower()
         if lowered == b"connection":
-            listed.update(token.strip().lower() for token in value.split(b","))
+            tokens = {token.strip().lower() for token in value.split(b",")}
+            listed = tokens if listed is None else listed | tokens
         elif lowered not in _NOT_RETURNED and not lowered.startswith(b"proxy-"):
             kept.append((_text(name), _text(value)))
-    listed -= _CONNECTION_OPTIONS
-    if listed:
-        kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
-    out: CIMultiDict[str] = CIMultiDict(kept)
-    out[VARIANT] = _VARIANT_NAMES[variant]
-    out[REQUEST_ID] = request_id
-    return out
+    if listed is not None:
+        listed -= _CONNECTION_OPTIONS
+        if listed:
+            kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
+    if extra:
+        names = {name.lower() for name in extra}
+        kept = [(name, value) for name, value in kept if name.lower() not in names]
+        kept += extra.items()
+    kept += ((VARIANT, _VARIANT_NAMES[variant]), (REQUEST_ID, request_id))
+    return kept
 
 
 def _text(raw: bytes) -> str:

@@ -91,9 +91,12 @@ async def relay(
     head = opened.head
     watch = opened.watch
     attempt = opened.attempt
-    headers = response_headers(head.headers, variant=attempt.variant, request_id=opened.request_id)
-    if opened.extra_headers:
-        headers.update(opened.extra_headers)
+    headers = response_headers(
+        head.headers,
+        variant=attempt.variant,
+        request_id=opened.request_id,
+        extra=opened.extra_headers,
+    )
     sse = head.content_type is not None and head.content_type.startswith(_STREAM_TYPES)
     attempt.event_stream = sse
     first = opened.first
