@@ -254,7 +254,9 @@ def test_heavy_users_at_the_limit_are_rarely_rejected_with_the_user_design_effec
             errors = rng.binomial(counts, propensity)
             totals += np.column_stack([counts, errors])
             test = test.added(float(errors.sum()), float(counts.sum()), rate)
-            effect = max(test.design_effect(), proportion_design_effect(map(tuple, totals)))
+            effect = max(
+                test.design_effect(), proportion_design_effect((t, e) for t, e in totals.tolist())
+            )
             hit_with = hit_with or test.log_e_value(effect) >= THRESHOLD
             hit_without = hit_without or test.log_e_value(test.design_effect()) >= THRESHOLD
         rejected_with += hit_with
