@@ -31,7 +31,7 @@ from proxy.config import (
     summarize,
 )
 from proxy.config.grammar import parse_duration, parse_window
-from proxy.config.model import ErrorRateCheck, LatencyCheck
+from proxy.config.model import ErrorRateCheck, LatencyCheck, RatioCheck
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "example.yaml"
 V1_KEY = "sk-test-0123456789abcdefSECRET"
@@ -130,6 +130,8 @@ def test_example_parses_and_keeps_every_value() -> None:
     assert auto.checks.cancel_rate == ErrorRateCheck(max=None, max_increase=0.02)
     assert auto.checks.latency_p99 == LatencyCheck(max_s=None, max_ratio=1.5)
     assert auto.checks.tpot_p95 == LatencyCheck(max_s=None, max_ratio=1.3)
+    assert auto.checks.feedback_negative_rate == ErrorRateCheck(max=None, max_increase=0.05)
+    assert auto.checks.output_tokens_ratio == RatioCheck(max=1.5)
     assert [name for name, _ in auto.checks.quantiles()] == [
         "latency_p95",
         "latency_p99",
@@ -196,6 +198,19 @@ def test_every_quantile_check_reads_both_limits(name: str, percent: int) -> None
     assert getattr(auto.checks, key) == LatencyCheck(max_s=1.5, max_ratio=1.1)
     assert auto.checks.quantiles() == [(key, LatencyCheck(max_s=1.5, max_ratio=1.1))]
     assert auto.checks.rates() == []
+
+
+def test_feedback_and_output_token_checks_are_read() -> None:
+    route = (
+        "rollout: {auto: {steps: [50], checks: {feedback_negative_rate: {max_increase: 0.05}, "
+        "output_tokens_ratio: {max: 1.5}}}}"
+    )
+    auto = parse_config(config(route=route), environ={}).routes[0].rollout.auto
+    assert auto is not None
+    assert auto.checks.rates() == [
+        ("feedback_negative_rate", ErrorRateCheck(max=None, max_increase=0.05))
+    ]
+    assert auto.checks.ratios() == [("output_tokens_ratio", RatioCheck(max=1.5))]
 
 
 def test_auto_rollout_defaults() -> None:
@@ -591,6 +606,18 @@ BAD_CASES = [
      "routes[0].rollout.auto.checks.cancel_rate.max: must be at most 1, got 2"),
     (config(route="rollout: {auto: {steps: [50], checks: {cancel_rate: {}}}}"),
      "routes[0].rollout.auto.checks.cancel_rate: needs max, max_increase or both"),
+    (config(route="rollout: {auto: {steps: [50], checks: {feedback_negative_rate: {}}}}"),
+     "routes[0].rollout.auto.checks.feedback_negative_rate: needs max, max_increase or both"),
+    (config(route="rollout: {auto: {steps: [50], checks: {output_tokens_ratio: {}}}}"),
+     "routes[0].rollout.auto.checks.output_tokens_ratio.max: is required"),
+    (config(route="rollout: {auto: {steps: [50], checks: {output_tokens_ratio: {max: 0}}}}"),
+     "routes[0].rollout.auto.checks.output_tokens_ratio.max: must be greater than 0, got 0"),
+    (config(route="rollout: {auto: {steps: [50], checks: {output_tokens_ratio: 1.5}}}"),
+     "routes[0].rollout.auto.checks.output_tokens_ratio: must be a mapping"),
+    (config(route="rollout: {auto: {steps: [50], checks: {output_tokens_ratio: "
+            "{max_ratio: 2}}}}"),
+     "routes[0].rollout.auto.checks.output_tokens_ratio.max_ratio: unknown key 'max_ratio' "
+     "(expected one of: max)"),
     (config(route="rollout: {auto: {steps: [50], checks: {ttft_p50: {max: 1s, min: 0}}}}"),
      "routes[0].rollout.auto.checks.ttft_p50.min: unknown key 'min' (expected one of: max, "
      "max_ratio)"),

@@ -86,7 +86,7 @@ def test_options_defaults_match_the_contract() -> None:
         ({"tokens_per_s": -5.0}, "--tokens-per-s"),
         ({"model": ""}, "--model"),
         ({"host": ""}, "--host"),
-        ({"default_tokens": -1}, "default_tokens"),
+        ({"default_tokens": -1}, "--tokens"),
     ],
 )
 def test_options_reject_bad_values_with_one_line(changes: dict[str, Any], flag: str) -> None:
@@ -102,7 +102,7 @@ def test_options_from_args_reads_every_flag() -> None:
         [
             *("--port", "0", "--host", "0.0.0.0", "--error-rate", "0.25"),
             *("--latency", "0.1", "--ttft", "0.2", "--tokens-per-s", "50"),
-            *("--model", "m1", "--seed", "7"),
+            *("--model", "m1", "--seed", "7", "--tokens", "64"),
         ]
     )
     assert options_from_args(ns) == FakeBackendOptions(
@@ -112,6 +112,7 @@ def test_options_from_args_reads_every_flag() -> None:
         latency_s=0.1,
         ttft_s=0.2,
         tokens_per_s=50.0,
+        default_tokens=64,
         model="m1",
         seed=7,
     )

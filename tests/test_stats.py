@@ -147,7 +147,8 @@ def test_slices_written_before_feedback_and_token_counts_still_load() -> None:
     old_format = {
         key: value
         for key, value in new.to_mapping().items()
-        if key not in ("token_answers", "token_seconds", "feedback", "feedback_negative")
+        if key
+        not in ("token_answers", "token_seconds", "token_squares", "feedback", "feedback_negative")
     }
     old = VariantStats.from_mapping(old_format)
     assert (old.requests, old.output_tokens, old.feedback, old.token_answers) == (1, 40, 0, 0)
@@ -158,3 +159,4 @@ def test_slices_written_before_feedback_and_token_counts_still_load() -> None:
     assert (old.feedback, old.feedback_negative, old.token_answers) == (1, 1, 1)
     assert old.output_tokens_per_request == 80
     assert old.output_tokens_per_s == pytest.approx(80 / 0.5)
+    assert old.token_squares == 40 * 40  # the new slice's answer only

@@ -21,6 +21,7 @@ from typing import Final
 __all__ = [
     "QUANTILE_CHECKS",
     "RATE_CHECKS",
+    "RATIO_CHECKS",
     "AdminConfig",
     "Anonymous",
     "AutoRollout",
@@ -41,6 +42,7 @@ __all__ = [
     "Network",
     "OnFailure",
     "OtlpProtocol",
+    "RatioCheck",
     "Rollout",
     "Route",
     "Schedule",
@@ -257,13 +259,25 @@ QUANTILE_CHECKS: Final[dict[str, tuple[str, float]]] = {
     for metric in ("latency", "ttft", "tpot")
     for percent in (50, 95, 99)
 }
-RATE_CHECKS: Final = ("error_rate", "cancel_rate")
+RATE_CHECKS: Final = ("error_rate", "cancel_rate", "feedback_negative_rate")
+
+
+@dataclass(frozen=True, slots=True)
+class RatioCheck:
+    """A limit on the canary's mean over stable's: output tokens per answer."""
+
+    max: float  # canary mean / stable mean, at most this
+
+
+# The checks of a ratio of means: config key -> what is measured.
+RATIO_CHECKS: Final[dict[str, str]] = {"output_tokens_ratio": "tokens"}
 
 
 @dataclass(frozen=True, slots=True)
 class Checks:
     error_rate: ErrorRateCheck | None = None
     cancel_rate: ErrorRateCheck | None = None
+    feedback_negative_rate: ErrorRateCheck | None = None
     latency_p50: LatencyCheck | None = None
     latency_p95: LatencyCheck | None = None
     latency_p99: LatencyCheck | None = None
@@ -273,6 +287,7 @@ class Checks:
     tpot_p50: LatencyCheck | None = None
     tpot_p95: LatencyCheck | None = None
     tpot_p99: LatencyCheck | None = None
+    output_tokens_ratio: RatioCheck | None = None
 
     def rates(self) -> list[tuple[str, ErrorRateCheck]]:
         """The rate checks configured, by name, in the order of `RATE_CHECKS`."""
@@ -282,6 +297,11 @@ class Checks:
     def quantiles(self) -> list[tuple[str, LatencyCheck]]:
         """The quantile checks configured, by name, in the order of `QUANTILE_CHECKS`."""
         found = ((name, getattr(self, name)) for name in QUANTILE_CHECKS)
+        return [(name, check) for name, check in found if check is not None]
+
+    def ratios(self) -> list[tuple[str, RatioCheck]]:
+        """The ratio-of-means checks configured, by name, in the order of `RATIO_CHECKS`."""
+        found = ((name, getattr(self, name)) for name in RATIO_CHECKS)
         return [(name, check) for name, check in found if check is not None]
 
 

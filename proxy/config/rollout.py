@@ -6,9 +6,10 @@ Rules:
 2. Steps strictly increase; each check names at least one of its two limits.
 3. A step is a weight (`5`) or a weight with a timed pause (`{weight: 5, pause: 30m}`);
    100 cannot pause: the canary is promoted there, and nothing waits.
-4. The checks are `error_rate` and `cancel_rate` (`max`, `max_increase`: shares 0-1)
-   and a quantile of latency, time to first token or time per output token at p50,
-   p95 or p99 (`latency_p95`, `tpot_p99`, ...: `max` a duration, `max_ratio` >= 1).
+4. The checks are `error_rate`, `cancel_rate` and `feedback_negative_rate` (`max`,
+   `max_increase`: shares 0-1), a quantile of latency, time to first token or time per
+   output token at p50, p95 or p99 (`latency_p95`, `tpot_p99`, ...: `max` a duration,
+   `max_ratio` >= 1), and `output_tokens_ratio` (`max`: a ratio of means above 0).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 from proxy.config.model import (
     QUANTILE_CHECKS,
     RATE_CHECKS,
+    RATIO_CHECKS,
     AutoRollout,
     Checks,
     ErrorRateCheck,
     LatencyCheck,
     OnFailure,
+    RatioCheck,
     Rollout,
 )
 from proxy.config.reader import Fields, Reader
@@ -118,11 +121,12 @@ def _read_step(reader: Reader) -> tuple[float, float] | None:
 
 
 def _read_checks(reader: Reader) -> Checks | None:
-    fields = reader.fields((*RATE_CHECKS, *QUANTILE_CHECKS))
+    fields = reader.fields((*RATE_CHECKS, *QUANTILE_CHECKS, *RATIO_CHECKS))
     if fields is None:
         return None
     found: dict[str, Any] = {name: fields.get(name, _read_error_rate, None) for name in RATE_CHECKS}
     found |= {name: fields.get(name, _read_latency, None) for name in QUANTILE_CHECKS}
+    found |= {name: fields.get(name, _read_ratio, None) for name in RATIO_CHECKS}
     return Checks(**found)
 
 
@@ -148,6 +152,14 @@ def _read_latency(reader: Reader) -> LatencyCheck | None:
         max_s=fields.get("max", Reader.duration, None),
         max_ratio=fields.get("max_ratio", lambda r: r.number(minimum=1.0), None),
     )
+
+
+def _read_ratio(reader: Reader) -> RatioCheck | None:
+    fields = reader.fields(("max",))
+    if fields is None:
+        return None
+    limit = fields.need("max", lambda r: r.number(above=0.0))
+    return None if limit is None else RatioCheck(max=limit)
 
 
 def _has_a_limit(reader: Reader, fields: Fields, first: str, second: str) -> bool:

@@ -238,6 +238,8 @@ def _checks(checks: Checks) -> list[str]:
     for name, check in checks.quantiles():
         metric, quantile = QUANTILE_CHECKS[name]
         parts.append(f"p{round(quantile * 100)} {metric} {_latency(check)}")
+    for name, ratio in checks.ratios():
+        parts.append(f"{name.replace('_', ' ')} <= {ratio.max:g}x stable")
     return parts or ["none (steps up on request count alone)"]
 
 

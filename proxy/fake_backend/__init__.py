@@ -21,10 +21,11 @@ token) or not, each ending as its server ends it (`proxy.fake_backend.apis`):
                       `/generate` stream with `"stream": true`), POST /v1/chat/completions
     --api ollama      POST /api/chat, POST /api/generate (NDJSON; streamed unless
                       `"stream": false`)
-Tokens: `max_completion_tokens` or `max_tokens`, else 16; finish_reason is "length" when
-that limit is reached, else "stop". Usage counts the prompt's whitespace-separated words.
-Every response carries `x-fake-model: <model>`. With probability `--error-rate` (drawn
-once per completion request from `random.Random(--seed)`) a completion answers 500.
+Tokens: `max_completion_tokens` or `max_tokens`, else `--tokens` (16); finish_reason is
+"length" when that limit is reached, else "stop". Usage counts the prompt's
+whitespace-separated words. Every response carries `x-fake-model: <model>`. With
+probability `--error-rate` (drawn once per completion request from
+`random.Random(--seed)`) a completion answers 500.
 
 Per-request hooks (request headers; an invalid value answers 400 `bad_fake_hook`):
     x-fake-status: 503          answer that 4xx/5xx status with an OpenAI error body

@@ -73,7 +73,7 @@ def _first_problem(options: FakeBackendOptions) -> str | None:
     if not options.model:
         return "--model must not be empty"
     if options.default_tokens < 0:
-        return f"default_tokens must be >= 0, got {options.default_tokens}"
+        return f"--tokens must be >= 0, got {options.default_tokens}"
     if options.log_level not in LOG_LEVELS:
         return f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {options.log_level}"
     return None
@@ -120,6 +120,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="token rate; 0 sends tokens back to back (%(default)s)",
     )
     parser.add_argument(
+        "--tokens",
+        dest="default_tokens",
+        type=int,
+        default=_DEFAULTS.default_tokens,
+        metavar="N",
+        help="tokens an answer has when the request sets no token limit (%(default)s)",
+    )
+    parser.add_argument(
         "--model", default=_DEFAULTS.model, help="model name to report (%(default)s)"
     )
     parser.add_argument(
@@ -153,6 +161,7 @@ def options_from_args(ns: argparse.Namespace) -> FakeBackendOptions:
         latency_s=ns.latency_s,
         ttft_s=ns.ttft_s,
         tokens_per_s=ns.tokens_per_s,
+        default_tokens=ns.default_tokens,
         model=ns.model,
         seed=ns.seed,
         log_level=ns.log_level,

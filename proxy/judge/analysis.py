@@ -22,7 +22,10 @@ Rules:
 3. Each slice is compared within itself: a rate `max_increase` against stable's rate in
    the same slice plus the increase; a quantile `max_ratio` against the ratio times
    stable's quantile in the same slice (from as many recent slices as it takes to hold
-   enough stable samples); an absolute `max` against the limit.
+   enough stable samples); an absolute `max` against the limit; the ratio of mean
+   output tokens per answer (`output_tokens_ratio`) as the share of the slice's tokens
+   the canary's answers produced, against the share a canary at the limit would
+   (`_observe_tokens`).
 4. A shared incident: in a slice where stable itself is significantly beyond an
    absolute `max`, the canary's failing test for that limit compares it with stable
    instead (only a canary worse than stable then counts against it), and its passing
@@ -33,8 +36,11 @@ Rules:
    requests would, so that a burst or one heavy user cannot decide a rollout.
 6. Cancelled requests count in the latency checks at the time they were cancelled at,
    and in `cancel_rate`; they are not trials of the error rate.
-7. A time-to-first-token or time-per-token check on a route that streams nothing passes
-   once the canary has its requests: there is nothing to judge.
+   `feedback_negative_rate` is negative ratings of all ratings the variant's answers
+   got, counted in the slice the rating came in.
+7. A time-to-first-token or time-per-token check on a route that streams nothing, and
+   an output tokens check on a route whose answers report no tokens, passes once the
+   canary has its requests: there is nothing to judge.
 8. The overall verdict fails if any check fails, passes if every check passes (with at
    least `min_requests` canary requests at this step, checks or none), and is
    inconclusive otherwise.
@@ -49,7 +55,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from proxy.config.model import QUANTILE_CHECKS, AutoRollout, Checks, Variant
+from proxy.config.model import QUANTILE_CHECKS, RATIO_CHECKS, AutoRollout, Checks, Variant
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.sequential import (
     EProcess,
@@ -78,6 +84,7 @@ __all__ = [
     "Verdict",
     "judge",
     "limits_of",
+    "token_dispersion",
 ]
 
 # A slice's stable reference for a quantile holds at least this many samples above the
@@ -116,7 +123,7 @@ class Limit:
     check: str  # error_rate | cancel_rate | latency_p95 | ...
     kind: LimitKind
     value: float  # a share, a duration in seconds, or a ratio
-    metric: str  # errors | cancels | latency | ttft | tpot
+    metric: str  # errors | cancels | feedback | latency | ttft | tpot | tokens
     quantile: float | None = None  # for the checks of a quantile
 
     @property
@@ -126,7 +133,12 @@ class Limit:
 
     @property
     def is_rate(self) -> bool:
-        return self.quantile is None
+        return self.quantile is None and self.metric != "tokens"
+
+    @property
+    def is_mean(self) -> bool:
+        """A ratio of means (output tokens per answer), not a rate or a quantile."""
+        return self.metric == "tokens"
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,7 +146,7 @@ def limits_of(checks: Checks) -> tuple[Limit, ...]:
     """Every limit the checks name, in the order the checks are listed."""
     limits: list[Limit] = []
     for name, rate in checks.rates():
-        metric = "errors" if name == "error_rate" else "cancels"
+        metric = _RATE_METRICS[name]
         if rate.max is not None:
             limits.append(Limit(name, LimitKind.MAX, rate.max, metric))
         if rate.max_increase is not None:
@@ -145,7 +157,16 @@ def limits_of(checks: Checks) -> tuple[Limit, ...]:
             limits.append(Limit(name, LimitKind.MAX, timing.max_s, metric, quantile))
         if timing.max_ratio is not None:
             limits.append(Limit(name, LimitKind.MAX_RATIO, timing.max_ratio, metric, quantile))
+    for name, ratio in checks.ratios():
+        limits.append(Limit(name, LimitKind.MAX_RATIO, ratio.max, RATIO_CHECKS[name]))
     return tuple(limits)
+
+
+_RATE_METRICS: Final = {
+    "error_rate": "errors",
+    "cancel_rate": "cancels",
+    "feedback_negative_rate": "feedback",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +242,11 @@ class Evidence:
         else of it (the simulator, which cannot afford a copy per interval)."""
         limits = limits_of(auto.checks)
         references = _references(self.references, limits, stable)
+        spread = (
+            token_dispersion(self.rollout_canary, canary, self.rollout_stable, stable)
+            if any(limit.is_mean for limit in limits)
+            else 1.0
+        )
         tests = dict(self.tests)
         incidents: list[Incident] = []
         for limit in limits:
@@ -228,7 +254,7 @@ class Evidence:
                 EProcess.start(Side.FAIL),
                 EProcess.start(Side.PASS),
             )
-            observed = _observe(limit, canary, stable, references, auto.confidence)
+            observed = _observe(limit, canary, stable, references, auto.confidence, spread)
             if observed is not None:
                 increase = limit.value if limit.kind is LimitKind.MAX_INCREASE else None
                 failing = failing.added(
@@ -351,10 +377,37 @@ class _Observed:
 
 
 def _rate_counts(stats: VariantStats, metric: str) -> tuple[float, float]:
-    """(events, trials) of a rate: errors of the attempts that ended, or cancels of all."""
+    """(events, trials) of a rate: errors of the attempts that ended, cancels of all,
+    or negative ratings of all ratings."""
     if metric == "errors":
         return float(stats.errors), float(stats.requests - stats.cancels)
+    if metric == "feedback":
+        return float(stats.feedback_negative), float(stats.feedback)
     return float(stats.cancels), float(stats.requests)
+
+
+def token_dispersion(*windows: VariantStats) -> float:
+    """How much more answers' output token counts vary than Poisson counts would: the
+    variance over the mean, of the variant that varies most (the windows are summed by
+    variant in pairs: rollout canary, slice canary, rollout stable, slice stable). At
+    least 1; a variant with fewer than two answers says nothing, and with neither saying
+    anything each answer's tokens count as one observation (the mean)."""
+    ratios: list[float] = []
+    means: list[float] = []
+    for before, now in zip(windows[::2], windows[1::2], strict=True):
+        n = before.token_answers + now.token_answers
+        total = before.output_tokens + now.output_tokens
+        squares = before.token_squares + now.token_squares
+        if n <= 0 or total <= 0:
+            continue
+        mean = total / n
+        means.append(mean)
+        if n >= 2:
+            variance = max(0.0, squares - total * mean) / (n - 1)
+            ratios.append(variance / mean)
+    if ratios:
+        return max(1.0, *ratios)
+    return max(1.0, *means) if means else 1.0
 
 
 def _histogram(stats: VariantStats, metric: str) -> LogHistogram:
@@ -387,7 +440,10 @@ def _observe(
     stable: VariantStats,
     references: Mapping[str, LogHistogram],
     confidence: float,
+    spread: float = 1.0,
 ) -> _Observed | None:
+    if limit.is_mean:
+        return _observe_tokens(limit, canary, stable, spread)
     if limit.kind is LimitKind.MAX_RATIO:
         reference = references.get(limit.metric)
         if reference is None or reference.count == 0:
@@ -431,6 +487,23 @@ def _observe(
         return _Observed(0.0, 0.0, (stable_rate, 1.0), None, incident)
     # Rule 4: against stable in this slice, whose rate is an estimate (as for an increase).
     return _Observed(events, trials, (stable_rate, 1.0 + trials / stable_trials), None, incident)
+
+
+def _observe_tokens(
+    limit: Limit, canary: VariantStats, stable: VariantStats, spread: float
+) -> _Observed | None:
+    """A ratio of mean output tokens as a rate (the conditional test of two Poisson
+    rates): of the slice's tokens of both variants, the share the canary's answers
+    produced is, when its mean is `r` times stable's, r·n / (r·n + m) for n canary and m
+    stable answers. Stable's own noise is inside that share, so nothing is estimated
+    but how much more answers' lengths vary than Poisson counts (`spread`, each token's
+    evidence divided by it)."""
+    n, m = canary.token_answers, stable.token_answers
+    events, other = float(canary.output_tokens), float(stable.output_tokens)
+    if n <= 0 or m <= 0 or events + other <= 0:
+        return None
+    null = limit.value * n / (limit.value * n + m)
+    return _Observed(events, events + other, (null, spread), (null, spread))
 
 
 def _references(
@@ -615,7 +688,7 @@ class _UserEffects:
         self._cache: dict[tuple[str, str], float] = {}
 
     def of(self, variant: Variant, metric: str) -> float:
-        key = (variant, metric if metric in ("errors", "cancels") else "times")
+        key = (variant, metric if metric in _UNTIMED else "times")
         found = self._cache.get(key)
         if found is None:
             found = self._cache[key] = _user_effect(self._stats[variant], metric)
@@ -629,8 +702,17 @@ class _UserEffects:
         return (canary + (dispersion - 1.0) * self.of(Variant.STABLE, metric)) / dispersion
 
 
+# Measures not of times, each with a user design effect of its own (or none).
+_UNTIMED: Final = ("errors", "cancels", "feedback", "tokens")
+
+
 def _user_effect(stats: VariantStats, metric: str) -> float:
     clusters = stats.users.values()
+    if metric in ("feedback", "tokens"):
+        # Ratings come after the answer, with its request id only, and tokens are not
+        # in the user sums: neither is known per user cluster. Their design effect is
+        # the time slices' alone (rule 5).
+        return 1.0
     if not stats.users:
         return 1.0  # no user sums (numbers recorded without them): requests as users
     if metric == "errors":
@@ -692,7 +774,10 @@ def _judge_check(
 
 
 def _streams_nothing(limit: Limit, evidence: Evidence) -> bool:
-    """Rule 7: a check of streams' times on a route where neither variant streamed."""
+    """Rule 7: a check of streams' times on a route where neither variant streamed, or
+    of output tokens where neither reported any."""
+    if limit.is_mean:
+        return evidence.rollout_canary.token_answers == 0 == evidence.rollout_stable.token_answers
     if limit.is_rate or limit.metric == "latency":
         return False
     return (
@@ -702,7 +787,10 @@ def _streams_nothing(limit: Limit, evidence: Evidence) -> bool:
 
 
 def _samples(limit: Limit, stats: VariantStats) -> float:
-    """The canary samples a check is judged on: a rate's trials, a time's histogram."""
+    """The canary samples a check is judged on: a rate's trials, a time's histogram,
+    the answers that reported their tokens."""
+    if limit.is_mean:
+        return float(stats.token_answers)
     if limit.is_rate:
         return _rate_counts(stats, limit.metric)[1]
     return float(_histogram(stats, limit.metric).count)
@@ -747,7 +835,7 @@ class _Outcome:
             elif stable_value is not None:
                 limits.append(stable_value * limit.value)
         where = "over the rollout" if window == "rollout" else "at this step"
-        show = _pct if first.is_rate else _seconds
+        show = _pct if first.is_rate else _tokens if first.is_mean else _seconds
         reason = (
             f"{_label(first)} {show(canary_value)} (n={canary_n}) vs stable "
             f"{show(stable_value)} (n={stable_n}) {where}: {', '.join(notes)}"
@@ -769,7 +857,8 @@ class _Outcome:
     def nothing_streamed(self, min_requests: int) -> CheckResult:
         step_n = self.evidence.step_canary.requests
         verdict = Verdict.PASS if step_n >= min_requests else Verdict.INCONCLUSIVE
-        note = f"{_label(self.first)}: no streamed requests to judge"
+        nothing = "answers reporting tokens" if self.first.is_mean else "streamed requests"
+        note = f"{_label(self.first)}: no {nothing} to judge"
         if verdict is Verdict.INCONCLUSIVE:
             note += f" ({step_n} of {min_requests} canary requests at this step)"
         return CheckResult(
@@ -788,7 +877,10 @@ class _Outcome:
 
 
 def _value(limit: Limit, stats: VariantStats) -> tuple[float | None, int]:
-    """A check's figure for one variant's window (a rate, or the quantile), and its n."""
+    """A check's figure for one variant's window (a rate, the quantile, or the mean), and
+    its n."""
+    if limit.is_mean:
+        return stats.output_tokens_per_request, stats.token_answers
     if limit.is_rate:
         events, trials = _rate_counts(stats, limit.metric)
         return (events / trials if trials > 0 else None), int(trials)
@@ -800,6 +892,8 @@ def _value(limit: Limit, stats: VariantStats) -> tuple[float | None, int]:
 _METRIC_WORDS: Final = {
     "errors": "error rate",
     "cancels": "cancel rate",
+    "feedback": "negative feedback rate",
+    "tokens": "output tokens per answer",
     "latency": "latency",
     "ttft": "time to first token",
     "tpot": "time per output token",
@@ -828,6 +922,10 @@ def _incident_text(incident: Incident) -> str:
         f"(limit {incident.limit:g}: stable {_pct(incident.stable)}, canary {canary} "
         "in the last interval); holding"
     )
+
+
+def _tokens(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _exp(log_value: float) -> float:

@@ -30,7 +30,9 @@ Rules:
    written before a counter existed reads it as 0.
 7. Output tokens per request and per second count only the answers, not cancelled,
    whose usage said how many tokens they had (an embedding, an error or a usage-less
-   stream does not dilute them): `token_answers` of them, taking `token_seconds` in all.
+   stream does not dilute them): `token_answers` of them, taking `token_seconds` in all,
+   with `token_squares` the sum of each one's count squared (how much answers' lengths
+   vary, which the judge's `output_tokens_ratio` check and the report need).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class VariantStats:
         "requests",
         "token_answers",
         "token_seconds",
+        "token_squares",
         "tpot",
         "ttft",
         "users",
@@ -107,6 +110,7 @@ class VariantStats:
         self.users: dict[int, list[float]] = {}
         self.token_answers = 0  # answers whose usage gave an output token count (rule 7)
         self.token_seconds = 0.0  # the time those answers took, summed
+        self.token_squares = 0.0  # their output tokens, each squared, summed
         self.feedback = 0
         self.feedback_negative = 0
 
@@ -138,6 +142,7 @@ class VariantStats:
             if not cancel:
                 self.token_answers += 1
                 self.token_seconds += latency_s
+                self.token_squares += output_tokens * output_tokens
         if user is not None:
             sums = self.users.get(user % CLUSTERS)
             if sums is None:
@@ -176,6 +181,7 @@ class VariantStats:
         self.output_tokens += other.output_tokens
         self.token_answers += other.token_answers
         self.token_seconds += other.token_seconds
+        self.token_squares += other.token_squares
         self.feedback += other.feedback
         self.feedback_negative += other.feedback_negative
         if not users:
@@ -247,6 +253,7 @@ class VariantStats:
             "users": {str(cluster): list(sums) for cluster, sums in self.users.items()},
             "token_answers": self.token_answers,
             "token_seconds": self.token_seconds,
+            "token_squares": self.token_squares,
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
         }
@@ -283,6 +290,9 @@ class VariantStats:
         token_seconds = data.get("token_seconds", 0.0)
         assert isinstance(token_seconds, int | float)
         stats.token_seconds = float(token_seconds)
+        token_squares = data.get("token_squares", 0.0)
+        assert isinstance(token_squares, int | float)
+        stats.token_squares = float(token_squares)
         stats.feedback = _count(data.get("feedback", 0))
         stats.feedback_negative = _count(data.get("feedback_negative", 0))
         return stats
