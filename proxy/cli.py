@@ -15,6 +15,8 @@ import logging
 import math
 import os
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -168,6 +170,31 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(_status_table(document))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from proxy.judge.report import format_report
+
+    name = urllib.parse.quote(args.route, safe="")
+    url = f"{args.admin.rstrip('/')}/api/routes/{name}/report"
+    if args.window is not None:
+        url += f"?window={args.window:g}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            document = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        # The admin API says why in its JSON body ({"error": ...}), or in plain text.
+        body = exc.read().decode("utf-8", "replace")
+        try:
+            message = str(json.loads(body)["error"])
+        except (ValueError, KeyError, TypeError):
+            message = body.strip() or str(exc.reason)
+        _fail(f"{url}: {message}")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        _fail(f"cannot read {url}: {reason}")
+    print(json.dumps(document, indent=2) if args.json else format_report(document))
     return 0
 
 
@@ -544,6 +571,28 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the status document as JSON")
     status.add_argument("--timeout", type=float, default=5.0, help=argparse.SUPPRESS)
     status.set_defaults(handler=cmd_status)
+
+    report = commands.add_parser(
+        "report",
+        help="every signal of a route's canary against stable, with confidence intervals",
+    )
+    report.add_argument("--route", required=True, metavar="NAME", help="the route to report on")
+    report.add_argument(
+        "--admin",
+        default="http://127.0.0.1:9090",
+        metavar="URL",
+        help="the proxy's admin address (default http://127.0.0.1:9090)",
+    )
+    report.add_argument(
+        "--window",
+        type=float,
+        metavar="S",
+        help="for a route without an automatic rollout or A/B test: the last S seconds "
+        "(default: all the stats held, 15 minutes)",
+    )
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    report.set_defaults(handler=cmd_report)
 
     assign = commands.add_parser(
         "assign",

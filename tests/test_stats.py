@@ -148,7 +148,15 @@ def test_slices_written_before_feedback_and_token_counts_still_load() -> None:
         key: value
         for key, value in new.to_mapping().items()
         if key
-        not in ("token_answers", "token_seconds", "token_squares", "feedback", "feedback_negative")
+        not in (
+            "token_answers",
+            "token_seconds",
+            "token_squares",
+            "token_seconds_squares",
+            "token_cross",
+            "feedback",
+            "feedback_negative",
+        )
     }
     old = VariantStats.from_mapping(old_format)
     assert (old.requests, old.output_tokens, old.feedback, old.token_answers) == (1, 40, 0, 0)
@@ -160,3 +168,4 @@ def test_slices_written_before_feedback_and_token_counts_still_load() -> None:
     assert old.output_tokens_per_request == 80
     assert old.output_tokens_per_s == pytest.approx(80 / 0.5)
     assert old.token_squares == 40 * 40  # the new slice's answer only
+    assert (old.token_seconds_squares, old.token_cross) == (0.25, 20.0)

@@ -32,7 +32,9 @@ Rules:
    whose usage said how many tokens they had (an embedding, an error or a usage-less
    stream does not dilute them): `token_answers` of them, taking `token_seconds` in all,
    with `token_squares` the sum of each one's count squared (how much answers' lengths
-   vary, which the judge's `output_tokens_ratio` check and the report need).
+   vary, which the judge's `output_tokens_ratio` check and the report need), and
+   `token_seconds_squares` and `token_cross` the sums of each one's time squared and of
+   its count times its time (the report's interval of tokens per second).
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ class VariantStats:
         "output_tokens",
         "requests",
         "token_answers",
+        "token_cross",
         "token_seconds",
+        "token_seconds_squares",
         "token_squares",
         "tpot",
         "ttft",
@@ -111,6 +115,8 @@ class VariantStats:
         self.token_answers = 0  # answers whose usage gave an output token count (rule 7)
         self.token_seconds = 0.0  # the time those answers took, summed
         self.token_squares = 0.0  # their output tokens, each squared, summed
+        self.token_seconds_squares = 0.0  # their times, each squared, summed
+        self.token_cross = 0.0  # each one's tokens times its time, summed
         self.feedback = 0
         self.feedback_negative = 0
 
@@ -143,6 +149,8 @@ class VariantStats:
                 self.token_answers += 1
                 self.token_seconds += latency_s
                 self.token_squares += output_tokens * output_tokens
+                self.token_seconds_squares += latency_s * latency_s
+                self.token_cross += output_tokens * latency_s
         if user is not None:
             sums = self.users.get(user % CLUSTERS)
             if sums is None:
@@ -182,6 +190,8 @@ class VariantStats:
         self.token_answers += other.token_answers
         self.token_seconds += other.token_seconds
         self.token_squares += other.token_squares
+        self.token_seconds_squares += other.token_seconds_squares
+        self.token_cross += other.token_cross
         self.feedback += other.feedback
         self.feedback_negative += other.feedback_negative
         if not users:
@@ -254,6 +264,8 @@ class VariantStats:
             "token_answers": self.token_answers,
             "token_seconds": self.token_seconds,
             "token_squares": self.token_squares,
+            "token_seconds_squares": self.token_seconds_squares,
+            "token_cross": self.token_cross,
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
         }
@@ -290,9 +302,9 @@ class VariantStats:
         token_seconds = data.get("token_seconds", 0.0)
         assert isinstance(token_seconds, int | float)
         stats.token_seconds = float(token_seconds)
-        token_squares = data.get("token_squares", 0.0)
-        assert isinstance(token_squares, int | float)
-        stats.token_squares = float(token_squares)
+        stats.token_squares = _sum(data.get("token_squares", 0.0))
+        stats.token_seconds_squares = _sum(data.get("token_seconds_squares", 0.0))
+        stats.token_cross = _sum(data.get("token_cross", 0.0))
         stats.feedback = _count(data.get("feedback", 0))
         stats.feedback_negative = _count(data.get("feedback_negative", 0))
         return stats
@@ -308,6 +320,11 @@ def _quantiles(histogram: LogHistogram) -> dict[str, float | None]:
         "p95": histogram.quantile(0.95),
         "p99": histogram.quantile(0.99),
     }
+
+
+def _sum(value: object) -> float:
+    assert isinstance(value, int | float)
+    return float(value)
 
 
 def _count(value: object) -> int:

@@ -12,7 +12,11 @@ Rules:
 4. A client that sends bad HTTP or leaves mid-exchange is one log line, not a
    traceback; a bug in a handler still logs its traceback at ERROR
    (`proxy.http.serverlog`).
-5. `GET /` is the status page for people: static files of the package
+5. `GET /api/routes/{name}/report` compares every signal of the route's variants with
+   confidence intervals (`proxy.judge.report`): over its rollout since it began (the
+   judge's totals and the slices since), or for a route without one, over the last
+   `?window=` seconds of stats (the stats' retention by default).
+6. `GET /` is the status page for people: static files of the package
    (`proxy/server/static`: no build step, nothing from another site, a strict
    Content-Security-Policy). It polls `/api/status` and sends an operator's actions
    with the token typed into it, kept in that browser tab only (sessionStorage).
@@ -32,8 +36,10 @@ from typing import Final, Protocol
 from aiohttp import web
 
 from proxy import __version__
-from proxy.config.model import AutoRollout, Variant
+from proxy.config.model import AutoRollout, Route, Variant
 from proxy.http.serverlog import NetworkErrorLog, one_line_network_errors
+from proxy.judge.report import compare, variant_summary
+from proxy.judge.stats import VariantStats
 from proxy.rollout.machine import (
     MAX_DECISIONS,
     OperatorAction,
@@ -156,6 +162,19 @@ def build_admin_app(view: AdminView) -> web.Application:
         }
         status = 400 if result.outcome is ReloadOutcome.FAILED else 200
         return web.json_response(document, status=status, dumps=_dumps)
+
+    @routes.get("/api/routes/{name}/report")
+    async def report(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        plan = view.table.by_name.get(name)
+        if plan is None:
+            return _error(404, f"no route named {name!r}")
+        default = view.telemetry.stats.retention_s
+        window_s = _window(request.query.get("window"), default)
+        document = await report_document(view, plan.route, plan.weight, window_s)
+        if isinstance(document, str):
+            return _error(409, document)
+        return web.json_response(document, dumps=_dumps)
 
     @routes.post("/api/routes/{name}/{action}")
     async def operate(request: web.Request) -> web.Response:
@@ -303,6 +322,56 @@ async def status_document(
     }
 
 
+async def report_document(
+    view: AdminView, route: Route, weight: float, window_s: float
+) -> dict[str, object] | str:
+    """The report of a route (rule 5), or why there is none."""
+    controller, stats, now = view.controller, view.telemetry.stats, view.now()
+    state = controller.states.get(route.name)
+    auto = route.rollout.auto
+    canary, stable = VariantStats(), VariantStats()
+    if auto is not None and state is not None and state.evidence.next_slice > 0:
+        evidence = state.evidence
+        since, source = state.started_at, "rollout"
+        first = evidence.next_slice
+        canary.merge(evidence.rollout_canary)
+        stable.merge(evidence.rollout_stable)
+    else:
+        since, source = now - window_s, "window"
+        first = stats.slice_of(since)
+    last = stats.slice_of(now)
+    if first <= last:
+        canary.merge(await controller.window(route.name, Variant.CANARY, first, last))
+        stable.merge(await controller.window(route.name, Variant.STABLE, first, last))
+    span = "since the rollout began" if source == "rollout" else f"in the last {window_s:g}s"
+    if canary.requests == 0 == stable.requests:
+        return f"route {route.name!r} has no requests {span}: nothing to compare yet"
+    confidence = auto.confidence if auto is not None else 0.95
+    percent = f"{100 * confidence:g}%"
+    status = state.status.value if state is not None else "manual"
+    return {
+        "route": route.name,
+        "status": status,
+        "weight": weight,
+        "source": source,
+        "since": _iso(since),
+        "until": _iso(now),
+        "seconds": round(now - since, 1),
+        "confidence": confidence,
+        "headline": (
+            f"route {route.name}: canary {route.canary} at {weight:g}% ({status}) against "
+            f"stable {route.stable}, {span} ({_iso(since)} to {_iso(now)})"
+        ),
+        "intervals": (
+            f"[low, high]: two-sided {percent} intervals, fixed-sample: valid for one look "
+            "(the end of a test), not for a figure watched until it looks good; users "
+            "counted by cluster where the stats allow"
+        ),
+        "variants": {"stable": variant_summary(stable), "canary": variant_summary(canary)},
+        "signals": [signal.to_mapping() for signal in compare(canary, stable, confidence)],
+    }
+
+
 def _waits(state: RouteState | None, auto: AutoRollout | None, now: float) -> dict[str, object]:
     """What the rollout waits for: a step's pause, a rollback's cooldown (seconds left)."""
     if state is None or auto is None:
@@ -352,9 +421,9 @@ def _decisions(text: str | None) -> int:
     return int(text)
 
 
-def _window(text: str | None) -> float:
+def _window(text: str | None, default: float = STATUS_WINDOW_S) -> float:
     if text is None:
-        return STATUS_WINDOW_S
+        return default
     try:
         value = float(text)
     except ValueError:
