@@ -243,6 +243,7 @@ def _status_table(document: dict[str, Any]) -> str:
             for key, what in (
                 ("pause_left_s", "pausing at this step"),
                 ("cooldown_left_s", "no resume (cooldown)"),
+                ("ab_left_s", "A/B test running"),
             )
             if rollout.get(key)
         ]
@@ -286,6 +287,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if route is None:
         names = ", ".join(r.name for r in config.routes)
         _fail(f"no route named {args.route!r} in {args.config} (routes: {names})")
+    if route.rollout.ab is not None:
+        _fail(f"route {args.route!r} is an A/B test (rollout.ab): nothing ramps to simulate")
     if route.rollout.auto is None:
         _fail(f"route {args.route!r} has no rollout.auto to simulate")
     first_step = route.rollout.auto.steps[0]

@@ -22,6 +22,7 @@ __all__ = [
     "QUANTILE_CHECKS",
     "RATE_CHECKS",
     "RATIO_CHECKS",
+    "AbTest",
     "AdminConfig",
     "Anonymous",
     "AutoRollout",
@@ -299,6 +300,10 @@ class Checks:
         found = ((name, getattr(self, name)) for name in QUANTILE_CHECKS)
         return [(name, check) for name, check in found if check is not None]
 
+    def check_count(self) -> int:
+        """How many checks are configured."""
+        return len(self.rates()) + len(self.quantiles()) + len(self.ratios())
+
     def ratios(self) -> list[tuple[str, RatioCheck]]:
         """The ratio-of-means checks configured, by name, in the order of `RATIO_CHECKS`."""
         found = ((name, getattr(self, name)) for name in RATIO_CHECKS)
@@ -319,6 +324,13 @@ class AutoRollout:
     # all); empty when no step pauses. Kept beside `steps`, which stay plain weights.
     step_pauses_s: tuple[float, ...] = ()
     cooldown_s: float = 0.0  # after a rollback, a resume is refused this long unless forced
+    # > 0: not a ramp but an A/B test of this length at the one step (`rollout.ab`); the
+    # controller never moves its weight, and its checks are a guard that stops it.
+    ab_duration_s: float = 0.0
+
+    @property
+    def is_ab(self) -> bool:
+        return self.ab_duration_s > 0
 
     def pause_s(self, step: int) -> float:
         """The pause of step `step` (an index into `steps`); 0 below the first."""
@@ -328,9 +340,32 @@ class AutoRollout:
 
 
 @dataclass(frozen=True, slots=True)
+class AbTest:
+    """`rollout.ab`: a fixed split at `rollout.weight` for `duration`, then a report."""
+
+    duration_s: float
+    interval_s: float = 30.0  # how often the guard judges, and the end is looked for
+    confidence: float = 0.95  # of the guard, and of the report's intervals
+    failure_limit: int = 2  # failing guard judgements in a row that stop the test
+    guard: Checks = Checks()  # gross limits: a canary beyond one is stopped (weight 0)
+
+    def policy(self, weight: float) -> AutoRollout:
+        """The controller's policy for it: one step at the weight, judged by the guard."""
+        return AutoRollout(
+            steps=(weight,),
+            interval_s=self.interval_s,
+            failure_limit=self.failure_limit,
+            confidence=self.confidence,
+            checks=self.guard,
+            ab_duration_s=self.duration_s,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
     weight: float = 0.0  # canary percent, 0-100, at most two decimals
-    auto: AutoRollout | None = None
+    auto: AutoRollout | None = None  # with `ab`: that test's policy (`AbTest.policy`)
+    ab: AbTest | None = None
 
 
 class WebhookFormat(StrEnum):

@@ -10,6 +10,9 @@ Rules:
    `max_increase`: shares 0-1), a quantile of latency, time to first token or time per
    output token at p50, p95 or p99 (`latency_p95`, `tpot_p99`, ...: `max` a duration,
    `max_ratio` >= 1), and `output_tokens_ratio` (`max`: a ratio of means above 0).
+5. `ab` is an A/B test instead of a ramp: a fixed split at `weight` (above 0, below
+   100) for `duration`, with the checks of `guard` (optional) stopping a canary beyond
+   gross limits. A route has `auto` or `ab`, never both: one ramps, the other holds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from proxy.config.model import (
     QUANTILE_CHECKS,
     RATE_CHECKS,
     RATIO_CHECKS,
+    AbTest,
     AutoRollout,
     Checks,
     ErrorRateCheck,
@@ -45,15 +49,46 @@ AUTO_KEYS = (
     "cooldown",
 )
 STEP_KEYS = ("weight", "pause")
+AB_KEYS = ("duration", "interval", "confidence", "failure_limit", "guard")
 
 
 def read_rollout(reader: Reader) -> Rollout | None:
-    fields = reader.fields(("weight", "auto"))
+    fields = reader.fields(("weight", "auto", "ab"))
     if fields is None:
         return None
-    return Rollout(
-        weight=fields.get("weight", Reader.percent, 0.0),
-        auto=fields.get("auto", _read_auto, None),
+    weight = fields.get("weight", Reader.percent, 0.0)
+    ab = fields.get("ab", _read_ab, None)
+    if ab is None:
+        return Rollout(weight=weight, auto=fields.get("auto", _read_auto, None))
+    if "auto" in fields:
+        fields.at("ab").error(
+            "cannot be used with auto: a route either ramps (auto) or holds a fixed split (ab)"
+        )
+        return None
+    if not 0 < weight < 100:
+        fields.at("weight").error(
+            f"an A/B test (ab) splits the traffic: above 0 and below 100, got {weight:g}"
+        )
+        return None
+    return Rollout(weight=weight, auto=ab.policy(weight), ab=ab)
+
+
+def _read_ab(reader: Reader) -> AbTest | None:
+    fields = reader.fields(AB_KEYS)
+    if fields is None:
+        return None
+    duration = fields.need("duration", Reader.duration)
+    if duration is None:
+        return None
+    defaults = AbTest(duration_s=duration)
+    return AbTest(
+        duration_s=duration,
+        interval_s=fields.get("interval", Reader.duration, defaults.interval_s),
+        confidence=fields.get(
+            "confidence", lambda r: r.number(above=0.5, below=1.0), defaults.confidence
+        ),
+        failure_limit=_count(fields, "failure_limit", defaults.failure_limit),
+        guard=fields.get("guard", _read_checks, Checks()),
     )
 
 

@@ -112,6 +112,7 @@ _FIELDS: Final[Mapping[tuple[type, str], _Key | None]] = {
     ),
     (Rollout, "weight"): _Key(_PERCENT),
     (AutoRollout, "step_pauses_s"): _NOT_A_KEY,  # written inside `steps`
+    (AutoRollout, "ab_duration_s"): _NOT_A_KEY,  # written as `rollout.ab`
     (Webhook, "url"): _Key(required=False),  # or url_env
 }
 # Fields whose shape is declared here, not derived: they are keys all the same.

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 from proxy.config.model import (
     QUANTILE_CHECKS,
+    AbTest,
     AdminConfig,
     AutoRollout,
     Backend,
@@ -162,8 +163,12 @@ def _route(route: Route) -> list[str]:
         ("schedule", _schedule(route.schedule) if route.schedule else "any time"),
         ("fallback", "to stable before the first byte" if route.fallback_to_stable else "off"),
     ]
-    auto = route.rollout.auto
-    if auto is not None:
+    auto, ab = route.rollout.auto, route.rollout.ab
+    if ab is not None:
+        rows.append(("ab", _ab(ab)))
+        guard = _checks(ab.guard) if ab.guard.check_count() else ["none"]
+        rows += [("guard" if i == 0 else "", check) for i, check in enumerate(guard)]
+    elif auto is not None:
         rows.append(("auto", _steps(auto)))
         rows.append(("verdicts", _verdicts(auto)))
         if auto.cooldown_s:
@@ -197,6 +202,9 @@ def _variants(route: Route) -> str:
 
 
 def _weight(route: Route) -> str:
+    ab = route.rollout.ab
+    if ab is not None:
+        return f"{route.rollout.weight:g}% canary (A/B test for {format_duration(ab.duration_s)})"
     mode = "auto" if route.rollout.auto is not None else "manual"
     return f"{route.rollout.weight:g}% canary ({mode})"
 
@@ -216,6 +224,14 @@ def _rules(rules: Iterable[CohortRule]) -> str:
 def _schedule(schedule: Schedule) -> str:
     windows = ", ".join(window.text for window in schedule.windows)
     return f"{windows} {schedule.timezone} ({schedule.mode})"
+
+
+def _ab(ab: AbTest) -> str:
+    return (
+        f"a fixed split for {format_duration(ab.duration_s)}, then complete; guard judged every "
+        f"{format_duration(ab.interval_s)}, {ab.failure_limit} failures stop it (weight 0); "
+        f"confidence {ab.confidence:g}"
+    )
 
 
 def _steps(auto: AutoRollout) -> str:

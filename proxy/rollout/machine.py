@@ -2,7 +2,8 @@
 
 States: `progressing` (ramping on evidence), `paused` (by an operator, or held after
 failures with `on_failure: hold`), `promoted` (reached 100), `rolled_back` (weight 0
-after failure), `manual` (no `auto`: the config's weight is served).
+after failure), `manual` (no `auto`: the config's weight is served), and for an A/B
+test (`rollout.ab`) `testing` (the fixed split, for its duration) and `complete`.
 
 Transitions are a table: (state, event) → handler. Events are a judgement (pass,
 fail, inconclusive), an operator's action (pause, resume, advance, promote, rollback),
@@ -31,6 +32,13 @@ Rules:
    `paused` the judge starts afresh, as on a resume.
 10. Within `cooldown` of its last rollback, a rolled-back canary is resumed only when
     the operator forces it; the refusal says how long is left.
+11. An A/B test starts `testing` at the config's weight (a new canary or an edited
+    weight starts a new test), and no judgement ever moves its weight: at the first
+    judgement at or past `duration` from its start it is `complete`, at the same
+    weight, and the report reads its evidence. Its guard's `failure_limit` failing
+    judgements in a row stop it (weight 0, `rolled_back`): a canary beyond gross limits
+    is not kept for the sake of a test. An operator may `complete` it early, promote it
+    or roll it back; a resume from `complete` or `rolled_back` starts a new test.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ __all__ = [
     "Status",
     "Transition",
     "TransitionRefused",
+    "ab_left_s",
     "canary_identity",
     "cooldown_left_s",
     "on_judgement",
@@ -74,6 +83,8 @@ class Status(StrEnum):
     PROMOTED = "promoted"
     ROLLED_BACK = "rolled_back"
     MANUAL = "manual"
+    TESTING = "testing"  # an A/B test's fixed split (rule 11)
+    COMPLETE = "complete"  # an A/B test past its duration, or completed by an operator
 
 
 class OperatorAction(StrEnum):
@@ -82,6 +93,7 @@ class OperatorAction(StrEnum):
     ADVANCE = "advance"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
+    COMPLETE = "complete"  # an A/B test, before its duration
 
 
 class Cause(StrEnum):
@@ -92,6 +104,7 @@ class Cause(StrEnum):
     INCONCLUSIVE = "inconclusive"
     OPERATOR = "operator"
     CONFIG = "config"
+    DURATION = "duration"  # an A/B test's time ran out
 
 
 class Action(StrEnum):
@@ -106,6 +119,8 @@ class Action(StrEnum):
     ADOPT = "adopt"
     RESTART = "restart"
     MANUAL = "manual"
+    TEST = "test"  # an A/B test started
+    COMPLETE = "complete"
 
 
 class TransitionRefused(Exception):
@@ -253,6 +268,8 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
     config_weight = route.rollout.weight
     if auto is None:
         return _manual(state, route.name, config_weight, identity, now)
+    if auto.is_ab:
+        return _reconcile_test(state, route.name, auto, identity, now)
     if state is None and config_weight > 0:
         return _adopt(
             state,
@@ -285,7 +302,7 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
             now,
             f"the config's weight was edited to {config_weight:g}%",
         )
-    if state.status is Status.MANUAL:
+    if state.status in (Status.MANUAL, *_TEST_STATES):
         return _adopt(
             state,
             route.name,
@@ -298,6 +315,64 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
         )
     # The same canary and weight: keep the state, with the steps re-read.
     return Transition(replace(state, step=_step_of(auto, state.weight)), None)
+
+
+# The states only an A/B test is in; a test is also promoted or rolled back.
+_TEST_STATES: Final = (Status.TESTING, Status.COMPLETE)
+
+
+def _reconcile_test(
+    state: RouteState | None, route: str, auto: AutoRollout, identity: str, now: float
+) -> Transition:
+    """Rule 11: the same canary at the same weight goes on as it is (testing, complete,
+    promoted or rolled back); anything else starts a new test."""
+    weight = auto.steps[0]
+    if state is None:
+        return _test(None, route, auto, identity, now, "an A/B test starts")
+    if state.canary != identity:
+        return _test(state, route, auto, identity, now, "a new canary starts a new A/B test")
+    if state.config_weight != weight:
+        why = f"the weight was edited to {weight:g}%: a new A/B test"
+        return _test(state, route, auto, identity, now, why)
+    if state.status in (Status.PROGRESSING, Status.PAUSED, Status.MANUAL):
+        return _test(state, route, auto, identity, now, "an A/B test was configured")
+    step = -1 if state.status is Status.ROLLED_BACK else 0
+    return Transition(replace(state, step=step), None)
+
+
+def _test(
+    state: RouteState | None,
+    route: str,
+    auto: AutoRollout,
+    identity: str,
+    now: float,
+    why: str,
+    cause: Cause = Cause.CONFIG,
+) -> Transition:
+    """An A/B test of its own at its weight, from now."""
+    weight = auto.steps[0]
+    new = RouteState(
+        route,
+        Status.TESTING,
+        weight,
+        0,
+        step_started_at=now,
+        started_at=now,
+        evidence=Evidence.fresh(_next_slice(now)),
+        canary=identity,
+        config_weight=weight,
+        decisions=state.decisions if state is not None else (),
+        version=state.version if state is not None else 0,
+    )
+    ends = format_duration(auto.ab_duration_s)
+    return _record(new, state, now, cause, Action.TEST, f"weight {weight:g}% for {ends}: {why}")
+
+
+def ab_left_s(state: RouteState, auto: AutoRollout | None, now: float) -> float:
+    """What is left of an A/B test's duration (rule 11); 0 when none runs."""
+    if state.status is not Status.TESTING or auto is None or not auto.is_ab:
+        return 0.0
+    return max(0.0, state.started_at + auto.ab_duration_s - now)
 
 
 def _manual(
@@ -400,6 +475,8 @@ def on_judgement(
     state: RouteState, auto: AutoRollout, judgement: Judgement | None, now: float, may_advance: bool
 ) -> Transition:
     """What a judgement (None below the first step: nothing to judge) does to the state."""
+    if state.status is Status.TESTING and judgement is not None:
+        return _on_test_judgement(state, auto, judgement, now)
     if state.status is not Status.PROGRESSING:
         return Transition(state, None)
     if state.step < 0 or judgement is None:
@@ -411,6 +488,43 @@ def on_judgement(
     judged = replace(state, verdict={**judgement.to_mapping(), "at": now})
     handler = _JUDGEMENT_TABLE[judgement.verdict]
     return handler(judged, auto, judgement, now, may_advance)
+
+
+def _on_test_judgement(
+    state: RouteState, auto: AutoRollout, judgement: Judgement, now: float
+) -> Transition:
+    """Rule 11: the guard may stop a test, the clock completes it; nothing else moves it."""
+    judged = replace(state, verdict={**judgement.to_mapping(), "at": now})
+    if judgement.verdict is Verdict.FAIL:
+        failures = state.failures + 1
+        if failures >= auto.failure_limit:
+            new = replace(judged, status=Status.ROLLED_BACK, weight=0.0, step=-1, failures=0)
+            plural = "s" if failures > 1 else ""
+            return _record(
+                new,
+                state,
+                now,
+                Cause.FAIL,
+                Action.ROLLBACK,
+                f"A/B test stopped by its guard after {failures} failing judgement{plural}: "
+                f"{judgement.reason}",
+                judgement,
+            )
+        judged = replace(judged, failures=failures)
+    else:
+        judged = replace(judged, failures=0)
+    if now < state.started_at + auto.ab_duration_s:
+        return Transition(judged, None)
+    new = replace(judged, status=Status.COMPLETE, step_started_at=now)
+    took = format_span(now - state.started_at)
+    return _record(
+        new,
+        state,
+        now,
+        Cause.DURATION,
+        Action.COMPLETE,
+        f"A/B test complete after {took} at {state.weight:g}%: see its report",
+    )
 
 
 def _on_pass(
@@ -575,6 +689,16 @@ def _pause(state: RouteState, auto: AutoRollout | None, now: float) -> Transitio
 
 def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
     assert auto is not None
+    if auto.is_ab:
+        return _test(
+            state,
+            state.route,
+            auto,
+            state.canary,
+            now,
+            "a new A/B test, by an operator",
+            Cause.OPERATOR,
+        )
     if state.status is Status.ROLLED_BACK:
         weight = auto.steps[0]
         new = replace(
@@ -629,6 +753,19 @@ def _step_up(state: RouteState, auto: AutoRollout | None, now: float) -> Transit
     return _advance(state, auto, now, Cause.OPERATOR, None, "advanced one step by an operator")
 
 
+def _complete(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
+    new = replace(state, status=Status.COMPLETE, step_started_at=now)
+    took = format_span(now - state.started_at)
+    return _record(
+        new,
+        state,
+        now,
+        Cause.OPERATOR,
+        Action.COMPLETE,
+        f"A/B test completed by an operator after {took} at {state.weight:g}%",
+    )
+
+
 def _promote(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
     status = Status.MANUAL if state.status is Status.MANUAL else Status.PROMOTED
     step = len(auto.steps) - 1 if auto is not None else -1
@@ -650,7 +787,13 @@ def _rollback(state: RouteState, auto: AutoRollout | None, now: float) -> Transi
     )
 
 
-_AUTO_STATES: Final = (Status.PROGRESSING, Status.PAUSED, Status.PROMOTED, Status.ROLLED_BACK)
+_AUTO_STATES: Final = (
+    Status.PROGRESSING,
+    Status.PAUSED,
+    Status.PROMOTED,
+    Status.ROLLED_BACK,
+    *_TEST_STATES,
+)
 _OPERATOR_TABLE: Final[
     dict[
         tuple[Status, OperatorAction], Callable[[RouteState, AutoRollout | None, float], Transition]
@@ -659,6 +802,8 @@ _OPERATOR_TABLE: Final[
     (Status.PROGRESSING, OperatorAction.PAUSE): _pause,
     (Status.PAUSED, OperatorAction.RESUME): _resume,
     (Status.ROLLED_BACK, OperatorAction.RESUME): _resume,
+    (Status.COMPLETE, OperatorAction.RESUME): _resume,
+    (Status.TESTING, OperatorAction.COMPLETE): _complete,
     (Status.PROGRESSING, OperatorAction.ADVANCE): _step_up,
     (Status.PAUSED, OperatorAction.ADVANCE): _step_up,
     **{(status, OperatorAction.PROMOTE): _promote for status in (*_AUTO_STATES, Status.MANUAL)},

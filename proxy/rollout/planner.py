@@ -11,7 +11,8 @@ Rules:
 1. A route with `rollout.auto` is judged every `interval`, the first time one interval
    after the route was first planned (at start, or when a reload added it).
 2. Only the leader judges; a process that does not lead plans weights only.
-3. Only a `progressing` route is judged; the timers of the others run on regardless.
+3. Only a `progressing` route, or a `testing` one (an A/B test's guard and end), is
+   judged; the timers of the others run on regardless.
 4. No step goes up outside an `advance` schedule window, nor while the live processes
    do not share one config (`Fleet.held_because`); failures still count, and a
    rollback is never held.
@@ -157,8 +158,11 @@ def due(
         and route.name in timers
         and now >= timers[route.name]
         and (state := states.get(route.name)) is not None
-        and state.status is Status.PROGRESSING
+        and state.status in _JUDGED
     ]
+
+
+_JUDGED: Final = (Status.PROGRESSING, Status.TESTING)
 
 
 def slices_to_gather(evidence: Evidence, now: float) -> SliceRange | None:

@@ -14,8 +14,9 @@ Rules:
    (`proxy.http.serverlog`).
 5. `GET /api/routes/{name}/report` compares every signal of the route's variants with
    confidence intervals (`proxy.judge.report`): over its rollout since it began (the
-   judge's totals and the slices since), or for a route without one, over the last
-   `?window=` seconds of stats (the stats' retention by default).
+   judge's totals and the slices since; to its end for one complete, rolled back or
+   promoted), or for a route without one, over the last `?window=` seconds of stats
+   (the stats' retention by default).
 6. `GET /` is the status page for people: static files of the package
    (`proxy/server/static`: no build step, nothing from another site, a strict
    Content-Security-Policy). It polls `/api/status` and sends an operator's actions
@@ -44,7 +45,9 @@ from proxy.rollout.machine import (
     MAX_DECISIONS,
     OperatorAction,
     RouteState,
+    Status,
     TransitionRefused,
+    ab_left_s,
     cooldown_left_s,
 )
 from proxy.rollout.planner import pause_left_s
@@ -330,12 +333,17 @@ async def report_document(
     state = controller.states.get(route.name)
     auto = route.rollout.auto
     canary, stable = VariantStats(), VariantStats()
+    until = now
     if auto is not None and state is not None and state.evidence.next_slice > 0:
         evidence = state.evidence
         since, source = state.started_at, "rollout"
         first = evidence.next_slice
         canary.merge(evidence.rollout_canary)
         stable.merge(evidence.rollout_stable)
+        decision = state.last_decision
+        if state.status in _ENDED and decision is not None:
+            # What the judge gathered up to its end: nothing after it is the test's.
+            until, first = decision.at, stats.slice_of(now) + 1
     else:
         since, source = now - window_s, "window"
         first = stats.slice_of(since)
@@ -343,24 +351,31 @@ async def report_document(
     if first <= last:
         canary.merge(await controller.window(route.name, Variant.CANARY, first, last))
         stable.merge(await controller.window(route.name, Variant.STABLE, first, last))
-    span = "since the rollout began" if source == "rollout" else f"in the last {window_s:g}s"
+    if source == "window":
+        span = f"in the last {window_s:g}s"
+    elif until < now:
+        span = "over the rollout, to its end"
+    else:
+        span = "since the rollout began"
     if canary.requests == 0 == stable.requests:
         return f"route {route.name!r} has no requests {span}: nothing to compare yet"
     confidence = auto.confidence if auto is not None else 0.95
     percent = f"{100 * confidence:g}%"
     status = state.status.value if state is not None else "manual"
+    mode = "manual" if auto is None else "ab" if auto.is_ab else "canary"
     return {
         "route": route.name,
+        "mode": mode,
         "status": status,
         "weight": weight,
         "source": source,
         "since": _iso(since),
-        "until": _iso(now),
-        "seconds": round(now - since, 1),
+        "until": _iso(until),
+        "seconds": round(until - since, 1),
         "confidence": confidence,
         "headline": (
             f"route {route.name}: canary {route.canary} at {weight:g}% ({status}) against "
-            f"stable {route.stable}, {span} ({_iso(since)} to {_iso(now)})"
+            f"stable {route.stable}, {span} ({_iso(since)} to {_iso(until)})"
         ),
         "intervals": (
             f"[low, high]: two-sided {percent} intervals, fixed-sample: valid for one look "
@@ -372,14 +387,20 @@ async def report_document(
     }
 
 
+# A rollout that ended: its report stops where it did.
+_ENDED: Final = (Status.COMPLETE, Status.ROLLED_BACK, Status.PROMOTED)
+
+
 def _waits(state: RouteState | None, auto: AutoRollout | None, now: float) -> dict[str, object]:
     """What the rollout waits for: a step's pause, a rollback's cooldown (seconds left)."""
     if state is None or auto is None:
-        return {"pause_left_s": None, "cooldown_left_s": None}
+        return {"pause_left_s": None, "cooldown_left_s": None, "ab_left_s": None}
     pause, cooldown = pause_left_s(state, auto, now), cooldown_left_s(state, auto, now)
+    test = ab_left_s(state, auto, now)
     return {
         "pause_left_s": round(pause, 1) if pause > 0 else None,
         "cooldown_left_s": round(cooldown, 1) if cooldown > 0 else None,
+        "ab_left_s": round(test, 1) if test > 0 else None,
     }
 
 

@@ -10,10 +10,10 @@ const CHART = { width: 600, height: 180, left: 36, right: 12, top: 10, bottom: 2
 const APPLIES = {
   // which buttons apply in which rollout status (the proxy refuses the rest with 409)
   pause: ["progressing"],
-  resume: ["paused", "rolled_back"],
+  resume: ["paused", "rolled_back", "complete"],
   advance: ["progressing", "paused"],
-  promote: ["progressing", "paused", "promoted", "rolled_back", "manual"],
-  rollback: ["progressing", "paused", "promoted", "rolled_back", "manual"],
+  promote: ["progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
+  rollback: ["progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
 };
 
 const samples = new Map(); // route -> [[epoch ms, weight]] seen by this page
