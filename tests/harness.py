@@ -84,6 +84,24 @@ def start_backend(model: str, *flags: str) -> BackendProcess:
     return BackendProcess(process, int(match.group(2)), model)
 
 
+async def run_cli(*argv: str, timeout_s: float = 30.0) -> tuple[int, str, str]:
+    """`canary-proxy ARGV...` as a child process, without blocking the test's event loop
+    (where a proxy it talks to may run): its exit status, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    async with asyncio.timeout(timeout_s):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
     with socket.socket() as sock:

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import Backends
-from tests.harness import RunningProxy, eventually, proxy_yaml, running_proxy_file, sticky
+from tests.harness import (
+    RunningProxy,
+    eventually,
+    proxy_yaml,
+    run_cli,
+    running_proxy_file,
+    sticky,
+)
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -63,37 +69,27 @@ async def test_an_ab_test_holds_its_split_completes_on_time_and_reports(
     backends: Backends, tmp_path: Path
 ) -> None:
     path = tmp_path / "proxy.yaml"
-    write(path, backends, "{duration: 3s, interval: 1s}")
+    write(path, backends, "{duration: 5s, interval: 1s}")
     async with running_proxy_file(str(path)) as proxy:
         testing = await rollout(proxy)
         await asyncio.sleep(1.05 - time.time() % 1.0)  # its evidence starts at a whole second
-        served = await chats(proxy.url, 300)
+        served = await chats(proxy.url, 100)  # well within the test, even on a busy machine
         done = await eventually(
             "the test complete",
             lambda: rollout(proxy),
             holds=lambda found: found["status"] == "complete",
-            timeout_s=10,
+            timeout_s=12,
             interval_s=0.2,
         )
         # Complete, the split stays: the operator decides what comes next.
         after = await chats(proxy.url, 100)
         code, report = await admin(proxy, "GET", "/api/routes/chat/report")
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "report",
-            "--route",
-            "chat",
-            "--admin",
-            f"http://127.0.0.1:{proxy.server.admin_port}",
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        code_cli, out, err = await run_cli(
+            "report", "--route", "chat", "--admin", f"http://127.0.0.1:{proxy.server.admin_port}"
         )
-        out, err = await process.communicate()
     assert (testing["status"], testing["step"]) == ("testing", 0)
-    assert 0 < testing["ab_left_s"] <= 3
-    assert 60 < served.count("canary") < 120  # 30% of 300, by the users' buckets
+    assert 0 < testing["ab_left_s"] <= 5
+    assert 15 < served.count("canary") < 45  # 30% of 100, by the users' buckets
     assert done["decisions"][0]["action"] == "complete"
     assert done["decisions"][0]["cause"] == "duration"
     assert done["decisions"][0]["weight_after"] == 30
@@ -104,11 +100,11 @@ async def test_an_ab_test_holds_its_split_completes_on_time_and_reports(
     assert (report["mode"], report["status"], report["weight"]) == ("ab", "complete", 30)
     # The test's requests, not those after it.
     variants = report["variants"]
-    assert variants["stable"]["requests"] + variants["canary"]["requests"] == 300
+    assert variants["stable"]["requests"] + variants["canary"]["requests"] == 100
     assert variants["canary"]["requests"] == served.count("canary")
     assert "over the rollout, to its end" in report["headline"]
-    assert (process.returncode, err) == (0, b"")
-    assert out.decode().startswith("route chat: canary v2 at 30% (complete)")
+    assert (code_cli, err) == (0, "")
+    assert out.startswith("route chat: canary v2 at 30% (complete)")
 
 
 @pytest.mark.timeout(40)
@@ -117,6 +113,7 @@ async def test_an_operator_completes_a_test_early(backends: Backends, tmp_path: 
     write(path, backends, "{duration: 2h}")
     async with running_proxy_file(str(path)) as proxy:
         await chats(proxy.url, 20)
+        table = await run_cli("status", "--admin", f"http://127.0.0.1:{proxy.server.admin_port}")
         pause = await admin(proxy, "POST", "/api/routes/chat/pause")
         complete = await admin(proxy, "POST", "/api/routes/chat/complete")
         again = await admin(proxy, "POST", "/api/routes/chat/complete")
@@ -127,3 +124,14 @@ async def test_an_operator_completes_a_test_early(backends: Backends, tmp_path: 
     assert body["decisions"][0]["reason"].startswith("A/B test completed by an operator after")
     assert again == (409, {"error": "cannot complete route 'chat': it is complete"})
     assert state["status"] == "complete"
+    code, out, _ = table
+    (row,) = [line for line in out.splitlines() if line.startswith("chat ")]
+    assert code == 0
+    assert row.split()[3:6] == ["30%", "testing", "1/1"]
+    assert re.search(r"A/B test running, (2h|1h 59m) left$", row), row
+    # Nothing ramps: there is nothing to simulate.
+    code, _, err = await run_cli("simulate", "-c", str(path), "--route", "chat")
+    assert code == 1
+    assert err.strip() == (
+        "canary-proxy: error: route 'chat' is an A/B test (rollout.ab): nothing ramps to simulate"
+    )

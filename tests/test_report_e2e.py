@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,28 +19,12 @@ from tests.harness import (
     auto_rollout,
     eventually,
     proxy_yaml,
+    run_cli,
     running_proxy_file,
     sticky,
 )
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-
-
-async def cli(*argv: str) -> tuple[int, str, str]:
-    """`canary-proxy ARGV...` as a child process, without blocking the proxy's loop."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await process.communicate()
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
 
 
 async def chats(url: str, count: int) -> None:
@@ -99,8 +81,10 @@ async def test_a_ramping_canary_is_reported_over_its_rollout(
             timeout_s=10,
             interval_s=0.2,
         )
-        code, out, err = await cli("report", "--route", "chat", "--admin", admin)
-        json_code, json_out, _ = await cli("report", "--route", "chat", "--admin", admin, "--json")
+        code, out, err = await run_cli("report", "--route", "chat", "--admin", admin)
+        json_code, json_out, _ = await run_cli(
+            "report", "--route", "chat", "--admin", admin, "--json"
+        )
     assert (code, err) == (0, "")
     assert json_code == 0
     assert json.loads(json_out)["source"] == "rollout"
@@ -133,11 +117,11 @@ async def test_report_errors_say_what_is_wrong(backends: Backends, tmp_path: Pat
     write(path, backends, "rollout: {weight: 50}\n")
     async with running_proxy_file(str(path)) as proxy:
         admin = admin_url(proxy)
-        unknown = await cli("report", "--route", "nope", "--admin", admin)
-        empty = await cli("report", "--route", "chat", "--admin", admin, "--window", "60")
+        unknown = await run_cli("report", "--route", "nope", "--admin", admin)
+        empty = await run_cli("report", "--route", "chat", "--admin", admin, "--window", "60")
         await chats(proxy.url, 40)
-        manual = await cli("report", "--route", "chat", "--admin", admin, "--json")
-    bad_window = await cli("report", "--route", "chat", "--admin", admin, "--window", "0")
+        manual = await run_cli("report", "--route", "chat", "--admin", admin, "--json")
+    bad_window = await run_cli("report", "--route", "chat", "--admin", admin, "--window", "0")
     assert unknown[0] == 1
     assert unknown[2].strip().endswith("/api/routes/nope/report: no route named 'nope'")
     assert empty[0] == 1

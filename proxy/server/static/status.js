@@ -111,6 +111,7 @@ function fill(card, route, windowS) {
   const waits = [];
   if (rollout.pause_left_s) waits.push(`pausing at this step, ${span(rollout.pause_left_s)} left`);
   if (rollout.cooldown_left_s) waits.push(`cooldown, ${span(rollout.cooldown_left_s)} left`);
+  if (rollout.ab_left_s) waits.push(`A/B test running, ${span(rollout.ab_left_s)} left`);
   if (rollout.next_judgement_in_s !== null && state === "progressing") {
     waits.push(`next judgement in ${span(rollout.next_judgement_in_s)}`);
   }
