@@ -164,6 +164,12 @@ def test_the_proxys_extra_response_headers_replace_a_backends() -> None:
     ]
 
 
+def test_a_response_connection_of_options_alone_drops_no_other_header() -> None:
+    upstream = [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"X-A", b"1")]
+    out = response_headers(upstream, variant=Variant.STABLE, request_id="rid-1")
+    assert [name for name, _ in out] == ["X-A", "x-canary-variant", "x-request-id"]
+
+
 def test_a_header_named_by_connection_is_dropped_wherever_it_stands() -> None:
     raw = lines(
         head(
