@@ -207,15 +207,21 @@ async def test_only_one_of_two_processes_wins_the_first_write(connect: Connect) 
 # --- the lease --------------------------------------------------------------------------
 
 
+LEASE_S = 1.8
+
+
 async def test_lease_is_held_by_one_holder_until_it_expires(connect: Connect) -> None:
+    # The only timing this relies on: each check after a sleep runs within a third of a
+    # lease (0.6 s) of that sleep's end; 0.6 s leases failed on a loaded machine.
+    lease = LEASE_S
     async with connect() as one, connect() as two:
-        assert await one.acquire_lease("a", 0.6)
-        assert not await two.acquire_lease("b", 0.6)
-        await asyncio.sleep(0.3)
-        assert await one.acquire_lease("a", 0.6)  # renewed: good for another 0.6 s
-        await asyncio.sleep(0.4)
-        assert not await two.acquire_lease("b", 0.6)  # past the first term, inside the renewal
-        await asyncio.sleep(0.4)
+        assert await one.acquire_lease("a", lease)
+        assert not await two.acquire_lease("b", lease)
+        await asyncio.sleep(lease / 2)
+        assert await one.acquire_lease("a", lease)  # renewed: good for another term
+        await asyncio.sleep(lease * 2 / 3)
+        assert not await two.acquire_lease("b", lease)  # past the first term, inside the renewal
+        await asyncio.sleep(lease * 2 / 3)
         assert await two.acquire_lease("b", 10.0)  # expired: the other takes it
         assert not await one.acquire_lease("a", 10.0)
 
