@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry bench-hot judge-report clean
+.PHONY: demo test lint typecheck unit screenshot bench bench-workers bench-telemetry bench-hot bench-shadow judge-report clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ bench-workers: $(STAMP)
 # runs (its section of docs/benchmarks.md; `make bench` keeps it).
 bench-telemetry: $(STAMP)
 	$(BIN)/python tests/bench/telemetry_cost.py
+
+# What shadowing 5% of requests costs per request: shadow off, on, and on with pair
+# checks, side by side in interleaved short runs (its section of docs/benchmarks.md;
+# `make bench` keeps it). Needs wrk.
+bench-shadow: $(STAMP)
+	$(BIN)/python tests/bench/shadow_cost.py
 
 # The judge against its targets in every simulated scenario, beside Flagger, Kayenta and
 # an oracle; writes the tables into docs/rollouts.md. About 10 CPU-minutes per 20 runs

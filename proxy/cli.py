@@ -236,17 +236,27 @@ def _status_table(document: dict[str, Any]) -> str:
     for route in document["routes"]:
         rollout = route.get("rollout", {})
         steps = rollout.get("steps")
+        in_shadow = rollout.get("status") == "shadow"
         step = f"{rollout.get('step', -1) + 1}/{len(steps)}" if steps else "-"
+        if in_shadow:
+            step = "shadow"
         verdict = rollout.get("last_verdict")
         waits = [
             f"{what}, {format_span(rollout[key])} left"
             for key, what in (
-                ("pause_left_s", "pausing at this step"),
+                ("pause_left_s", "in shadow" if in_shadow else "pausing at this step"),
                 ("cooldown_left_s", "no resume (cooldown)"),
                 ("ab_left_s", "A/B test running"),
             )
             if rollout.get(key)
         ]
+        shadow = route.get("shadow")
+        if in_shadow and shadow:
+            sent = shadow["requests"]
+            waits.append(
+                f"shadow requests {sent['completed']} completed, {sent['failed']} failed, "
+                f"{sent['dropped']} dropped"
+            )
         if verdict:
             waits.append(f"{verdict['verdict']}: {verdict['reason']}")
         why = "; ".join(waits)

@@ -72,12 +72,17 @@ class Host:
     config: Config
     stats: WindowStats = field(default_factory=WindowStats)
     weights: list[dict[str, float]] = field(default_factory=list)
+    shadowing: list[frozenset[str]] = field(default_factory=list)
     judgements: list[tuple[str, Verdict | None]] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
 
-    def set_weights(self, weights: Mapping[str, float]) -> None:
+    def set_weights(
+        self, weights: Mapping[str, float], shadowing: frozenset[str] = frozenset()
+    ) -> None:
         if not self.weights or self.weights[-1] != weights:
             self.weights.append(dict(weights))
+        if not self.shadowing or self.shadowing[-1] != shadowing:
+            self.shadowing.append(shadowing)
 
     def record_judgement(self, route: str, verdict: Verdict | None) -> None:
         self.judgements.append((route, verdict))
@@ -276,12 +281,12 @@ async def test_a_config_edit_adopts_the_weight_and_a_new_canary_starts_again() -
     await fleet.start()
     host, controller = fleet.hosts[0], fleet.controllers[0]
     host.config = config(weight=50)
-    host.set_weights(await controller.config_changed(host.config))
+    host.set_weights(*await controller.config_changed(host.config))
     assert fleet.state.weight == 50
     assert host.served == 50
     assert fleet.actions()[-1] == "adopt"
     host.config = config(weight=50, canary_url="http://10.0.0.3:8000")
-    host.set_weights(await controller.config_changed(host.config))
+    host.set_weights(*await controller.config_changed(host.config))
     assert fleet.state.weight == 10, "a new canary starts at the first step"
     assert fleet.actions()[-1] == "restart"
 

@@ -144,6 +144,12 @@ def test_without_a_peer_or_a_forwarded_for_there_is_no_forwarded_for() -> None:
     ]
 
 
+def test_a_backends_connection_keep_alive_alone_drops_only_itself() -> None:
+    upstream = [(b"Connection", b"keep-alive"), (b"Keep-Alive", b"timeout=5"), (b"X-A", b"1")]
+    out = response_headers(upstream, variant=Variant.STABLE, request_id="r")
+    assert out == [("X-A", "1"), ("x-canary-variant", "stable"), ("x-request-id", "r")]
+
+
 def test_a_response_header_that_is_not_utf8_passes_byte_for_byte_as_latin1() -> None:
     out = dict(
         response_headers([(b"X-Name", b"caf\xe9 \xff")], variant=Variant.STABLE, request_id="r")

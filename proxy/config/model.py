@@ -310,6 +310,64 @@ class Checks:
         return [(name, check) for name, check in found if check is not None]
 
 
+# The only paths (by their end) a shadow request is sent for: LLM calls that may be
+# asked twice without doing anything twice (OpenAI, Anthropic, and the native generate
+# paths of TGI, Ollama and llama.cpp).
+SHADOW_PATHS: Final = (
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/messages",
+    "/embeddings",
+    "/generate",
+    "/generate_stream",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/completion",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AgreementCheck:
+    """Shadow pairs whose answers agree: the same text when the request is deterministic
+    (temperature 0), else words in common (Jaccard) at least `similarity`."""
+
+    min: float  # the least share of comparable pairs that agree, 0-1
+    similarity: float = 0.5  # 0-1
+
+
+@dataclass(frozen=True, slots=True)
+class LengthCheck:
+    """Shadow pairs whose output token counts are within `max_ratio` of each other,
+    either way."""
+
+    max_ratio: float  # > 1
+    max_share: float = 0.1  # the most of the comparable pairs that may be further apart, 0-1
+
+
+@dataclass(frozen=True, slots=True)
+class PairChecks:
+    """What only shadow pairs can tell, beside the route's `checks`."""
+
+    agreement: AgreementCheck | None = None
+    output_length: LengthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """The shadow phase before the first step: a share of stable's requests is also sent
+    to the canary, whose answers are judged against stable's and thrown away."""
+
+    share: float = 0.05  # of stable's eligible requests, 0-1 (sticky by user)
+    duration_s: float = 1800.0  # the least time in shadow before steps[0]
+    max_concurrency: int = 8  # shadow requests in flight at once, per process
+    queue: int = 64  # shadow requests waiting for a turn, per process; more are dropped
+    never_tools: tuple[str, ...] = ()  # a request offering any of these tools is never sent
+    checks: PairChecks = PairChecks()  # judged on the pairs, beside the route's checks
+
+
 @dataclass(frozen=True, slots=True)
 class AutoRollout:
     steps: tuple[float, ...]
@@ -331,6 +389,8 @@ class AutoRollout:
     @property
     def is_ab(self) -> bool:
         return self.ab_duration_s > 0
+
+    shadow: Shadow | None = None  # a shadow phase before steps[0]; None: none
 
     def pause_s(self, step: int) -> float:
         """The pause of step `step` (an index into `steps`); 0 below the first."""

@@ -13,6 +13,10 @@ Rules:
 5. `ab` is an A/B test instead of a ramp: a fixed split at `weight` (above 0, below
    100) for `duration`, with the checks of `guard` (optional) stopping a canary beyond
    gross limits. A route has `auto` or `ab`, never both: one ramps, the other holds.
+6. `shadow` (SHADOW_KEYS, all optional): a share in (0, 1], a duration, at least one
+   shadow request in flight, a queue of 0 or more, tool names, and the checks only
+   pairs can tell: `agreement` (`min` required, `similarity`: shares 0-1) and
+   `output_length` (`max_ratio` > 1 required, `max_share` 0-1).
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from proxy.config.model import (
     RATE_CHECKS,
     RATIO_CHECKS,
     AbTest,
+    AgreementCheck,
     AutoRollout,
     Checks,
     ErrorRateCheck,
     LatencyCheck,
+    LengthCheck,
     OnFailure,
+    PairChecks,
     RatioCheck,
     Rollout,
+    Shadow,
 )
 from proxy.config.reader import Fields, Reader
 
@@ -47,7 +55,9 @@ AUTO_KEYS = (
     "confidence",
     "checks",
     "cooldown",
+    "shadow",
 )
+SHADOW_KEYS = ("share", "duration", "max_concurrency", "queue", "never_tools", "checks")
 STEP_KEYS = ("weight", "pause")
 AB_KEYS = ("duration", "interval", "confidence", "failure_limit", "guard")
 
@@ -113,6 +123,7 @@ def _read_auto(reader: Reader) -> AutoRollout | None:
         cooldown_s=fields.get(
             "cooldown", lambda r: r.duration(allow_zero=True), defaults.cooldown_s
         ),
+        shadow=fields.get("shadow", _read_shadow, None),
     )
     return auto if steps else None
 
@@ -153,6 +164,58 @@ def _read_step(reader: Reader) -> tuple[float, float] | None:
         fields.at("pause").error("cannot pause at 100: the canary is promoted there")
         return None
     return weight, pause
+
+
+def _read_shadow(reader: Reader) -> Shadow | None:
+    """`shadow: {share: 0.05, duration: 30m, ...}`; every key has a default."""
+    fields = reader.fields(SHADOW_KEYS)
+    if fields is None:
+        return None
+    defaults = Shadow()
+    return Shadow(
+        share=fields.get("share", lambda r: r.number(above=0.0, maximum=1.0), defaults.share),
+        duration_s=fields.get("duration", Reader.duration, defaults.duration_s),
+        max_concurrency=_count(fields, "max_concurrency", defaults.max_concurrency),
+        queue=fields.get("queue", lambda r: r.integer(minimum=0), defaults.queue),
+        never_tools=fields.get("never_tools", _read_names, defaults.never_tools),
+        checks=fields.get("checks", _read_pair_checks, defaults.checks),
+    )
+
+
+def _read_pair_checks(reader: Reader) -> PairChecks | None:
+    fields = reader.fields(("agreement", "output_length"))
+    if fields is None:
+        return None
+    return PairChecks(
+        agreement=fields.get("agreement", _read_agreement, None),
+        output_length=fields.get("output_length", _read_length, None),
+    )
+
+
+def _read_agreement(reader: Reader) -> AgreementCheck | None:
+    fields = reader.fields(("min", "similarity"), required=("min",))
+    if fields is None or "min" not in fields:
+        return None
+    least = fields.get("min", _read_share, None)
+    similarity = fields.get("similarity", _read_share, AgreementCheck(0.0).similarity)
+    return None if least is None or similarity is None else AgreementCheck(least, similarity)
+
+
+def _read_length(reader: Reader) -> LengthCheck | None:
+    fields = reader.fields(("max_ratio", "max_share"), required=("max_ratio",))
+    if fields is None or "max_ratio" not in fields:
+        return None
+    ratio = fields.get("max_ratio", lambda r: r.number(above=1.0), None)
+    share = fields.get("max_share", _read_share, LengthCheck(2.0).max_share)
+    return None if ratio is None or share is None else LengthCheck(ratio, share)
+
+
+def _read_names(reader: Reader) -> tuple[str, ...] | None:
+    items = reader.items(non_empty=False)
+    if items is None:
+        return None
+    names = [item.string() for item in items]
+    return tuple(name for name in names if name is not None)
 
 
 def _read_checks(reader: Reader) -> Checks | None:

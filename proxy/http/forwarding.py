@@ -31,6 +31,10 @@ Rules:
 10. `POST /v1/feedback` is the proxy's own (`proxy.telemetry.feedback`) unless
    `limits.feedback_ids` is 0: it rates an answered request, by its x-request-id,
    for the variant that served it. Every answered request's id is remembered for it.
+11. A stable-served request of a route in shadow may be picked to be sent again to
+   the canary (`proxy.http.shadow`): its body is then read, and it is offered to the
+   shadow dispatcher once its answer is relayed. A route without shadow pays one
+   attribute check.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from proxy.http.headers import REQUEST_ID, VARIANT, request_head
 from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
 from proxy.http.pool import ConnectFailed, ConnectTimeout, PoolTimeout
 from proxy.http.relay import Opened, relay
+from proxy.http.shadow import ShadowDispatcher, ShadowRequest
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
 from proxy.routing.keys import NEED_BODY, is_trusted
@@ -123,6 +128,7 @@ class Forwarder:
         self.snapshot = snapshot
         self.deadlines = deadlines
         self.telemetry = telemetry
+        self.shadows = ShadowDispatcher(telemetry)
         self.in_flight = 0
         self.draining = False  # set at SIGTERM: new requests get 503 draining
         self._time = asyncio.get_running_loop().time
@@ -194,8 +200,12 @@ class Forwarder:
             attempt.cancelled = True
             raise
         finally:
-            telemetry.attempt_done(exchange, attempt, self._time())
+            ended = self._time()
+            telemetry.attempt_done(exchange, attempt, ended)
         telemetry.recent.remember(request_id, attempt.route, attempt.variant)
+        shadow = opened.shadow
+        if shadow is not None:
+            self.shadows.offer(shadow, exchange, attempt, ended, snapshot.upstreams, request_id)
         if opened.cut is not None:
             log.debug(
                 "route %s: %s stream from %s cut: %s",
@@ -257,12 +267,17 @@ class Forwarder:
         exchange.assignment = assignment
         may_fall_back = variant is Variant.CANARY and route.fallback_to_stable
         peer_trusted = is_trusted(request.remote, config.trusted_proxies)
+        shadow: ShadowRequest | None = None
+        if plan.shadow and variant is Variant.STABLE:
+            shadow = await self.shadows.pick(
+                request, body, plan, assignment, config.trusted_proxies
+            )
         payload = await _payload(body, plan, variant, buffer=may_fall_back)
         if exchange.trace is not None:
             exchange.body = body.raw
             exchange.user_agent = request.headers.get("user-agent")
         try:
-            return await self._attempt(
+            opened = await self._attempt(
                 request,
                 request_id,
                 peer_trusted,
@@ -277,6 +292,9 @@ class Forwarder:
                 return error_response(error, request_id, variant)
             log.debug("route %s: canary failed before its first byte (%s)", route.name, error)
             canary_error = error
+        else:
+            opened.shadow = shadow
+            return opened
         variant = exchange.variant = Variant.STABLE
         exchange.fallback = True
         try:

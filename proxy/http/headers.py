@@ -16,6 +16,8 @@ Rules:
    `x-canary-variant` tells the client who really answered.
 6. Headers travel as the bytes that were received; names keep their case and
    repeated headers their order.
+7. A client's `x-canary-shadow` never reaches a backend: only the proxy's shadow
+   requests carry it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from proxy.config.model import Variant
 
 __all__ = [
     "REQUEST_ID",
+    "SHADOW",
     "VARIANT",
     "request_head",
     "response_headers",
@@ -34,6 +37,9 @@ __all__ = [
 
 REQUEST_ID: Final = "x-request-id"
 VARIANT: Final = "x-canary-variant"
+# Marks the proxy's shadow requests (`proxy.http.shadow`): never taken from a client, so
+# a backend can trust it.
+SHADOW: Final = "x-canary-shadow"
 
 _HOP_BY_HOP: Final = (
     b"connection",
@@ -54,6 +60,7 @@ _NOT_FORWARDED: Final = frozenset(
         b"x-forwarded-proto",
         b"x-forwarded-host",
         REQUEST_ID.encode(),
+        SHADOW.encode(),
     }
 )
 # Never copied back to the client: the proxy frames the response itself.
@@ -80,6 +87,7 @@ def request_head(
     content_length: int | None,
     traceparent: str | None = None,
     x_api_key: bool = False,
+    shadow: bool = False,
 ) -> bytes:
     """The HTTP/1.1 request head to send to the backend for a client request.
 
@@ -89,6 +97,7 @@ def request_head(
         content_length: the body's length, None for no body.
         traceparent: the W3C trace context for the backend, in place of the client's.
         x_api_key: `api_key` goes in an `x-api-key` header (Anthropic), not as a bearer.
+        shadow: a shadow request (`x-canary-shadow: 1`, rule 7).
     """
     # One pass, writing the kept headers as it goes, and one join at the end: the head
     # is built for every request. A Connection header that names other headers (rare)
@@ -137,6 +146,8 @@ def request_head(
     parts += (b"x-request-id: ", request_id.encode(), b"\r\n")
     if traceparent is not None:
         parts += (b"traceparent: ", traceparent.encode(), b"\r\n")
+    if shadow:
+        parts.append(b"x-canary-shadow: 1\r\n")
     if content_length is not None:
         parts.append(b"Content-Length: %d\r\n" % content_length)
     parts.append(b"\r\n")

@@ -33,6 +33,7 @@ from proxy.http.deadlines import Deadlines, Watch
 from proxy.http.headers import response_headers
 from proxy.http.http1 import BackendCut, Connection, Head
 from proxy.http.pool import BackendPool
+from proxy.http.shadow import ShadowRequest
 from proxy.telemetry.recorder import Attempt
 
 __all__ = ["Opened", "relay"]
@@ -58,6 +59,7 @@ class Opened:
         "head",
         "pool",
         "request_id",
+        "shadow",
         "watch",
     )
 
@@ -80,6 +82,7 @@ class Opened:
         self.request_id = request_id
         self.extra_headers: dict[str, str] | None = None
         self.cut: str | None = None
+        self.shadow: ShadowRequest | None = None  # to send to the canary once relayed
 
 
 async def relay(
@@ -91,6 +94,7 @@ async def relay(
     head = opened.head
     watch = opened.watch
     attempt = opened.attempt
+    shadow = opened.shadow  # None unless this answer is half of a shadow pair
     headers = response_headers(
         head.headers,
         variant=attempt.variant,
@@ -108,8 +112,12 @@ async def relay(
         _judge_end(request, head, sse, connection, first, first, attempt)
         pool.release(connection)
         attempt.head = attempt.tail = first
+        if shadow is not None:
+            shadow.keep(first)
         return web.Response(status=head.status, reason=reason, body=first, headers=headers)
     attempt.head = first
+    if shadow is not None:
+        shadow.keep(first)
     out = web.StreamResponse(status=head.status, reason=reason, headers=headers)
     declared = head.content_length
     if declared is not None and declared.isdigit():
@@ -142,6 +150,8 @@ async def relay(
             await out.write(chunk)
             watch.busy = False
             earlier, before, last = before, last, chunk
+            if shadow is not None:
+                shadow.keep(chunk)
     except asyncio.CancelledError:
         if not watch.expired_here():
             pool.discard(connection)

@@ -44,6 +44,11 @@ Rules:
 8. The overall verdict fails if any check fails, passes if every check passes (with at
    least `min_requests` canary requests at this step, checks or none), and is
    inconclusive otherwise.
+9. In shadow (`Evidence.shadow`), the pairs are also judged on the shadow's own
+   checks: `agreement` (the share of comparable pairs that disagree, at most 1 − `min`)
+   and `output_length` (the share of pairs whose lengths do not match, at most
+   `max_share`), as absolute ceilings on a rate; each pair counts as one. A check with
+   no comparable pair passes as in rule 7.
 """
 
 from __future__ import annotations
@@ -55,7 +60,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
-from proxy.config.model import QUANTILE_CHECKS, RATIO_CHECKS, AutoRollout, Checks, Variant
+from proxy.config.model import (
+    QUANTILE_CHECKS,
+    RATIO_CHECKS,
+    AutoRollout,
+    Checks,
+    PairChecks,
+    Variant,
+)
 from proxy.judge.histogram import LogHistogram
 from proxy.judge.sequential import (
     EProcess,
@@ -83,7 +95,9 @@ __all__ = [
     "LimitKind",
     "Verdict",
     "judge",
+    "limits_for",
     "limits_of",
+    "pair_limits",
     "token_dispersion",
 ]
 
@@ -91,6 +105,10 @@ __all__ = [
 # quantile (p95: 100 samples; p99: 500).
 _REFERENCE_TAIL: Final = 5
 _REFERENCE_KEEP: Final = 4  # a reference carried on is halved past this many times that
+# The measures of shadow pairs (rule 9): rates of their pairs, with no stable of their own.
+DISAGREE: Final = "disagreements"
+LENGTH: Final = "length"
+_PAIR_METRICS: Final = (DISAGREE, LENGTH)
 
 
 class Verdict(StrEnum):
@@ -169,6 +187,26 @@ _RATE_METRICS: Final = {
 }
 
 
+@functools.lru_cache(maxsize=64)
+def pair_limits(checks: PairChecks) -> tuple[Limit, ...]:
+    """The limits of the checks only shadow pairs can tell (rule 9): a ceiling on the
+    share of pairs that disagree, and on the share whose lengths do not match."""
+    limits: list[Limit] = []
+    if checks.agreement is not None:
+        limits.append(Limit("agreement", LimitKind.MAX, 1.0 - checks.agreement.min, DISAGREE))
+    if checks.output_length is not None:
+        limits.append(Limit("output_length", LimitKind.MAX, checks.output_length.max_share, LENGTH))
+    return tuple(limits)
+
+
+def limits_for(auto: AutoRollout, shadow: bool) -> tuple[Limit, ...]:
+    """Every limit judged: the checks', and in shadow the pair checks' too."""
+    limits = limits_of(auto.checks)
+    if shadow and auto.shadow is not None:
+        return limits + pair_limits(auto.shadow.checks)
+    return limits
+
+
 @dataclass(frozen=True, slots=True)
 class Incident:
     """Stable beyond an absolute limit in the last slice, and the canary with it."""
@@ -222,10 +260,11 @@ class Evidence:
     tests: Tests = field(default_factory=dict)
     references: Mapping[str, LogHistogram] = field(default_factory=dict)
     incidents: tuple[Incident, ...] = ()
+    shadow: bool = False  # of shadow pairs: the shadow's pair checks are judged too (rule 9)
 
     @classmethod
-    def fresh(cls, next_slice: int) -> Evidence:
-        return cls(next_slice=next_slice)
+    def fresh(cls, next_slice: int, *, shadow: bool = False) -> Evidence:
+        return cls(next_slice=next_slice, shadow=shadow)
 
     def added(
         self,
@@ -240,7 +279,7 @@ class Evidence:
         limits of `auto`. New objects, unless `reuse`: then this evidence's stats are
         added to in place and shared with the result, for a caller that keeps nothing
         else of it (the simulator, which cannot afford a copy per interval)."""
-        limits = limits_of(auto.checks)
+        limits = limits_for(auto, self.shadow)
         references = _references(self.references, limits, stable)
         spread = (
             token_dispersion(self.rollout_canary, canary, self.rollout_stable, stable)
@@ -284,6 +323,7 @@ class Evidence:
             tests,
             references,
             tuple(incidents),
+            self.shadow,
         )
 
     def new_step(self) -> Evidence:
@@ -298,10 +338,11 @@ class Evidence:
             },
             references=self.references,
             incidents=self.incidents,
+            shadow=self.shadow,
         )
 
     def to_mapping(self) -> dict[str, object]:
-        return {
+        mapping: dict[str, object] = {
             "rollout_canary": self.rollout_canary.to_mapping(),
             "rollout_stable": self.rollout_stable.to_mapping(),
             "step_canary": self.step_canary.to_mapping(),
@@ -314,6 +355,9 @@ class Evidence:
             "references": {name: ref.to_mapping() for name, ref in self.references.items()},
             "incidents": [incident.to_mapping() for incident in self.incidents],
         }
+        if self.shadow:
+            mapping["shadow"] = True
+        return mapping
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> Evidence:
@@ -352,6 +396,7 @@ class Evidence:
             tests,
             {str(name): LogHistogram.from_mapping(ref) for name, ref in references.items()},
             tuple(Incident.from_mapping(incident) for incident in incidents),
+            data.get("shadow") is True,
         )
 
 
@@ -383,6 +428,10 @@ def _rate_counts(stats: VariantStats, metric: str) -> tuple[float, float]:
         return float(stats.errors), float(stats.requests - stats.cancels)
     if metric == "feedback":
         return float(stats.feedback_negative), float(stats.feedback)
+    if metric == DISAGREE:
+        return float(stats.disagreements), float(stats.pairs)
+    if metric == LENGTH:
+        return float(stats.length_mismatches), float(stats.length_pairs)
     return float(stats.cancels), float(stats.requests)
 
 
@@ -621,7 +670,7 @@ class Judgement:
 def judge(evidence: Evidence, auto: AutoRollout) -> Judgement:
     """The verdict on a canary, from what has been seen of its rollout."""
     canary_n, stable_n = evidence.rollout_canary.requests, evidence.rollout_stable.requests
-    limits = limits_of(auto.checks)
+    limits = limits_for(auto, evidence.shadow)
     alpha = 1.0 - auto.confidence
     shares = {limit.key: _ALPHA_WEIGHTS[limit.kind] for limit in limits}
     total = sum(shares.values())
@@ -703,7 +752,7 @@ class _UserEffects:
 
 
 # Measures not of times, each with a user design effect of its own (or none).
-_UNTIMED: Final = ("errors", "cancels", "feedback", "tokens")
+_UNTIMED: Final = ("errors", "cancels", "feedback", "tokens", *_PAIR_METRICS)
 
 
 def _user_effect(stats: VariantStats, metric: str) -> float:
@@ -713,6 +762,8 @@ def _user_effect(stats: VariantStats, metric: str) -> float:
         # in the user sums: neither is known per user cluster. Their design effect is
         # the time slices' alone (rule 5).
         return 1.0
+    if metric in _PAIR_METRICS:
+        return 1.0  # pairs keep no user sums: each pair counts as one
     if not stats.users:
         return 1.0  # no user sums (numbers recorded without them): requests as users
     if metric == "errors":
@@ -758,7 +809,10 @@ def _judge_check(
         return outcome.result(Verdict.FAIL, "rollout", [outcome.note(x, "beyond") for x in failed])
     first = limits[0]
     if _streams_nothing(first, evidence):
-        return outcome.nothing_streamed(auto.min_requests)
+        nothing = "answers reporting tokens" if first.is_mean else "streamed requests"
+        return outcome.nothing_streamed(auto.min_requests, f"no {nothing} to judge")
+    if first.metric in _PAIR_METRICS and _samples(first, evidence.rollout_canary) == 0:
+        return outcome.nothing_streamed(auto.min_requests, "no pairs it could compare")
     samples = _samples(first, evidence.step_canary)
     if samples < auto.min_requests:
         note = f"too little data at this step ({samples:g} of {auto.min_requests})"
@@ -836,9 +890,14 @@ class _Outcome:
                 limits.append(stable_value * limit.value)
         where = "over the rollout" if window == "rollout" else "at this step"
         show = _pct if first.is_rate else _tokens if first.is_mean else _seconds
+        versus = (
+            ""
+            if first.metric in _PAIR_METRICS
+            else f" vs stable {show(stable_value)} (n={stable_n})"
+        )
         reason = (
-            f"{_label(first)} {show(canary_value)} (n={canary_n}) vs stable "
-            f"{show(stable_value)} (n={stable_n}) {where}: {', '.join(notes)}"
+            f"{_label(first)} {show(canary_value)} (n={canary_n}){versus} {where}: "
+            f"{', '.join(notes)}"
         )
         return CheckResult(
             self.check,
@@ -854,11 +913,10 @@ class _Outcome:
             self.pass_threshold,
         )
 
-    def nothing_streamed(self, min_requests: int) -> CheckResult:
+    def nothing_streamed(self, min_requests: int, why: str) -> CheckResult:
         step_n = self.evidence.step_canary.requests
         verdict = Verdict.PASS if step_n >= min_requests else Verdict.INCONCLUSIVE
-        nothing = "answers reporting tokens" if self.first.is_mean else "streamed requests"
-        note = f"{_label(self.first)}: no {nothing} to judge"
+        note = f"{_label(self.first)}: {why}"
         if verdict is Verdict.INCONCLUSIVE:
             note += f" ({step_n} of {min_requests} canary requests at this step)"
         return CheckResult(
@@ -897,6 +955,8 @@ _METRIC_WORDS: Final = {
     "latency": "latency",
     "ttft": "time to first token",
     "tpot": "time per output token",
+    DISAGREE: "answer disagreement",
+    LENGTH: "output length mismatch",
 }
 
 

@@ -35,6 +35,10 @@ Rules:
    vary, which the judge's `output_tokens_ratio` check and the report need), and
    `token_seconds_squares` and `token_cross` the sums of each one's time squared and of
    its count times its time (the report's interval of tokens per second).
+8. A shadow pair (`proxy.http.shadow`) also counts, on its canary side, whether the two
+   answers agreed and whether their lengths matched, each only when it could be told
+   (`pairs`/`disagreements`, `length_pairs`/`length_mismatches`); slices without
+   pairs carry none of these.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping
+from enum import StrEnum
 from typing import Final
 
 from proxy.config.model import Variant
@@ -56,9 +61,23 @@ __all__ = [
     "USER_LOG_SQUARES",
     "USER_LOG_SUM",
     "USER_REQUESTS",
+    "Series",
+    "ShadowSide",
     "VariantStats",
     "WindowStats",
 ]
+
+
+class ShadowSide(StrEnum):
+    """The two sides of the shadow pairs of a canary in its shadow phase
+    (`proxy.http.shadow`), kept apart from the traffic the variants served."""
+
+    CANARY = "shadow_canary"
+    STABLE = "shadow_stable"
+
+
+# What a route's stats are kept per: a variant's served traffic, or a side of its pairs.
+Series = Variant | ShadowSide
 
 # Rule 3: 64 clusters keep a slice's user sums within 320 numbers per variant, and
 # are enough to estimate how much one user's requests hang together (the judge's
@@ -84,12 +103,16 @@ class VariantStats:
 
     __slots__ = (
         "cancels",
+        "disagreements",
         "errors",
         "errors_by_type",
         "feedback",
         "feedback_negative",
         "latency",
+        "length_mismatches",
+        "length_pairs",
         "output_tokens",
+        "pairs",
         "requests",
         "token_answers",
         "token_cross",
@@ -119,6 +142,12 @@ class VariantStats:
         self.token_cross = 0.0  # each one's tokens times its time, summed
         self.feedback = 0
         self.feedback_negative = 0
+        # Shadow pairs (rule 8): whose answers could be compared, and did not agree; whose
+        # output lengths could be compared, and did not match.
+        self.pairs = 0
+        self.disagreements = 0
+        self.length_pairs = 0
+        self.length_mismatches = 0
 
     def record(
         self,
@@ -164,6 +193,15 @@ class VariantStats:
             elif cancel:
                 sums[USER_CANCELS] += 1
 
+    def record_pair(self, agreed: bool | None, length_matched: bool | None) -> None:
+        """What a shadow pair's comparison found (None: it could not be told)."""
+        if agreed is not None:
+            self.pairs += 1
+            self.disagreements += not agreed
+        if length_matched is not None:
+            self.length_pairs += 1
+            self.length_mismatches += not length_matched
+
     def record_feedback(self, negative: bool) -> None:
         self.feedback += 1
         if negative:
@@ -194,6 +232,10 @@ class VariantStats:
         self.token_cross += other.token_cross
         self.feedback += other.feedback
         self.feedback_negative += other.feedback_negative
+        self.pairs += other.pairs
+        self.disagreements += other.disagreements
+        self.length_pairs += other.length_pairs
+        self.length_mismatches += other.length_mismatches
         if not users:
             return
         mine = self.users
@@ -248,10 +290,14 @@ class VariantStats:
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
             "feedback_negative_rate": self.feedback_negative_rate,
+            "disagreement_rate": self.disagreements / self.pairs if self.pairs else None,
+            "length_mismatch_rate": (
+                self.length_mismatches / self.length_pairs if self.length_pairs else None
+            ),
         }
 
     def to_mapping(self) -> dict[str, object]:
-        return {
+        mapping: dict[str, object] = {
             "requests": self.requests,
             "errors": self.errors,
             "errors_by_type": dict(self.errors_by_type),
@@ -269,6 +315,12 @@ class VariantStats:
             "feedback": self.feedback,
             "feedback_negative": self.feedback_negative,
         }
+        if self.pairs or self.length_pairs:  # rule 8: only slices with pairs carry them
+            mapping["pairs"] = self.pairs
+            mapping["disagreements"] = self.disagreements
+            mapping["length_pairs"] = self.length_pairs
+            mapping["length_mismatches"] = self.length_mismatches
+        return mapping
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> VariantStats:
@@ -307,6 +359,10 @@ class VariantStats:
         stats.token_cross = _sum(data.get("token_cross", 0.0))
         stats.feedback = _count(data.get("feedback", 0))
         stats.feedback_negative = _count(data.get("feedback_negative", 0))
+        stats.pairs = _count(data.get("pairs", 0))
+        stats.disagreements = _count(data.get("disagreements", 0))
+        stats.length_pairs = _count(data.get("length_pairs", 0))
+        stats.length_mismatches = _count(data.get("length_mismatches", 0))
         return stats
 
 
@@ -338,7 +394,7 @@ class WindowStats:
     def __init__(self, slice_s: float = SLICE_S, retention_s: float = RETENTION_S) -> None:
         self.slice_s = slice_s
         self._keep = max(1, int(retention_s / slice_s))
-        self._rings: dict[tuple[str, Variant], deque[tuple[int, VariantStats]]] = {}
+        self._rings: dict[tuple[str, Series], deque[tuple[int, VariantStats]]] = {}
 
     def keep_for(self, retention_s: float) -> None:
         """Hold slices this long from now on (at least a judgement interval, twice over)."""
@@ -351,7 +407,7 @@ class WindowStats:
     def record(
         self,
         route: str,
-        variant: Variant,
+        variant: Series,
         now: float,
         latency_s: float,
         ttft_s: float | None,
@@ -364,10 +420,16 @@ class WindowStats:
             latency_s, ttft_s, error_type, output_tokens, cancelled, user
         )
 
+    def record_pair(
+        self, route: str, now: float, agreed: bool | None, length_matched: bool | None
+    ) -> None:
+        """A shadow pair's comparison, on its canary side (rule 8)."""
+        self.slice_for(route, ShadowSide.CANARY, now).record_pair(agreed, length_matched)
+
     def record_feedback(self, route: str, variant: Variant, now: float, negative: bool) -> None:
         self.slice_for(route, variant, now).record_feedback(negative)
 
-    def slice_for(self, route: str, variant: Variant, now: float) -> VariantStats:
+    def slice_for(self, route: str, variant: Series, now: float) -> VariantStats:
         """The current slice of a route's variant, started if need be."""
         index = int(now // self.slice_s)
         ring = self._rings.get((route, variant))
@@ -379,11 +441,11 @@ class WindowStats:
                 ring.popleft()
         return ring[-1][1]
 
-    def window(self, route: str, variant: Variant, since: float, until: float) -> VariantStats:
+    def window(self, route: str, variant: Series, since: float, until: float) -> VariantStats:
         """The sum of the slices that overlap [since, until]."""
         return self.between(route, variant, self.slice_of(since), self.slice_of(until))
 
-    def between(self, route: str, variant: Variant, first: int, last: int) -> VariantStats:
+    def between(self, route: str, variant: Series, first: int, last: int) -> VariantStats:
         """The sum of the slices numbered `first` to `last`, both included."""
         total = VariantStats()
         for index, stats in self._rings.get((route, variant), ()):
@@ -394,7 +456,7 @@ class WindowStats:
     def slice_of(self, epoch_s: float) -> int:
         return int(epoch_s // self.slice_s)
 
-    def slices(self) -> Iterator[tuple[str, Variant, int, VariantStats]]:
+    def slices(self) -> Iterator[tuple[str, Series, int, VariantStats]]:
         """Every slice held: (route, variant, slice index, stats)."""
         for (route, variant), ring in self._rings.items():
             for index, stats in ring:

@@ -1,9 +1,11 @@
 """The rollout state machine (SPEC §6): a route's state, and how events change it. Pure.
 
-States: `progressing` (ramping on evidence), `paused` (by an operator, or held after
-failures with `on_failure: hold`), `promoted` (reached 100), `rolled_back` (weight 0
-after failure), `manual` (no `auto`: the config's weight is served), and for an A/B
-test (`rollout.ab`) `testing` (the fixed split, for its duration) and `complete`.
+States: `shadow` (weight 0: a share of stable's requests is also sent to the canary,
+whose answers are judged and thrown away), `progressing` (ramping on evidence), `paused`
+(by an operator, or held after failures with `on_failure: hold`), `promoted` (reached
+100), `rolled_back` (weight 0 after failure), `manual` (no `auto`: the config's weight
+is served), and for an A/B test (`rollout.ab`) `testing` (the fixed split, for its
+duration) and `complete`.
 
 Transitions are a table: (state, event) → handler. Events are a judgement (pass,
 fail, inconclusive), an operator's action (pause, resume, advance, promote, rollback),
@@ -39,6 +41,14 @@ Rules:
     judgements in a row stop it (weight 0, `rolled_back`): a canary beyond gross limits
     is not kept for the sake of a test. An operator may `complete` it early, promote it
     or roll it back; a resume from `complete` or `rolled_back` starts a new test.
+12. With `shadow` configured, a new canary (rule 4), and a rolled-back one an operator
+    resumes, starts in `shadow` at weight 0, judged on its shadow pairs. Passing
+    judgements take it to `steps[0]` as passes take a step up (the planner holds it
+    there for `shadow.duration`, as a step's pause), with a rollout of its own;
+    `failure_limit` failing ones roll it back whatever `on_failure` says (holding a
+    canary no user sees helps nobody). Operators act in shadow as at any step: a pause
+    holds it at 0 and a resume goes back into shadow, an advance goes to `steps[0]`.
+    Shadow configured away from a canary in shadow takes it to `steps[0]`.
 """
 
 from __future__ import annotations
@@ -78,6 +88,7 @@ MAX_DECISIONS: Final = 20
 
 
 class Status(StrEnum):
+    SHADOW = "shadow"
     PROGRESSING = "progressing"
     PAUSED = "paused"
     PROMOTED = "promoted"
@@ -302,6 +313,11 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
             now,
             f"the config's weight was edited to {config_weight:g}%",
         )
+    if state.status is Status.MANUAL and state.weight == 0 and auto.shadow is not None:
+        # No user has seen this canary yet: it is judged in shadow first.
+        return _restart(
+            state, route.name, auto, config_weight, identity, now, "an automatic rollout"
+        )
     if state.status in (Status.MANUAL, *_TEST_STATES):
         return _adopt(
             state,
@@ -313,6 +329,8 @@ def reconcile(state: RouteState | None, route: Route, identity: str, now: float)
             now,
             "an automatic rollout was configured",
         )
+    if state.status is Status.SHADOW and auto.shadow is None:
+        return _leave_shadow(state, auto, now, Cause.CONFIG, None, "shadow is no longer configured")
     # The same canary and weight: keep the state, with the steps re-read.
     return Transition(replace(state, step=_step_of(auto, state.weight)), None)
 
@@ -334,7 +352,7 @@ def _reconcile_test(
     if state.config_weight != weight:
         why = f"the weight was edited to {weight:g}%: a new A/B test"
         return _test(state, route, auto, identity, now, why)
-    if state.status in (Status.PROGRESSING, Status.PAUSED, Status.MANUAL):
+    if state.status in (Status.PROGRESSING, Status.PAUSED, Status.MANUAL, Status.SHADOW):
         return _test(state, route, auto, identity, now, "an A/B test was configured")
     step = -1 if state.status is Status.ROLLED_BACK else 0
     return Transition(replace(state, step=step), None)
@@ -424,7 +442,29 @@ def _restart(
     now: float,
     why: str,
 ) -> Transition:
-    """A rollout of its own from the first step."""
+    """A rollout of its own from the first step, or from shadow when it is configured."""
+    if auto.shadow is not None:
+        new = RouteState(
+            route,
+            Status.SHADOW,
+            0.0,
+            -1,
+            step_started_at=now,
+            started_at=now,
+            evidence=Evidence.fresh(_next_slice(now), shadow=True),
+            canary=identity,
+            config_weight=config_weight,
+            decisions=state.decisions if state is not None else (),
+            version=state.version if state is not None else 0,
+        )
+        return _record(
+            new,
+            state,
+            now,
+            Cause.CONFIG,
+            Action.RESTART,
+            "weight 0%: a new canary starts in shadow",
+        )
     return _adopt(
         state, route, auto, auto.steps[0], config_weight, identity, now, why, action=Action.RESTART
     )
@@ -477,6 +517,8 @@ def on_judgement(
     """What a judgement (None below the first step: nothing to judge) does to the state."""
     if state.status is Status.TESTING and judgement is not None:
         return _on_test_judgement(state, auto, judgement, now)
+    if state.status is Status.SHADOW:
+        return _judged_in_shadow(state, auto, judgement, now, may_advance)
     if state.status is not Status.PROGRESSING:
         return Transition(state, None)
     if state.step < 0 or judgement is None:
@@ -583,6 +625,60 @@ _JUDGEMENT_TABLE: Final[
     Verdict.FAIL: _on_fail,
     Verdict.INCONCLUSIVE: _on_inconclusive,
 }
+
+
+def _judged_in_shadow(
+    state: RouteState, auto: AutoRollout, judgement: Judgement | None, now: float, may_advance: bool
+) -> Transition:
+    """Rule 11: passes leave shadow for steps[0]; failures roll back, whatever `on_failure`."""
+    if judgement is None:
+        return Transition(state, None)
+    judged = replace(state, verdict={**judgement.to_mapping(), "at": now})
+    if judgement.verdict is Verdict.INCONCLUSIVE:
+        return Transition(judged, None)
+    if judgement.verdict is Verdict.PASS:
+        passes = judged.passes + 1
+        counted = replace(judged, passes=passes, failures=0)
+        if passes < auto.pass_intervals or not may_advance:
+            return Transition(counted, None)
+        return _leave_shadow(
+            counted, auto, now, Cause.PASS, judgement, f"passed in shadow: {judgement.reason}"
+        )
+    failures = judged.failures + 1
+    counted = replace(judged, failures=failures, passes=0)
+    if failures < auto.failure_limit:
+        return Transition(counted, None)
+    new = replace(counted, status=Status.ROLLED_BACK, failures=0)
+    judgements = f"{failures} failing judgement{'s' if failures > 1 else ''}"
+    return _record(
+        new,
+        judged,
+        now,
+        Cause.FAIL,
+        Action.ROLLBACK,
+        f"rolled back in shadow after {judgements}, no user served: {judgement.reason}",
+        judgement,
+    )
+
+
+def _leave_shadow(
+    state: RouteState,
+    auto: AutoRollout,
+    now: float,
+    cause: Cause,
+    judgement: Judgement | None,
+    why: str,
+) -> Transition:
+    """From shadow (or paused in it) to steps[0]: served traffic, judged afresh."""
+    served = replace(
+        state,
+        status=Status.PROGRESSING,
+        weight=0.0,
+        step=-1,
+        started_at=now,
+        evidence=Evidence.fresh(_next_slice(now)),
+    )
+    return _advance(served, auto, now, cause, judgement, why)
 
 
 def _advance(
@@ -699,6 +795,21 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
             "a new A/B test, by an operator",
             Cause.OPERATOR,
         )
+    if auto.shadow is not None and (state.status is Status.ROLLED_BACK or _paused_in_shadow(state)):
+        new = replace(
+            state,
+            status=Status.SHADOW,
+            weight=0.0,
+            step=-1,
+            passes=0,
+            failures=0,
+            step_started_at=now,
+            started_at=now,
+            evidence=Evidence.fresh(_next_slice(now), shadow=True),
+        )
+        return _record(
+            new, state, now, Cause.OPERATOR, Action.RESUME, "resumed by an operator in shadow"
+        )
     if state.status is Status.ROLLED_BACK:
         weight = auto.steps[0]
         new = replace(
@@ -740,8 +851,17 @@ def _resume(state: RouteState, auto: AutoRollout | None, now: float) -> Transiti
     )
 
 
+def _paused_in_shadow(state: RouteState) -> bool:
+    """Paused below the first step at weight 0: only a pause in shadow leaves it so."""
+    return state.status is Status.PAUSED and state.step < 0 and state.weight == 0
+
+
 def _step_up(state: RouteState, auto: AutoRollout | None, now: float) -> Transition:
     assert auto is not None
+    if state.status is Status.SHADOW or _paused_in_shadow(state):
+        return _leave_shadow(
+            state, auto, now, Cause.OPERATOR, None, "advanced out of shadow by an operator"
+        )
     if state.status is Status.PAUSED:
         # As a resume: the judge starts afresh (what paused the canary is behind it).
         state = replace(
@@ -788,6 +908,7 @@ def _rollback(state: RouteState, auto: AutoRollout | None, now: float) -> Transi
 
 
 _AUTO_STATES: Final = (
+    Status.SHADOW,
     Status.PROGRESSING,
     Status.PAUSED,
     Status.PROMOTED,
@@ -800,6 +921,8 @@ _OPERATOR_TABLE: Final[
     ]
 ] = {
     (Status.PROGRESSING, OperatorAction.PAUSE): _pause,
+    (Status.SHADOW, OperatorAction.PAUSE): _pause,
+    (Status.SHADOW, OperatorAction.ADVANCE): _step_up,
     (Status.PAUSED, OperatorAction.RESUME): _resume,
     (Status.ROLLED_BACK, OperatorAction.RESUME): _resume,
     (Status.COMPLETE, OperatorAction.RESUME): _resume,

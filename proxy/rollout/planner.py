@@ -11,8 +11,8 @@ Rules:
 1. A route with `rollout.auto` is judged every `interval`, the first time one interval
    after the route was first planned (at start, or when a reload added it).
 2. Only the leader judges; a process that does not lead plans weights only.
-3. Only a `progressing` route, or a `testing` one (an A/B test's guard and end), is
-   judged; the timers of the others run on regardless.
+3. Only a `progressing` route, a `testing` one (an A/B test's guard and end), or one in
+   `shadow`, is judged; the timers of the others run on regardless.
 4. No step goes up outside an `advance` schedule window, nor while the live processes
    do not share one config (`Fleet.held_because`); failures still count, and a
    rollback is never held.
@@ -22,6 +22,10 @@ Rules:
 7. A step with a `pause` holds the weight there for the pause, counted from when the
    step was reached (or the rollout resumed at it): the judge goes on judging, and
    failures count (a rollback is never held), but no step goes up before it ends.
+   The shadow phase is held so for `shadow.duration`.
+8. A route in `shadow` is judged as a progressing one, on its shadow pairs (the stats
+   variants `shadow_canary` and `shadow_stable`) instead of its served traffic, and
+   sends its shadow share to the canary while its `serve` window is open.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Final
 
-from proxy.config.model import AutoRollout, Config, Route
+from proxy.config.model import AutoRollout, Config, Route, Variant
 from proxy.config.summary import format_span
 from proxy.judge.analysis import Evidence, Judgement, judge
-from proxy.judge.stats import SLICE_S
+from proxy.judge.stats import SLICE_S, Series, ShadowSide
 from proxy.rollout.machine import (
     RouteState,
     Status,
@@ -47,6 +51,7 @@ from proxy.routing.schedule import may_advance, may_serve
 
 __all__ = [
     "SETTLE_SLICES",
+    "SHADOW_VARIANTS",
     "Fleet",
     "Judged",
     "Plan",
@@ -57,11 +62,17 @@ __all__ = [
     "plan",
     "reconcile_all",
     "served_weights",
+    "shadowing",
     "slices_to_gather",
     "timers_for",
+    "variants_of",
 ]
 
 SETTLE_SLICES: Final = 2  # rule 5
+# The stats variants a shadow pair is recorded under (rule 8): (canary, stable).
+SHADOW_VARIANTS: Final = (ShadowSide.CANARY, ShadowSide.STABLE)
+_SERVED_VARIANTS: Final = (Variant.CANARY, Variant.STABLE)
+_JUDGED: Final = (Status.PROGRESSING, Status.TESTING, Status.SHADOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +112,16 @@ class Judged:
         auto = self.route.rollout.auto
         if judgement is None or self.transition.decision is not None or auto is None:
             return None
+        where = "in shadow" if state.status is Status.SHADOW else "at this step"
         pausing = (
-            f"; pausing at this step, {format_span(self.pause_left_s)} left"
+            f"; {'held' if state.status is Status.SHADOW else 'pausing'} {where}, "
+            f"{format_span(self.pause_left_s)} left"
             if self.pause_left_s > 0
             else ""
         )
+        at = "in shadow" if state.status is Status.SHADOW else f"at {state.weight:g}%"
         return (
-            f"route {self.route.name} at {state.weight:g}%: {judgement.verdict.value} "
+            f"route {self.route.name} {at}: {judgement.verdict.value} "
             f"({state.passes}/{auto.pass_intervals} passes, "
             f"{state.failures}/{auto.failure_limit} failures{pausing}): {judgement.reason}"
         )
@@ -140,7 +154,10 @@ def timers_for(config: Config, timers: Mapping[str, float], now: float) -> dict[
 
 
 def pause_left_s(state: RouteState, auto: AutoRollout, now: float) -> float:
-    """What is left of the pause of the step the rollout is at (rule 7); 0 when none."""
+    """What is left of the pause of the step the rollout is at, or of the shadow phase
+    (rule 7); 0 when none."""
+    if state.status is Status.SHADOW and auto.shadow is not None:
+        return max(0.0, state.step_started_at + auto.shadow.duration_s - now)
     if state.status is not Status.PROGRESSING:
         return 0.0
     pause = auto.pause_s(state.step)
@@ -162,7 +179,9 @@ def due(
     ]
 
 
-_JUDGED: Final = (Status.PROGRESSING, Status.TESTING)
+def variants_of(state: RouteState) -> tuple[Series, Series]:
+    """The stats variants (canary, stable) a route's evidence is gathered from (rule 8)."""
+    return SHADOW_VARIANTS if state.status is Status.SHADOW else _SERVED_VARIANTS
 
 
 def slices_to_gather(evidence: Evidence, now: float) -> SliceRange | None:
@@ -202,7 +221,8 @@ def plan(
         timers[route.name] = now + auto.interval_s
         state = states[route.name]
         state = replace(state, evidence=evidence.get(route.name, state.evidence))
-        judgement = judge(state.evidence, auto) if state.step >= 0 else None
+        judged_now = state.step >= 0 or state.status is Status.SHADOW
+        judgement = judge(state.evidence, auto) if judged_now else None
         pausing = pause_left_s(state, auto, now)
         advance = may_advance(route.schedule, now) and fleet.held_because is None and not pausing
         transition = on_judgement(state, auto, judgement, now, advance)
@@ -224,6 +244,19 @@ def served_weights(
         for route in config.routes
         if route.name in states
     }
+
+
+def shadowing(config: Config, states: Mapping[str, RouteState], now: float) -> frozenset[str]:
+    """The routes whose canary gets shadow traffic now (rule 8)."""
+    return frozenset(
+        route.name
+        for route in config.routes
+        if (state := states.get(route.name)) is not None
+        and state.status is Status.SHADOW
+        and route.rollout.auto is not None
+        and route.rollout.auto.shadow is not None
+        and may_serve(route.schedule, now)
+    )
 
 
 def reconcile_all(config: Config, stored: Mapping[str, RouteState], now: float) -> list[Reconciled]:

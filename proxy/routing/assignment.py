@@ -23,7 +23,7 @@ weights currently in force, and everything per route precomputed.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
@@ -122,9 +122,12 @@ class RoutePlan:
     # Does choosing a variant, or rewriting the model, need the JSON body?
     reads_body_for_key: bool
     rewrites_model: bool
+    # In the canary's shadow phase: stable's buckets below this are also sent to the
+    # canary (`proxy.routing.shadow`); 0: no shadow traffic.
+    shadow: int = 0
 
     @classmethod
-    def build(cls, route: Route, weight: float) -> RoutePlan:
+    def build(cls, route: Route, weight: float, shadowing: bool = False) -> RoutePlan:
         cohort_sources = (
             [rule.source for rule in (*route.cohort.include, *route.cohort.exclude)]
             if route.cohort
@@ -138,6 +141,7 @@ class RoutePlan:
                 s.kind is KeyKind.BODY for s in (*route.sticky.keys, *cohort_sources)
             ),
             rewrites_model=bool(route.model_rewrite),
+            shadow=_shadow_threshold(route) if shadowing else 0,
         )
 
     @property
@@ -154,23 +158,49 @@ class RouteTable:
     by_name: Mapping[str, RoutePlan]
 
     @classmethod
-    def build(cls, config: Config, weights: Mapping[str, float] | None = None) -> RouteTable:
-        """Plans for every route; a route's weight is `weights[name]`, else its config weight."""
+    def build(
+        cls,
+        config: Config,
+        weights: Mapping[str, float] | None = None,
+        shadowing: Collection[str] = (),
+    ) -> RouteTable:
+        """Plans for every route; a route's weight is `weights[name]`, else its config
+        weight; the routes named in `shadowing` send their shadow share to the canary."""
         weights = weights or {}
         plans = tuple(
-            RoutePlan.build(route, weights.get(route.name, route.rollout.weight))
+            RoutePlan.build(
+                route, weights.get(route.name, route.rollout.weight), route.name in shadowing
+            )
             for route in config.routes
         )
         return cls(config, plans, MappingProxyType({p.name: p for p in plans}))
 
-    def with_weights(self, weights: Mapping[str, float]) -> RouteTable:
-        """A new table with some routes' weights replaced; this one is left as it was."""
+    def with_weights(
+        self, weights: Mapping[str, float], shadowing: Collection[str] | None = None
+    ) -> RouteTable:
+        """A new table with some routes' weights replaced, and the routes in shadow when
+        given (else as they were); this one is left as it was."""
         current = {p.name: p.weight for p in self.plans}
-        return RouteTable.build(self.config, {**current, **weights})
+        if shadowing is None:
+            shadowing = self.shadowing
+        return RouteTable.build(self.config, {**current, **weights}, shadowing)
 
     @property
     def weights(self) -> dict[str, float]:
         return {p.name: p.weight for p in self.plans}
+
+    @property
+    def shadowing(self) -> frozenset[str]:
+        """The routes whose canary gets shadow traffic."""
+        return frozenset(p.name for p in self.plans if p.shadow)
+
+
+def _shadow_threshold(route: Route) -> int:
+    """Buckets below this are shadowed (`proxy.routing.shadow` rule 2); 0 without shadow."""
+    auto = route.rollout.auto
+    if auto is None or auto.shadow is None:
+        return 0
+    return max(1, round(auto.shadow.share * BUCKETS))
 
 
 @overload

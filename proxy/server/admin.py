@@ -50,8 +50,14 @@ from proxy.rollout.machine import (
     ab_left_s,
     cooldown_left_s,
 )
-from proxy.rollout.planner import pause_left_s
-from proxy.routing.assignment import RouteTable, bucket_of, canary_from_weight, choose_variant
+from proxy.rollout.planner import SHADOW_VARIANTS, pause_left_s
+from proxy.routing.assignment import (
+    RoutePlan,
+    RouteTable,
+    bucket_of,
+    canary_from_weight,
+    choose_variant,
+)
 from proxy.server.controller import Controller, StoreUnavailable, UnknownRoute
 from proxy.server.reload import ReloadOutcome, ReloadResult
 from proxy.telemetry.metrics import Gauges, Snapshot
@@ -292,6 +298,7 @@ async def status_document(
                     variant: (await controller.window(route.name, variant, first, last)).summary()
                     for variant in (Variant.STABLE, Variant.CANARY)
                 },
+                "shadow": await _shadow(view, plan, first, last),
             }
         )
     return {
@@ -389,6 +396,34 @@ async def report_document(
 
 # A rollout that ended: its report stops where it did.
 _ENDED: Final = (Status.COMPLETE, Status.ROLLED_BACK, Status.PROMOTED)
+
+
+async def _shadow(
+    view: AdminView, plan: RoutePlan, first: int, last: int
+) -> dict[str, object] | None:
+    """A route's shadow phase: its settings, whether it sends now, what this process's
+    shadow requests did, and the pairs of the window (every process's); None without."""
+    auto = plan.route.rollout.auto
+    if auto is None or auto.shadow is None:
+        return None
+    shadow, name = auto.shadow, plan.name
+    counts = view.telemetry.metrics.shadow
+    controller = view.controller
+    return {
+        "active": plan.shadow > 0,
+        "share": shadow.share,
+        "duration_s": shadow.duration_s,
+        "max_concurrency": shadow.max_concurrency,
+        "queue": shadow.queue,
+        "requests": {
+            outcome: counts.get((name, outcome), 0)
+            for outcome in ("dispatched", "dropped", "completed", "failed")
+        },
+        "pairs": {
+            side: (await controller.window(name, variant, first, last)).summary()
+            for side, variant in zip(("canary", "stable"), SHADOW_VARIANTS, strict=True)
+        },
+    }
 
 
 def _waits(state: RouteState | None, auto: AutoRollout | None, now: float) -> dict[str, object]:

@@ -126,16 +126,23 @@ class ProxyServer:
     def admin_token(self) -> str | None:
         return self.config.admin.token
 
-    def set_weights(self, weights: Mapping[str, float]) -> None:
-        """Serve these weights from the next request on (the controller's decisions)."""
+    def set_weights(
+        self, weights: Mapping[str, float], shadowing: frozenset[str] = frozenset()
+    ) -> None:
+        """Serve these weights, and shadow these routes, from the next request on (the
+        controller's decisions)."""
         forwarder = self._forwarder
         if forwarder is None:
             return
         snapshot = forwarder.snapshot
-        current = snapshot.table.weights
-        if all(current.get(name) == weight for name, weight in weights.items()):
+        table = snapshot.table
+        current = table.weights
+        if (
+            all(current.get(name) == weight for name, weight in weights.items())
+            and table.shadowing == shadowing
+        ):
             return
-        forwarder.snapshot = Snapshot(snapshot.table.with_weights(weights), snapshot.upstreams)
+        forwarder.snapshot = Snapshot(table.with_weights(weights, shadowing), snapshot.upstreams)
 
     def gauges(self) -> Gauges:
         controller = self.controller
@@ -277,6 +284,7 @@ class ProxyServer:
         await self.controller.stop()  # after the requests in flight: their stats count
         await self.notifier.stop()  # the last decisions' messages get a moment to go out
         if self._forwarder is not None:
+            await self._forwarder.shadows.close()
             await self._forwarder.snapshot.upstreams.close()
         if self._deadlines is not None:
             await self._deadlines.stop()
@@ -318,7 +326,7 @@ class ProxyServer:
         assert forwarder is not None
         old = forwarder.snapshot
         upstreams, retired = old.upstreams.rebuilt(new.backends)
-        table = RouteTable.build(new, await self.controller.config_changed(new))
+        table = RouteTable.build(new, *await self.controller.config_changed(new))
         telemetry_changed = new.telemetry != self.config.telemetry
         if new.telemetry.log_format != self.config.telemetry.log_format:
             set_format(new.telemetry.log_format)

@@ -53,9 +53,9 @@ from collections.abc import Callable, Mapping
 from typing import Final, Protocol
 
 from proxy.config.fleet import disagreements, explain, shared_settings
-from proxy.config.model import Config, Route, StateStoreKind, Variant
+from proxy.config.model import Config, Route, StateStoreKind
 from proxy.judge.analysis import Evidence, Verdict
-from proxy.judge.stats import VariantStats, WindowStats
+from proxy.judge.stats import Series, VariantStats, WindowStats
 from proxy.rollout.machine import Decision, OperatorAction, RouteState, Transition, on_operator
 from proxy.rollout.planner import (
     SETTLE_SLICES,
@@ -65,8 +65,10 @@ from proxy.rollout.planner import (
     plan,
     reconcile_all,
     served_weights,
+    shadowing,
     slices_to_gather,
     timers_for,
+    variants_of,
 )
 from proxy.store import ProcessInfo, StateStore, open_store
 
@@ -101,7 +103,11 @@ class ControllerHost(Protocol):
         """This process's window stats, which the controller publishes and judges."""
         ...
 
-    def set_weights(self, weights: Mapping[str, float]) -> None: ...
+    def set_weights(
+        self, weights: Mapping[str, float], shadowing: frozenset[str] = frozenset()
+    ) -> None:
+        """Serve these weights, and send shadow traffic for the routes in `shadowing`."""
+        ...
 
     def record_judgement(self, route: str, verdict: Verdict | None) -> None:
         """A judgement made (None: the first step, taken without one)."""
@@ -166,7 +172,7 @@ class Controller:
         async with self._lock:
             stored = await self._load()
             await self._reconcile(config, stored)
-        self._host.set_weights(self.served_weights())
+        self._serve()
         if self._store is not None and self.store_error is not None:
             log.warning(
                 "the state store is unreachable (%s): serving the config's weights; "
@@ -202,18 +208,26 @@ class Controller:
                 await self._store.close()
                 self._store = None
 
-    async def config_changed(self, config: Config) -> dict[str, float]:
-        """Reconcile every route with a reloaded config; the weights to serve under it."""
+    async def config_changed(self, config: Config) -> tuple[dict[str, float], frozenset[str]]:
+        """Reconcile every route with a reloaded config; the weights to serve under it, and
+        the routes in shadow."""
         if self._store is None and self._needs_store(config):
             await self._open_store()
         async with self._lock:
             await self._reconcile(config, dict(self.states))
-        return self.served_weights(config)
+        return self.served_weights(config), self.shadowing(config)
 
     # --- what the proxy serves and shows ------------------------------------------------
 
     def served_weights(self, config: Config | None = None) -> dict[str, float]:
         return served_weights(config or self._host.config, self.states, self._clock())
+
+    def shadowing(self, config: Config | None = None) -> frozenset[str]:
+        """The routes whose canary gets shadow traffic now."""
+        return shadowing(config or self._host.config, self.states, self._clock())
+
+    def _serve(self, config: Config | None = None) -> None:
+        self._host.set_weights(self.served_weights(config), self.shadowing(config))
 
     @property
     def leader(self) -> bool:
@@ -224,7 +238,7 @@ class Controller:
         """Whether the state store answers; None when no store is in use."""
         return None if self._store is None else self.store_down_since is None
 
-    async def window(self, route: str, variant: Variant, first: int, last: int) -> VariantStats:
+    async def window(self, route: str, variant: Series, first: int, last: int) -> VariantStats:
         """A route variant's stats over slices [first, last], of every process.
 
         What this process published comes from the store with everyone else's; its
@@ -274,7 +288,7 @@ class Controller:
                 # Another process changed the state first: act on the state it stored.
             else:
                 raise StoreUnavailable("the state kept changing under this change; try again")
-        self._host.set_weights(self.served_weights())
+        self._serve()
         return self.states[route_name]
 
     # --- the loop -----------------------------------------------------------------------
@@ -316,7 +330,7 @@ class Controller:
                     await self._apply(judged)
         else:
             self._timers = timers_for(config, self._timers, now)
-        self._host.set_weights(self.served_weights(config))
+        self._serve(config)
 
     def _hold(self, held_because: str | None) -> None:
         if held_because is not None and held_because != self.held_because:
@@ -431,14 +445,16 @@ class Controller:
 
     async def _gather(self, route: str, now: float) -> Evidence:
         """A route's evidence with the stats slices settled since it was last gathered."""
-        evidence = self.states[route].evidence
+        state = self.states[route]
+        evidence = state.evidence
         span = slices_to_gather(evidence, now)
         config = self._host.config.route(route)
         if span is None or config is None or config.rollout.auto is None:
             return evidence
+        canary, stable = variants_of(state)  # a canary in shadow: its shadow pairs
         return evidence.added(
-            await self.window(route, Variant.CANARY, span.first, span.last),
-            await self.window(route, Variant.STABLE, span.first, span.last),
+            await self.window(route, canary, span.first, span.last),
+            await self.window(route, stable, span.first, span.last),
             span.next,
             config.rollout.auto,
         )

@@ -22,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from proxy.config.model import Variant
-from proxy.judge.stats import VariantStats
+from proxy.judge.stats import Series, VariantStats
 from proxy.rollout.machine import RouteState
 
 __all__ = ["ProcessInfo", "StateStore", "StatsSlice"]
 
 # (route, variant, slice index, stats)
-StatsSlice = tuple[str, Variant, int, VariantStats]
+StatsSlice = tuple[str, Series, int, VariantStats]
 # What a process says of itself in its heartbeat (JSON-able; "source" is its id).
 ProcessInfo = Mapping[str, object]
 
@@ -54,7 +53,7 @@ class StateStore(Protocol):
         ...
 
     async def read_stats(
-        self, route: str, variant: Variant, first_slice: int, last_slice: int
+        self, route: str, variant: Series, first_slice: int, last_slice: int
     ) -> VariantStats:
         """The merged stats of every source over [first_slice, last_slice]."""
         ...

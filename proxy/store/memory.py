@@ -20,8 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 
-from proxy.config.model import Variant
-from proxy.judge.stats import VariantStats
+from proxy.judge.stats import Series, VariantStats
 from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
 
@@ -87,7 +86,7 @@ class MemoryStore:
                 del self._stats[key]
 
     async def read_stats(
-        self, route: str, variant: Variant, first_slice: int, last_slice: int
+        self, route: str, variant: Series, first_slice: int, last_slice: int
     ) -> VariantStats:
         now = self._answer()
         total = VariantStats()

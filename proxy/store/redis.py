@@ -56,8 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError, NoScriptError, ResponseError
 
-from proxy.config.model import Variant
-from proxy.judge.stats import VariantStats
+from proxy.judge.stats import Series, VariantStats
 from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
 
@@ -163,7 +162,7 @@ def state_key(route: str) -> str:
     return route_key(route, "state")
 
 
-def stats_key(route: str, variant: Variant, index: int) -> str:
+def stats_key(route: str, variant: Series, index: int) -> str:
     """The hash of one route's variant's time slice."""
     return route_key(route, "stats", variant, index)
 
@@ -261,7 +260,7 @@ class RedisStore:
             )
 
     async def read_stats(
-        self, route: str, variant: Variant, first_slice: int, last_slice: int
+        self, route: str, variant: Series, first_slice: int, last_slice: int
     ) -> VariantStats:
         keys = [stats_key(route, variant, index) for index in range(first_slice, last_slice + 1)]
         total = VariantStats()

@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, TypeVar
 
-from proxy.config.model import Variant
-from proxy.judge.stats import VariantStats
+from proxy.judge.stats import Series, VariantStats
 from proxy.rollout.machine import RouteState
 from proxy.store.base import ProcessInfo, StatsSlice
 
@@ -175,7 +174,7 @@ class SqliteStore:
         await self._run(write)
 
     async def read_stats(
-        self, route: str, variant: Variant, first_slice: int, last_slice: int
+        self, route: str, variant: Series, first_slice: int, last_slice: int
     ) -> VariantStats:
         # Expired slices are deleted only on the next publish: skip them here, so a
         # source that stopped publishing drops out when its slices expire (rule 3).

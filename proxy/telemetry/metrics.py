@@ -22,6 +22,8 @@ Instruments (OTel name → Prometheus name):
 - `gen_ai.client.token.usage` ({token}) → `gen_ai_client_token_usage`
 - `canary.weight` (1, a ratio 0-1) gauge → `canary_weight_ratio`
 - `canary.rollout.decisions` → `canary_rollout_decisions_total`
+- `canary.shadow.requests` → `canary_shadow_requests_total` (shadow requests by route
+  and outcome: dispatched, dropped, completed, failed; apart from served traffic)
 - `canary.config.reloads` → `canary_config_reloads_total`
 - `canary.notifications` → `canary_notifications_total` (webhook messages by route and
   result: delivered, failed, dropped)
@@ -280,6 +282,15 @@ FEEDBACK: Final = _family(
     "User feedback (POST /v1/feedback) by route, variant and score (negative, neutral, positive).",
     (),
 )
+SHADOW: Final = _family(
+    "canary.shadow.requests",
+    "canary_shadow_requests",
+    Kind.COUNTER,
+    "{request}",
+    "Shadow requests to the canary in its shadow phase, by route and outcome (dispatched, "
+    "dropped, completed, failed); never counted as served.",
+    (),
+)
 RELOADS: Final = _family(
     "canary.config.reloads",
     "canary_config_reloads",
@@ -328,6 +339,7 @@ FAMILIES: Final = (
     DECISIONS,
     NOTIFICATIONS,
     FEEDBACK,
+    SHADOW,
     RELOADS,
     CONFIG_INFO,
     STORE_UP,
@@ -420,6 +432,7 @@ class Metrics:
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.feedback: dict[tuple[str, str, str], int] = {}
+        self.shadow: dict[tuple[str, str], int] = {}
         self.reloads: dict[str, int] = {}
 
     @property
@@ -517,6 +530,10 @@ class Metrics:
     def record_feedback(self, route: str, variant: Variant, score: str) -> None:
         key = (route, variant, score)
         self.feedback[key] = self.feedback.get(key, 0) + 1
+
+    def record_shadow(self, route: str, outcome: str) -> None:
+        key = (route, outcome)
+        self.shadow[key] = self.shadow.get(key, 0) + 1
 
     def record_reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1
@@ -650,6 +667,13 @@ class Metrics:
                     float(count),
                 )
                 for (route, variant, score), count in sorted(self.feedback.items())
+            ),
+        )
+        yield Series(
+            SHADOW,
+            tuple(
+                ((("canary.route", route), ("outcome", outcome)), float(count))
+                for (route, outcome), count in sorted(self.shadow.items())
             ),
         )
         yield Series(

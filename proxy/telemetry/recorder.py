@@ -28,6 +28,12 @@ Rules:
 5. Usage, finish reasons and model are read in each API's own words
    (`proxy.apis.answer`, by the request's path); a stream's time per output token is
    (last byte - first byte) / (output tokens - 1).
+6. A shadow pair (`proxy.http.shadow`) is stable's answer to a user and the canary's
+   to the same request sent again: it lands in the stats variants `shadow_stable` and
+   `shadow_canary` (the rollout judge's evidence in shadow), never in `stable` or
+   `canary`, and shadow requests count in `canary.shadow.requests` only, never as
+   served; a traced user request's shadow request is a span of its own
+   (`canary.shadow: true`).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
@@ -48,7 +54,7 @@ from proxy.apis.answer import AnswerFacts, read_facts, request_model
 from proxy.apis.streams import api_of
 from proxy.config.model import Config, Variant
 from proxy.judge.analysis import Verdict
-from proxy.judge.stats import RETENTION_S, WindowStats
+from proxy.judge.stats import RETENTION_S, ShadowSide, WindowStats
 from proxy.rollout.machine import Decision
 from proxy.routing.assignment import Assignment
 from proxy.telemetry.feedback import RecentRequests, Score
@@ -64,7 +70,15 @@ from proxy.telemetry.tracing import (
     sample,
 )
 
-__all__ = ["FEATURE_FLAG_PROVIDER", "Attempt", "Exchange", "Recorder", "SpanSink", "operation_of"]
+__all__ = [
+    "FEATURE_FLAG_PROVIDER",
+    "Attempt",
+    "Exchange",
+    "PairSide",
+    "Recorder",
+    "SpanSink",
+    "operation_of",
+]
 
 FEATURE_FLAG_PROVIDER: Final = "canary-proxy"
 _STATIC: Final = 1024
@@ -207,6 +221,15 @@ class Exchange:
         self.output_tokens: int | None = None
 
 
+class PairSide(NamedTuple):
+    """What one side of a shadow pair did (rule 6)."""
+
+    latency_s: float
+    ttft_s: float | None
+    error_type: str | None
+    output_tokens: int | None
+
+
 class Recorder:
     """Stats, metrics and spans of one process."""
 
@@ -339,6 +362,86 @@ class Recorder:
             )
         if trace is not None and span_id is not None:
             self._client_span(exchange, attempt, now, ttft_s, facts, operation, provider, tpot_s)
+
+    def record_shadow(self, route: str, outcome: str) -> None:
+        """A shadow request dispatched, dropped, completed or failed (rule 6)."""
+        self.metrics.record_shadow(route, outcome)
+
+    def record_pair(
+        self,
+        route: str,
+        stable: PairSide,
+        canary: PairSide,
+        user: int | None,
+        agreed: bool | None = None,
+        length_matched: bool | None = None,
+    ) -> None:
+        """A shadow pair, into the shadow variants of the window stats (rule 6), with
+        what comparing it found (None: not compared)."""
+        now = time.time()
+        if agreed is not None or length_matched is not None:
+            self.stats.record_pair(route, now, agreed, length_matched)
+        if user is None:
+            user = next(self._keyless)
+        for variant, side in ((ShadowSide.STABLE, stable), (ShadowSide.CANARY, canary)):
+            self.stats.record(
+                route,
+                variant,
+                now,
+                side.latency_s,
+                side.ttft_s,
+                side.error_type,
+                side.output_tokens,
+                False,
+                user,
+            )
+
+    def shadow_span(
+        self,
+        exchange: Exchange,
+        backend: str,
+        canary: PairSide,
+        status: int | None,
+        started: float,
+        ended: float,
+    ) -> None:
+        """A traced user request's shadow request, as a span of its trace (rule 6)."""
+        sink, trace = self.sink, exchange.trace
+        if sink is None or trace is None:
+            return
+        # Not a feature flag's evaluation: the user was served by stable.
+        attributes: Attributes = {
+            "canary.route": exchange.route,
+            "canary.variant": Variant.CANARY.value,
+            "canary.shadow": True,
+            "canary.config_version": exchange.config_version,
+            "canary.backend": backend,
+            "http.request.method": exchange.method,
+        }
+        if status is not None:
+            attributes["http.response.status_code"] = status
+        if canary.error_type is not None:
+            attributes["error.type"] = canary.error_type
+        if canary.output_tokens is not None:
+            attributes["gen_ai.usage.output_tokens"] = canary.output_tokens
+        if canary.ttft_s is not None:
+            attributes["gen_ai.response.time_to_first_chunk"] = canary.ttft_s
+        operation = operation_of(exchange.path)
+        sink.emit(
+            finished_span(
+                sink.resource,
+                sink.scope,
+                trace,
+                new_span_id(),
+                trace.server_span_id,
+                f"shadow {operation or exchange.method}",
+                SpanKind.CLIENT,
+                _wall_ns(trace, exchange, started),
+                _wall_ns(trace, exchange, ended),
+                attributes,
+                error=canary.error_type,
+            )
+        )
 
     def feedback(self, request_id: str, score: Score) -> tuple[str, Variant] | None:
         """Count a score for the variant that served `request_id`; None when this process

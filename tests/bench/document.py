@@ -3,9 +3,11 @@
 Results in, the page's Markdown out. The tables themselves are `report.py`'s;
 this file owns the words around them, which describe the method `run.py` follows, so a
 change of method is a change here too. Two sections are not `run.py`'s: "Workers and the
-fleet", between `WORKERS_BEGIN` and `WORKERS_END`, written by `workers.py`, and
+fleet", between `WORKERS_BEGIN` and `WORKERS_END`, written by `workers.py`,
 "Telemetry cost, interleaved", between `TELEMETRY_BEGIN` and `TELEMETRY_END`, written by
-`telemetry_cost.py`; `document` carries both over from the page it replaces.
+`telemetry_cost.py`, the hot path's (`hot_path.py`) and "Shadow traffic cost", between
+`SHADOW_BEGIN` and `SHADOW_END`, written by `shadow_cost.py`; `document` carries them
+over from the page it replaces.
 """
 
 from __future__ import annotations
@@ -42,12 +44,15 @@ __all__ = [
     "DOC",
     "HOT_BEGIN",
     "HOT_END",
+    "SHADOW_BEGIN",
+    "SHADOW_END",
     "TELEMETRY_BEGIN",
     "TELEMETRY_END",
     "WORKERS_BEGIN",
     "WORKERS_END",
     "document",
     "with_hot_block",
+    "with_shadow_block",
     "with_telemetry_block",
     "with_workers_block",
 ]
@@ -59,6 +64,8 @@ TELEMETRY_BEGIN = "<!-- telemetry:begin -->"
 TELEMETRY_END = "<!-- telemetry:end -->"
 HOT_BEGIN = "<!-- hot-path:begin -->"
 HOT_END = "<!-- hot-path:end -->"
+SHADOW_BEGIN = "<!-- shadow:begin -->"
+SHADOW_END = "<!-- shadow:end -->"
 _RESULTS_HEADING = "## Results\n"
 _NOTES_HEADING = "## Notes from this run"
 _TELEMETRY_HEADING = "## Telemetry cost\n"
@@ -113,6 +120,13 @@ def with_hot_block(page: str, block: str) -> str:
     """`page` with `block` (hot_path.py's) in place of its hot-path block; without one,
     right after the "Results" section, else before the notes, or at the end."""
     return _with_block(page, block, HOT_BEGIN, HOT_END, _RESULTS_HEADING)
+
+
+def with_shadow_block(page: str, block: str) -> str:
+    """`page` with `block` (shadow_cost.py's) in place of its shadow block; without one,
+    after the interleaved telemetry block and what follows it up to the next heading,
+    else before the notes, or at the end."""
+    return _with_block(page, block, SHADOW_BEGIN, SHADOW_END, TELEMETRY_END)
 
 
 _TARGET_DESCRIPTIONS = {
@@ -359,13 +373,14 @@ counts too):
   hence the rounds. CPU time is counted in clock ticks of 10 ms, well under 1% of
   these windows.
 """
-    # workers.py's, telemetry_cost.py's and hot_path.py's sections, from the page this
-    # one replaces.
+    # workers.py's, telemetry_cost.py's, hot_path.py's and shadow_cost.py's sections,
+    # from the page this one replaces.
     replaced = DOC.read_text() if DOC.exists() else ""
     for begin, end, put in (
         (WORKERS_BEGIN, WORKERS_END, with_workers_block),
         (TELEMETRY_BEGIN, TELEMETRY_END, with_telemetry_block),
         (HOT_BEGIN, HOT_END, with_hot_block),
+        (SHADOW_BEGIN, SHADOW_END, with_shadow_block),
     ):
         kept = _marked_block(replaced, begin, end)
         if kept is not None:

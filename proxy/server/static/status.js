@@ -9,11 +9,11 @@ const SVG = "http://www.w3.org/2000/svg";
 const CHART = { width: 600, height: 180, left: 36, right: 12, top: 10, bottom: 24 };
 const APPLIES = {
   // which buttons apply in which rollout status (the proxy refuses the rest with 409)
-  pause: ["progressing"],
+  pause: ["shadow", "progressing"],
   resume: ["paused", "rolled_back", "complete"],
-  advance: ["progressing", "paused"],
-  promote: ["progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
-  rollback: ["progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
+  advance: ["shadow", "progressing", "paused"],
+  promote: ["shadow", "progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
+  rollback: ["shadow", "progressing", "paused", "promoted", "rolled_back", "manual", "testing", "complete"],
 };
 
 const samples = new Map(); // route -> [[epoch ms, weight]] seen by this page
@@ -105,14 +105,26 @@ function fill(card, route, windowS) {
   badge.className = `status badge ${state}`;
   card.querySelector(".weight").textContent = `${route.weight}%`;
   const steps = rollout.steps;
-  card.querySelector(".step").textContent = steps
-    ? `step ${rollout.step + 1}/${steps.length} of ${steps.join(" · ")}%`
-    : "no automatic steps";
+  const shadow = route.shadow;
+  card.querySelector(".step").textContent = !steps
+    ? "no automatic steps"
+    : state === "shadow"
+      ? `in shadow (${percent(shadow.share)} of stable's requests), then ${steps.join(" · ")}%`
+      : `step ${rollout.step + 1}/${steps.length} of ${steps.join(" · ")}%`;
   const waits = [];
-  if (rollout.pause_left_s) waits.push(`pausing at this step, ${span(rollout.pause_left_s)} left`);
+  if (rollout.pause_left_s) {
+    const where = state === "shadow" ? "in shadow" : "pausing at this step";
+    waits.push(`${where}, ${span(rollout.pause_left_s)} left`);
+  }
+  if (shadow && shadow.requests.dispatched + shadow.requests.dropped) {
+    const r = shadow.requests;
+    waits.push(
+      `shadow requests: ${r.completed} completed, ${r.failed} failed, ${r.dropped} dropped`,
+    );
+  }
   if (rollout.cooldown_left_s) waits.push(`cooldown, ${span(rollout.cooldown_left_s)} left`);
   if (rollout.ab_left_s) waits.push(`A/B test running, ${span(rollout.ab_left_s)} left`);
-  if (rollout.next_judgement_in_s !== null && state === "progressing") {
+  if (rollout.next_judgement_in_s !== null && (state === "progressing" || state === "shadow")) {
     waits.push(`next judgement in ${span(rollout.next_judgement_in_s)}`);
   }
   card.querySelector(".waits").textContent = waits.join(" · ");
@@ -121,7 +133,13 @@ function fill(card, route, windowS) {
     button.disabled = !(APPLIES[button.dataset.action] || []).includes(state);
   }
   chart(card.querySelector(".weight-chart"), route);
-  variants(card.querySelector(".variants-table tbody"), route.variants, windowS);
+  const figures = { ...route.variants };
+  if (shadow && shadow.pairs.canary.requests) {
+    // Shadow pairs, apart from served traffic: stable's answers and the canary's to the same requests.
+    figures["shadow stable"] = shadow.pairs.stable;
+    figures["shadow canary"] = shadow.pairs.canary;
+  }
+  variants(card.querySelector(".variants-table tbody"), figures, windowS);
   const verdict = rollout.last_verdict;
   card.querySelector(".verdict").textContent = verdict
     ? `Last verdict: ${verdict.verdict} — ${verdict.reason}`
@@ -131,11 +149,10 @@ function fill(card, route, windowS) {
 
 function variants(body, figures, windowS) {
   body.replaceChildren();
-  for (const name of ["stable", "canary"]) {
-    const v = figures[name];
+  for (const [name, v] of Object.entries(figures)) {
     const row = element("tr");
     row.append(
-      element("td", name, name),
+      element("td", name, name.replace(" ", "-")),
       element("td", String(v.requests)),
       element("td", v.requests ? percent(v.error_rate) : "–"),
       element("td", ["p50", "p95", "p99"].map((q) => seconds(v.latency_s[q])).join(" / ")),
