@@ -7,7 +7,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from proxy.config.model import Variant
-from proxy.http.headers import request_head, response_headers
+from proxy.http.headers import request_head, response_headers, switching_head, upgrade_head
 
 
 def head(*headers: tuple[bytes, bytes], **options: Any) -> bytes:
@@ -188,4 +188,62 @@ def test_a_header_named_by_connection_is_dropped_wherever_it_stands() -> None:
     )
     assert [line for line in raw if line.startswith((b"X-Before", b"X-After", b"Keep"))] == [
         b"Keep: 2"
+    ]
+
+
+def test_a_websocket_upgrade_keeps_its_upgrade_and_websocket_headers() -> None:
+    client = (
+        (b"Connection", b"Upgrade"),
+        (b"Upgrade", b"websocket"),
+        (b"Sec-WebSocket-Key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        (b"Sec-WebSocket-Version", b"13"),
+        (b"Sec-WebSocket-Protocol", b"realtime"),
+    )
+    assert lines(upgrade_head(head(*client))) == [
+        b"POST /v1/chat?x=1 HTTP/1.1",
+        b"Host: backend:8000",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Protocol: realtime",
+        b"X-Forwarded-For: 192.0.2.1",
+        b"X-Forwarded-Proto: http",
+        b"x-request-id: rid-1",
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+    ]
+
+
+def test_a_101_keeps_the_backends_upgrade_and_end_to_end_headers_as_received() -> None:
+    backend = (
+        (b"Upgrade", b"WebSocket"),
+        (b"Connection", b"Upgrade, X-Hop"),
+        (b"X-Hop", b"dropped"),
+        (b"Sec-WebSocket-Accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"Content-Length", b"0"),
+        (b"X-Raw", b"caf\xe9"),
+        (b"x-request-id", b"the-backends"),
+    )
+    assert lines(switching_head(backend, variant=Variant.CANARY, request_id="rid-1")) == [
+        b"HTTP/1.1 101 Switching Protocols",
+        b"Connection: Upgrade",
+        b"Upgrade: WebSocket",
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=",
+        b"X-Raw: caf\xe9",
+        b"x-canary-variant: canary",
+        b"x-request-id: rid-1",
+    ]
+    fallback = switching_head(
+        [(b"X-Canary-Fallback", b"backend-said")],
+        variant=Variant.STABLE,
+        request_id="r",
+        extra={"x-canary-fallback": "connect_error"},
+    )
+    assert lines(fallback) == [
+        b"HTTP/1.1 101 Switching Protocols",
+        b"Connection: Upgrade",
+        b"Upgrade: websocket",
+        b"x-canary-fallback: connect_error",
+        b"x-canary-variant: stable",
+        b"x-request-id: r",
     ]

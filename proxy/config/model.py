@@ -178,6 +178,9 @@ class Timeouts:
     # The longest a request waits for a connection while all `max_connections` are busy;
     # then 503 pool_timeout with Retry-After.
     pool_s: float = 5.0
+    # The longest an upgraded connection (a WebSocket session) may stay silent both ways;
+    # a Realtime session waits on a person, so minutes, not the seconds of a stream.
+    upgrade_idle_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -422,7 +422,7 @@ def _is_http_url(text: str) -> bool:
 
 
 def _read_timeouts(reader: Reader) -> Timeouts | None:
-    fields = reader.fields(("connect", "first_byte", "idle", "pool"))
+    fields = reader.fields(("connect", "first_byte", "idle", "pool", "upgrade_idle"))
     if fields is None:
         return None
     defaults = Timeouts()
@@ -431,6 +431,7 @@ def _read_timeouts(reader: Reader) -> Timeouts | None:
         first_byte_s=fields.get("first_byte", Reader.duration, defaults.first_byte_s),
         idle_s=fields.get("idle", Reader.duration, defaults.idle_s),
         pool_s=fields.get("pool", Reader.duration, defaults.pool_s),
+        upgrade_idle_s=fields.get("upgrade_idle", Reader.duration, defaults.upgrade_idle_s),
     )
 
 

@@ -144,7 +144,8 @@ def _backends(backends: Iterable[Backend]) -> list[str]:
                 f"first byte {format_duration(timeouts.first_byte_s)}, "
                 f"idle {format_duration(timeouts.idle_s)}; "
                 f"{backend.max_connections} connections, "
-                f"queue {format_duration(timeouts.pool_s)}",
+                f"queue {format_duration(timeouts.pool_s)}; "
+                f"upgraded idle {format_duration(timeouts.upgrade_idle_s)}",
                 INDENT,
             )
         )

@@ -11,6 +11,13 @@ Endpoints:
                                 `data: [DONE]`
     POST /v1/completions        the same in the legacy text-completion shape
     GET  /v1/models             the one model (`--model`)
+    GET  /v1/realtime           a WebSocket (any `--api`), shaped as OpenAI's Realtime API:
+                                `session.created` on opening, then one `response.done`
+                                per text message, its text as the output; binary
+                                messages are echoed. The text `fake.close` makes the
+                                server close the session, `fake.reset` reset the TCP
+                                connection. The hooks x-fake-status, x-fake-reset and
+                                x-fake-latency (and x-fake-only) apply before the 101.
     anything else               404 in OpenAI's error shape; a bad JSON body is a 400
 With `--api` (default openai) it speaks another API instead, streamed (one event per
 token) or not, each ending as its server ends it (`proxy.fake_backend.apis`):

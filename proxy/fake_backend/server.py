@@ -22,12 +22,14 @@ import itertools
 import logging
 import random
 import signal
+import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from aiohttp import hdrs, web
+from aiohttp import WSMsgType, hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
@@ -36,6 +38,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from proxy.fake_backend.apis import ApiStream, FakeApi, api_body, api_error_body
+from proxy.fake_backend.hooks import parse_hooks
 from proxy.fake_backend.journal import Outcome, RecordedRequest, RequestJournal, ServerStats
 from proxy.fake_backend.options import FakeBackendOptions
 from proxy.fake_backend.plan import (
@@ -67,6 +70,7 @@ __all__ = ["FakeBackend", "run_forever"]
 logger = logging.getLogger("proxy.fake_backend")
 
 MODEL_HEADER = "x-fake-model"
+REALTIME_PATH = "/v1/realtime"
 _MAX_BODY_BYTES = 64 * 1024 * 1024
 _SHUTDOWN_GRACE_S = 0.5
 _BACKLOG = 1024
@@ -182,6 +186,8 @@ class FakeBackend:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path.startswith(_INTROSPECTION_PREFIX):
             return self._introspect(request)
+        if request.path == REALTIME_PATH:
+            return await self._realtime(request)
         stats = self._stats
         stats.begin()
         outcome, is_fault = Outcome.CANCELLED, False
@@ -208,6 +214,80 @@ class FakeBackend:
             else:  # Rule 2: the client left
                 _client_left(request)
             raise
+        finally:
+            stats.end(outcome, is_fault)
+
+    async def _realtime(self, request: web.BaseRequest) -> web.StreamResponse:
+        """`GET /v1/realtime`: a WebSocket session in the shape of OpenAI's Realtime API
+        (see the package's docstring); the hooks that apply before the 101 apply."""
+        stats = self._stats
+        stats.begin()
+        outcome, is_fault = Outcome.CANCELLED, False
+        self._journal.record(
+            RecordedRequest(request.method, request.raw_path, request.raw_headers, b"", time.time())
+        )
+        try:
+            try:
+                hooks = parse_hooks(request.headers, self.options.model)
+            except ValueError as exc:
+                body = error_body(str(exc), INVALID_REQUEST, "bad_fake_hook")
+                return await self._send(request, 400, body)
+            if hooks.reset_after_headers is not None:
+                _close(request)
+                outcome, is_fault = Outcome.ABORTED, True
+                return web.Response()
+            if hooks.status is not None:
+                body = error_body(
+                    f"fake backend: x-fake-status {hooks.status}", "server_error", "fake_status"
+                )
+                outcome, is_fault = Outcome.COMPLETED, True
+                return await self._send(request, hooks.status, body)
+            if hooks.latency_s:
+                await asyncio.sleep(hooks.latency_s)
+            socket_ = web.WebSocketResponse()
+            socket_.headers[MODEL_HEADER] = self.options.model
+            if not socket_.can_prepare(request).ok:
+                body = error_body(
+                    f"{REALTIME_PATH} is a WebSocket endpoint", INVALID_REQUEST, "not_websocket"
+                )
+                outcome = Outcome.COMPLETED
+                return await self._send(request, 400, body)
+            await socket_.prepare(request)
+            serials = itertools.count(1)
+            await socket_.send_json(
+                {
+                    "type": "session.created",
+                    "event_id": f"event_{next(serials)}",
+                    "session": {"object": "realtime.session", "model": self.options.model},
+                }
+            )
+            async for message in socket_:
+                if message.type is WSMsgType.BINARY:
+                    await socket_.send_bytes(message.data)
+                    continue
+                if message.type is not WSMsgType.TEXT:
+                    continue
+                if message.data == "fake.close":
+                    await socket_.close()
+                    break
+                if message.data == "fake.reset":
+                    _reset(request)
+                    outcome, is_fault = Outcome.ABORTED, True
+                    return socket_
+                await socket_.send_json(
+                    {
+                        "type": "response.done",
+                        "event_id": f"event_{next(serials)}",
+                        "response": {
+                            "object": "realtime.response",
+                            "status": "completed",
+                            "output": [{"type": "text", "text": message.data}],
+                            "model": self.options.model,
+                        },
+                    }
+                )
+            outcome = Outcome.COMPLETED
+            return socket_
         finally:
             stats.end(outcome, is_fault)
 
@@ -468,6 +548,16 @@ def _close(request: web.BaseRequest, last_bytes: bytes = b"") -> None:
     if last_bytes:
         transport.write(last_bytes)
     transport.close()
+
+
+def _reset(request: web.BaseRequest) -> None:
+    """Reset the connection (an RST, not a FIN): the way a crashed server's end looks."""
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("the client already left")
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def _forever() -> NoReturn:

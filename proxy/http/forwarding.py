@@ -35,6 +35,15 @@ Rules:
    the canary (`proxy.http.shadow`): its body is then read, and it is offered to the
    shadow dispatcher once its answer is relayed. A route without shadow pays one
    attribute check.
+12. A WebSocket upgrade (`GET` with `Connection: Upgrade` and `Upgrade: websocket`,
+   as the OpenAI Realtime API opens) is routed and assigned as any request, from its
+   path, headers, query and credentials (it has no body, so a `body:` key finds
+   nothing and the next source is tried). It goes to the backend with its upgrade
+   headers, on a connection that never goes back to the pool; it is an attempt as
+   any other until the backend's 101, fallback included. A 101 is sent on to the
+   client and the two connections become a tunnel (`proxy.http.tunnel`) until either
+   side ends it; the session is recorded then (`Recorder.session_done`). Any other
+   answer is relayed as usual, and the client's connection closed after it.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from aiohttp import web
 
@@ -70,11 +79,12 @@ from proxy.errors import (
 )
 from proxy.http.body import RequestBody
 from proxy.http.deadlines import Deadlines, Watch
-from proxy.http.headers import REQUEST_ID, VARIANT, request_head
+from proxy.http.headers import REQUEST_ID, VARIANT, request_head, switching_head, upgrade_head
 from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Connection
 from proxy.http.pool import ConnectFailed, ConnectTimeout, PoolTimeout
 from proxy.http.relay import Opened, relay
 from proxy.http.shadow import ShadowDispatcher, ShadowRequest
+from proxy.http.tunnel import End, Tunnel
 from proxy.http.upstreams import Upstreams
 from proxy.routing.assignment import RoutePlan, RouteTable, assign, match_route
 from proxy.routing.keys import NEED_BODY, is_trusted
@@ -87,8 +97,10 @@ __all__ = [
     "FALLBACK",
     "FEEDBACK_PATH",
     "MAX_HEAD_BYTES",
+    "ClientLine",
     "Forwarder",
     "Snapshot",
+    "Switched",
     "error_response",
 ]
 
@@ -121,6 +133,32 @@ class Snapshot:
     upstreams: Upstreams
 
 
+class ClientLine(Protocol):
+    """The client's connection, as an upgrade needs it (Rule 11)."""
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """The connection's transport, no longer read as HTTP, and the bytes the client
+        sent after its request head."""
+
+    def gone(self, exc: Exception | None) -> None:
+        """The transport taken over has closed."""
+
+
+class Switched(web.StreamResponse):
+    """The answer to an upgrade that became a session: its 101 went out before the
+    session, which is over; there is nothing left to send, and the connection is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(status=101)
+        self.force_close()
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
 class Forwarder:
     """The request handler of the public port. `snapshot` is swapped whole to change routing."""
 
@@ -139,7 +177,10 @@ class Forwarder:
     def table(self) -> RouteTable:
         return self.snapshot.table
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(
+        self, request: web.BaseRequest, client: ClientLine | None = None
+    ) -> web.StreamResponse:
+        """Answer `request`; `client` only for a WebSocket upgrade (Rule 11)."""
         snapshot = self.snapshot
         telemetry = self.telemetry
         headers = request.headers
@@ -165,7 +206,7 @@ class Forwarder:
             else:
                 self.in_flight += 1
                 try:
-                    response = await self._serve(request, snapshot, request_id, exchange)
+                    response = await self._serve(request, snapshot, request_id, exchange, client)
                 finally:
                     self.in_flight -= 1
             status = response.status
@@ -175,7 +216,12 @@ class Forwarder:
             REQUEST.reset(serving)
 
     async def _serve(
-        self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange
+        self,
+        request: web.BaseRequest,
+        snapshot: Snapshot,
+        request_id: str,
+        exchange: Exchange,
+        client: ClientLine | None,
     ) -> web.StreamResponse:
         telemetry = self.telemetry
         try:
@@ -188,11 +234,15 @@ class Forwarder:
                 return await self._feedback(request, snapshot, request_id)
             # Opening and relaying are two calls, not one inside the other, so that a
             # long stream keeps only this frame and the relay's alive.
-            opened = await self._open(request, snapshot, request_id, exchange)
+            opened = await self._open(request, snapshot, request_id, exchange, client is not None)
         except ProxyError as error:
             return error_response(error, request_id, exchange.variant)
         if isinstance(opened, web.StreamResponse):
             return opened
+        if client is not None:
+            if opened.head.status == 101:
+                return await self._session(opened, client, exchange)
+            opened.connection.close_after()  # an upgrade's connection is never reused
         attempt = opened.attempt
         try:
             response = await relay(request, opened, self.deadlines)
@@ -243,8 +293,47 @@ class Forwarder:
             headers={REQUEST_ID: request_id},
         )
 
+    async def _session(self, opened: Opened, client: ClientLine, exchange: Exchange) -> Switched:
+        """Rule 11: the backend switched protocols; relay both ways until the session ends."""
+        attempt = opened.attempt
+        connection = opened.connection
+        self.deadlines.unwatch(opened.watch)
+        head = switching_head(
+            opened.head.headers,
+            variant=attempt.variant,
+            request_id=opened.request_id,
+            extra=opened.extra_headers,
+        )
+        client_transport, from_client = client.take_over()
+        backend_transport, from_backend = connection.take_over()
+        tunnel = Tunnel(
+            client_transport,
+            backend_transport,
+            idle_s=opened.pool.backend.timeouts.upgrade_idle_s,
+            client_lost=client.gone,
+            backend_lost=connection.connection_lost,
+        )
+        client_transport.write(head)
+        tunnel.start(from_backend, from_client)
+        self.telemetry.recent.remember(opened.request_id, attempt.route, attempt.variant)
+        try:
+            await tunnel.done
+        except BaseException:
+            tunnel.close(End.SHUTDOWN)
+            raise
+        finally:
+            self.telemetry.session_done(
+                exchange, attempt, tunnel.end, tunnel.to_backend, tunnel.to_client, self._time()
+            )
+        return Switched()
+
     async def _open(
-        self, request: web.BaseRequest, snapshot: Snapshot, request_id: str, exchange: Exchange
+        self,
+        request: web.BaseRequest,
+        snapshot: Snapshot,
+        request_id: str,
+        exchange: Exchange,
+        upgrade: bool,
     ) -> Opened | web.Response:
         """Route, assign and send: the first bytes of an answer, or an error response."""
         table = snapshot.table
@@ -286,6 +375,7 @@ class Forwarder:
                 exchange,
                 payload,
                 fail_on_status=may_fall_back,
+                upgrade=upgrade,
             )
         except UpstreamError as error:
             if not may_fall_back:
@@ -307,6 +397,7 @@ class Forwarder:
                 exchange,
                 await _payload(body, plan, variant, buffer=True),
                 fail_on_status=False,
+                upgrade=upgrade,
             )
         except UpstreamError as error:
             return error_response(error, request_id, variant)
@@ -324,6 +415,7 @@ class Forwarder:
         payload: Payload,
         *,
         fail_on_status: bool,
+        upgrade: bool,
     ) -> Opened:
         """Send to the exchange's variant's backend: its response head and first body bytes.
 
@@ -366,6 +458,8 @@ class Forwarder:
                 else None
             ),
         )
+        if upgrade:
+            head = upgrade_head(head)
         if len(head) > MAX_HEAD_BYTES:
             raise HeadTooLarge(
                 f"the request head is {len(head)} bytes; the limit is {MAX_HEAD_BYTES}"
@@ -389,6 +483,8 @@ class Forwarder:
                         attempt.pool_wait_s = connection.waited_s
                         attempt.queued_ahead = connection.queued_ahead
                 try:
+                    if upgrade:
+                        connection.expect_upgrade()
                     await _send(connection, head, payload, head_method, watch, now)
                     response = await connection.head()
                     break

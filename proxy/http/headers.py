@@ -3,7 +3,10 @@
 Rules:
 1. Hop-by-hop headers never cross: Connection, Keep-Alive, TE, Trailer,
    Transfer-Encoding, Upgrade, every Proxy-* header, and every header the
-   Connection header names (RFC 9110 §7.6.1).
+   Connection header names (RFC 9110 §7.6.1). The one exception is a WebSocket
+   upgrade: its request goes on with `Connection: Upgrade` and its `Upgrade`, and a
+   101 comes back with the backend's (`upgrade_head`, `switching_head`); the
+   Sec-WebSocket-* headers are end to end and cross as any other.
 2. The proxy owns the framing and the addressing: Host, Content-Length and Expect
    are not copied; the proxy writes its own for the backend.
 3. X-Forwarded-For gets the peer appended; X-Forwarded-Proto and -Host are kept
@@ -33,6 +36,8 @@ __all__ = [
     "VARIANT",
     "request_head",
     "response_headers",
+    "switching_head",
+    "upgrade_head",
 ]
 
 REQUEST_ID: Final = "x-request-id"
@@ -196,6 +201,47 @@ def response_headers(
         kept += extra.items()
     kept += ((VARIANT, _VARIANT_NAMES[variant]), (REQUEST_ID, request_id))
     return kept
+
+
+def upgrade_head(head: bytes) -> bytes:
+    """A request head from `request_head` that asks the backend to switch to WebSocket."""
+    return head[:-2] + b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def switching_head(
+    upstream: Iterable[tuple[bytes, bytes]],
+    *,
+    variant: Variant,
+    request_id: str,
+    extra: Mapping[str, str] | None = None,
+) -> bytes:
+    """The 101 Switching Protocols head for the client, from the backend's 101 headers:
+    its end-to-end headers (Sec-WebSocket-Accept among them) as received, its
+    `Upgrade`, and the proxy's own, `extra` among them (which replace a backend's)."""
+    own = {name.lower().encode() for name in extra} if extra else set()
+    listed: set[bytes] = set()
+    kept: list[tuple[bytes, bytes, bytes]] = []  # (lower-case name, name, value)
+    upgrade = b"websocket"
+    for name, value in upstream:
+        lowered = name.lower()
+        if lowered == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+        elif lowered == b"upgrade":
+            upgrade = value
+        elif lowered not in _NOT_RETURNED and not lowered.startswith(b"proxy-"):
+            kept.append((lowered, name, value))
+    dropped = (listed - _CONNECTION_OPTIONS) | own
+    parts = [b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ", upgrade]
+    parts.append(b"\r\n")
+    for lowered, name, value in kept:
+        if lowered not in dropped:
+            parts += (name, b": ", value, b"\r\n")
+    if extra:
+        for own_name, own_value in extra.items():
+            parts += (own_name.encode(), b": ", own_value.encode(), b"\r\n")
+    parts += (VARIANT.encode(), b": ", _VARIANT_NAMES[variant].encode(), b"\r\n")
+    parts += (REQUEST_ID.encode(), b": ", request_id.encode(), b"\r\n\r\n")
+    return b"".join(parts)
 
 
 def _text(raw: bytes) -> str:

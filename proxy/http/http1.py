@@ -20,6 +20,12 @@ Rules:
 6. Reading backpressure: past `_HIGH_WATER` unread bytes the socket stops being
    read, and resumes below `_LOW_WATER`, so a slow client slows the backend instead
    of filling the proxy's memory.
+7. A 101 Switching Protocols is an answer only to an exchange started with
+   `expect_upgrade()`; anywhere else it is a protocol error. After it the connection
+   stops reading and is the caller's (`take_over`): the bytes after the head and the
+   transport go to whoever speaks the new protocol, and the transport's end is passed
+   back to `connection_lost`, so the pool frees its place then. Any other answer to
+   such an exchange is an ordinary one, but the connection is not reused after it.
 """
 
 from __future__ import annotations
@@ -120,6 +126,9 @@ class Connection(asyncio.Protocol):
         self._received_any = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._upgrading = False  # this exchange asked to switch protocols (Rule 7)
+        self._switching: Head | None = None  # its 101, until llhttp confirms the switch
+        self._after_head = b""  # the new protocol's first bytes, read with the 101
 
     # --- the exchange, for the forwarding code ----------------------------------------
 
@@ -139,6 +148,19 @@ class Connection(asyncio.Protocol):
         self._start(False)
         assert self.transport is not None
         self.transport.write(head)
+
+    def expect_upgrade(self) -> None:
+        """Take a 101 as the answer to the exchange just started (Rule 7)."""
+        self._upgrading = True
+
+    def close_after(self) -> None:
+        """Do not reuse the connection after this exchange (Rule 7)."""
+        self._keep_alive = False
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport, and the bytes the backend sent after the head."""
+        assert self.transport is not None
+        return self.transport, self._after_head
 
     def write_body(self, data: bytes) -> None:
         assert self.transport is not None
@@ -229,8 +251,8 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(BackendProtocolError("the backend switched protocols"))
+        except httptools.HttpParserUpgrade as exc:
+            self._switched(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._parse_failed(exc)
 
@@ -294,6 +316,9 @@ class Connection(asyncio.Protocol):
         status = self._parser.get_status_code()
         self._informational = 100 <= status < 200
         if self._informational:
+            if status == 101 and self._upgrading:
+                # The answer, once llhttp confirms the switch (Rule 7).
+                self._switching = Head(101, self._reason, self._headers, None, None)
             return
         self._keep_alive = self._parser.should_keep_alive()
         if status in (204, 304):
@@ -334,6 +359,21 @@ class Connection(asyncio.Protocol):
         self._wake_body()
 
     # --- helpers -------------------------------------------------------------------------
+
+    def _switched(self, rest: bytes) -> None:
+        """The backend switched protocols: its new protocol starts with `rest` (Rule 7)."""
+        head = self._switching
+        if head is None:
+            self._fail(BackendProtocolError("the backend switched protocols"))
+            return
+        self._head = head
+        self._complete = True
+        self._after_head = rest
+        assert self.transport is not None
+        self.transport.pause_reading()  # until the new protocol's reader takes over
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(head)
 
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         if self._complete:

@@ -25,9 +25,11 @@ Rules:
 3. A body whose framing breaks after its head was read (a chunked body's) closes the
    connection at once, as if the client had left: its handler is cancelled instead
    of waiting for the rest of the body.
-4. A request that asks to upgrade the protocol is answered as a plain request, and its
-   connection is then closed: the proxy upgrades nothing, and reads no more HTTP on
-   such a connection.
+4. A request that asks to upgrade the protocol reads no more HTTP on its connection,
+   which is closed after its answer. A WebSocket upgrade (`GET`, `Upgrade: websocket`)
+   is the `Forwarder`'s to make (its Rule 11): once the backend switched protocols,
+   the connection is taken over whole (`take_over`), and the bytes the client sent
+   after its request go with it. Any other upgrade is answered as a plain request.
 5. An error of the proxy itself (a bug) is still answered in OpenAI's shape, 500,
    and logged at ERROR with its traceback.
 6. A connection idle between requests longer than `limits.keepalive_timeout` is closed.
@@ -140,6 +142,7 @@ class ClientConnection(BaseProtocol):
         "_forwarder",
         "_fresh",
         "_head_timeout_s",
+        "_held",
         "_keepalive_timeout_s",
         "_last_body",
         "_late",
@@ -193,6 +196,7 @@ class ClientConnection(BaseProtocol):
         self._current: web.BaseRequest | None = None  # in its handler
         self._last_body: StreamReader | None = None  # of the last request parsed
         self._fresh = True  # no byte received yet
+        self._held: bytes | None = None  # after an upgrade request: what came after it
         self._stopped = False  # no more input is parsed (an error, an upgrade, closing)
         self._closing = False  # close once the request in flight is answered
         self._reading = True
@@ -219,14 +223,7 @@ class ClientConnection(BaseProtocol):
         self._expect(_HEAD, self._head_timeout_s)  # Rule 1: from the opening
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._stopped = True
-        timer = self._timer
-        if timer is not None:
-            timer.cancel()
-            self._timer = None
-        self._deadline = None
-        super().connection_lost(exc)
-        self._server.connection_lost(self)
+        self.gone(exc)
         gone = ConnectionResetError("the client closed the connection")
         # A handler waiting on a body wakes up; then it is cancelled, as the client left.
         for body in (
@@ -239,8 +236,31 @@ class ClientConnection(BaseProtocol):
         if task is not None:
             task.cancel()
 
+    def gone(self, exc: BaseException | None) -> None:
+        """The transport closed: from `connection_lost`, or from the tunnel it was
+        taken over by (Rule 4), whose session the task serving this connection awaits."""
+        self._stopped = True
+        timer = self._timer
+        if timer is not None:
+            timer.cancel()
+            self._timer = None
+        self._deadline = None
+        super().connection_lost(exc)
+        self._server.connection_lost(self)
+
+    def take_over(self) -> tuple[asyncio.Transport, bytes]:
+        """Rule 4: the transport for a WebSocket session, and what the client sent after
+        its upgrade request."""
+        held, self._held = self._held or b"", None
+        return self._opened, held
+
     def data_received(self, data: bytes) -> None:
         if self._stopped:
+            held = self._held
+            if held is not None:  # the upgrade's, if it is made (Rule 4)
+                held = self._held = held + data
+                if len(held) > _BODY_BUFFER:
+                    self._opened.pause_reading()  # until a tunnel reads on
             return
         if self._fresh:
             self._fresh = False
@@ -248,7 +268,7 @@ class ClientConnection(BaseProtocol):
                 self._refuse_at_once(_Refusal(_HTTP09_REASON, b"HTTP/1.0"))
                 return
         try:
-            messages, upgraded, _tail = self._request_parser.feed_data(data)
+            messages, upgraded, tail = self._request_parser.feed_data(data)
         except HttpProcessingError as exc:
             self._parse_failed(exc)
             return
@@ -258,6 +278,7 @@ class ClientConnection(BaseProtocol):
             self._last_body = messages[-1][1]
             if upgraded:
                 self._stopped = True  # Rule 4: no more HTTP on this connection
+                self._held = tail
             if self._task is None:
                 self._deadline = None  # a head came whole: no deadline while it is served
                 self._task = self._event_loop.create_task(self._serve())
@@ -326,8 +347,12 @@ class ClientConnection(BaseProtocol):
         # class has (see its docstring).
         request = web.BaseRequest(message, body, cast(RequestHandler, self), writer, task, loop)
         self._current = request
+        upgrade = message.upgrade
         try:
-            response = await self._forwarder(request)
+            if upgrade and message.method == "GET" and _is_websocket(message):
+                response = await self._forwarder(request, self)
+            else:
+                response = await self._forwarder(request)
         except Exception as exc:  # not a cancellation: the client left, or a stop cut it
             if writer.output_size > 0:
                 return False  # part of an answer went out: all that is left is to close
@@ -339,7 +364,7 @@ class ClientConnection(BaseProtocol):
             await response.write_eof()
         except ConnectionError:
             return False
-        if not response.keep_alive or self._closing or message.upgrade:
+        if not response.keep_alive or self._closing or upgrade:
             return False  # Rule 4: an upgrade is answered, then its connection closed
         # Rule 9: a stop that came while the body lingered closes it as well.
         return (body.is_eof() or await _linger(body, self._head_timeout_s)) and not self._closing
@@ -479,6 +504,11 @@ class PublicServer:
             await asyncio.wait(busy, timeout=grace_s)
         for connection in list(self._connections):
             connection.abort()
+
+
+def _is_websocket(message: RawRequestMessage) -> bool:
+    """Rule 4: does an upgrade request ask for WebSocket?"""
+    return message.headers.get("Upgrade", "").strip().lower() == "websocket"
 
 
 def _version_refusal(version: HttpVersion) -> _Refusal:

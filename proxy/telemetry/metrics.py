@@ -20,6 +20,9 @@ Instruments (OTel name → Prometheus name):
 - `gen_ai.client.operation.time_to_first_chunk` (s) →
   `gen_ai_client_operation_time_to_first_chunk_seconds`
 - `gen_ai.client.token.usage` ({token}) → `gen_ai_client_token_usage`
+- `canary.upstream.session.duration` (s) → `canary_upstream_session_duration_seconds`
+  (upgraded sessions: WebSocket)
+- `canary.upstream.session.io` (By) → `canary_upstream_session_io_bytes_total`
 - `canary.weight` (1, a ratio 0-1) gauge → `canary_weight_ratio`
 - `canary.rollout.decisions` → `canary_rollout_decisions_total`
 - `canary.shadow.requests` → `canary_shadow_requests_total` (shadow requests by route
@@ -44,6 +47,11 @@ Rules:
 4. An attempt `rejected` by a full connection pool is in `canary.upstream.requests`
    (outcome `rejected`, error.type `pool_timeout`) and its wait in the pool's wait,
    but in no duration: it never reached its backend.
+5. An upgraded session (a WebSocket) is an attempt until its 101, in the families
+   above with that handshake's duration and the outcome of the whole session; the
+   session itself, from the request to its end, is in the session families, with a
+   `canary.operation` of its own (`realtime`, `websocket`): the GenAI conventions
+   define no operation for it, so it never has a `gen_ai.operation.name`.
 """
 
 from __future__ import annotations
@@ -250,6 +258,23 @@ TOKEN_TIME: Final = _family(
     "output tokens (gen_ai.client.token.usage) over it are tokens per second in an answer.",
     (),
 )
+SESSION_DURATION: Final = _family(
+    "canary.upstream.session.duration",
+    "canary_upstream_session_duration_seconds",
+    Kind.HISTOGRAM,
+    "s",
+    "Duration of upgraded sessions (WebSocket), from the request to the end of either side.",
+    EXPORT_BOUNDS_S,
+)
+SESSION_IO: Final = _family(
+    "canary.upstream.session.io",
+    "canary_upstream_session_io_bytes",
+    Kind.COUNTER,
+    "By",
+    "Bytes relayed in upgraded sessions after their 101, by direction (client_to_backend, "
+    "backend_to_client).",
+    (),
+)
 WEIGHT: Final = _family(
     "canary.weight",
     "canary_weight_ratio",
@@ -335,6 +360,8 @@ FAMILIES: Final = (
     TIME_TO_FIRST_CHUNK,
     TOKEN_USAGE,
     TOKEN_TIME,
+    SESSION_DURATION,
+    SESSION_IO,
     WEIGHT,
     DECISIONS,
     NOTIFICATIONS,
@@ -429,6 +456,10 @@ class Metrics:
         self.attempt_tpot: dict[tuple[str, str, str], SeriesHistogram] = {}
         self.token_time: dict[tuple[str, str, str], float] = {}
         self.pool_wait: dict[str, SeriesHistogram] = {}
+        # (route, variant, backend, operation, outcome, error type)
+        self.session_duration: dict[tuple[str, str, str, str, str, str], SeriesHistogram] = {}
+        # (route, variant, backend, operation, direction)
+        self.session_io: dict[tuple[str, str, str, str, str], int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.feedback: dict[tuple[str, str, str], int] = {}
@@ -519,6 +550,30 @@ class Metrics:
     ) -> None:
         key = (known_method(method), status, route)
         _add(self.server_duration, key, duration_s, EXPORT_BOUNDS_S, trace)
+
+    def record_session(
+        self,
+        route: str,
+        variant: str,
+        backend: str,
+        operation: str,
+        outcome: str,
+        error_type: str,
+        duration_s: float,
+        to_backend: int,
+        to_client: int,
+        trace: tuple[int, int] | None = None,
+    ) -> None:
+        """One upgraded session that ended (rule 5)."""
+        key = (route, variant, backend, operation, outcome, error_type)
+        _add(self.session_duration, key, duration_s, EXPORT_BOUNDS_S, trace)
+        io = self.session_io
+        for direction, count in (
+            ("client_to_backend", to_backend),
+            ("backend_to_client", to_client),
+        ):
+            io_key = (route, variant, backend, operation, direction)
+            io[io_key] = io.get(io_key, 0) + count
 
     def record_decision(self, route: str, verdict: str) -> None:
         self.decisions[(route, verdict)] = self.decisions.get((route, verdict), 0) + 1
@@ -636,6 +691,43 @@ class Metrics:
                     seconds,
                 )
                 for (route, variant, operation), seconds in sorted(self.token_time.items())
+            ),
+        )
+        yield _histograms(
+            SESSION_DURATION,
+            (
+                (
+                    (
+                        ("canary.route", route),
+                        ("canary.variant", variant),
+                        ("canary.backend", backend),
+                        ("canary.operation", operation),
+                        ("outcome", outcome),
+                        *((("error.type", error_type),) if error_type else ()),
+                    ),
+                    histogram,
+                )
+                for (route, variant, backend, operation, outcome, error_type), histogram in sorted(
+                    self.session_duration.items()
+                )
+            ),
+        )
+        yield Series(
+            SESSION_IO,
+            tuple(
+                (
+                    (
+                        ("canary.route", route),
+                        ("canary.variant", variant),
+                        ("canary.backend", backend),
+                        ("canary.operation", operation),
+                        ("direction", direction),
+                    ),
+                    float(count),
+                )
+                for (route, variant, backend, operation, direction), count in sorted(
+                    self.session_io.items()
+                )
             ),
         )
         yield Series(

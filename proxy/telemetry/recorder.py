@@ -34,6 +34,15 @@ Rules:
    `canary`, and shadow requests count in `canary.shadow.requests` only, never as
    served; a traced user request's shadow request is a span of its own
    (`canary.shadow: true`).
+7. An upgraded session (WebSocket) is one attempt, recorded when it ends
+   (`session_done`): in the window stats and the attempt metrics with the time to its
+   101 as its duration (a session's length says nothing of the backend's speed), and
+   as an error (`session_reset`) only when the backend's connection failed mid-session;
+   any close by either side, or silence past `upgrade_idle`, ends it cleanly, and a
+   stop of the proxy cancels it. The whole session's duration and its bytes each way
+   are in the session metrics, under a `canary.operation` of the proxy's own
+   (`realtime` for a path ending in /realtime, else `websocket`; rule 4); a sampled
+   one's client span covers the whole session.
 """
 
 from __future__ import annotations
@@ -72,12 +81,14 @@ from proxy.telemetry.tracing import (
 
 __all__ = [
     "FEATURE_FLAG_PROVIDER",
+    "SESSION_RESET",
     "Attempt",
     "Exchange",
     "PairSide",
     "Recorder",
     "SpanSink",
     "operation_of",
+    "session_operation",
 ]
 
 FEATURE_FLAG_PROVIDER: Final = "canary-proxy"
@@ -108,6 +119,17 @@ def operation_of(path: str) -> str | None:
         if path.endswith(suffix):
             return operation
     return None
+
+
+SESSION_RESET: Final = "session_reset"
+# How an upgraded session ended (`proxy.http.tunnel.End`), as rule 7 counts it.
+_SESSION_FAILED: Final = "backend_reset"
+_SESSION_CUT_BY_PROXY: Final = "shutdown"
+
+
+def session_operation(path: str) -> str:
+    """The `canary.operation` of an upgraded session (rule 7)."""
+    return "realtime" if path.endswith("/realtime") else "websocket"
 
 
 class SpanSink(Protocol):
@@ -276,7 +298,9 @@ class Recorder:
         span_id = new_span_id() if exchange.trace is not None else None
         return Attempt(exchange.route, variant, backend, now, span_id)
 
-    def attempt_done(self, exchange: Exchange, attempt: Attempt, now: float) -> None:
+    def attempt_done(
+        self, exchange: Exchange, attempt: Attempt, now: float, *, span: bool = True
+    ) -> None:
         status = attempt.status
         error_type = attempt.error_type
         if error_type is None and status is not None and (status >= 500 or status == 429):
@@ -360,7 +384,7 @@ class Recorder:
                 attempt.cancelled,
                 bucket if bucket is not None else next(self._keyless),
             )
-        if trace is not None and span_id is not None:
+        if trace is not None and span_id is not None and span:
             self._client_span(exchange, attempt, now, ttft_s, facts, operation, provider, tpot_s)
 
     def record_shadow(self, route: str, outcome: str) -> None:
@@ -442,6 +466,50 @@ class Recorder:
                 error=canary.error_type,
             )
         )
+    def session_done(
+        self,
+        exchange: Exchange,
+        attempt: Attempt,
+        end: str | None,
+        to_backend: int,
+        to_client: int,
+        now: float,
+    ) -> None:
+        """An upgraded session ended (rule 7); `end` says how (None: it never began)."""
+        if end == _SESSION_FAILED:
+            attempt.error_type = SESSION_RESET
+        elif end is None or end == _SESSION_CUT_BY_PROXY:
+            attempt.cancelled = True
+        switched_at = attempt.first_byte_at if attempt.first_byte_at is not None else now
+        self.attempt_done(exchange, attempt, switched_at, span=False)
+        error_type = attempt.error_type
+        outcome = "error" if error_type else "cancelled" if attempt.cancelled else "ok"
+        trace = exchange.trace
+        span_id = attempt.span_id
+        traced = trace is not None and span_id is not None
+        self.metrics.record_session(
+            attempt.route,
+            attempt.variant.value,
+            attempt.backend,
+            session_operation(exchange.path),
+            outcome,
+            error_type or "",
+            now - attempt.started,
+            to_backend,
+            to_client,
+            (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
+        )
+        if traced:
+            session: Attributes = {
+                "canary.session.end": end or _SESSION_CUT_BY_PROXY,
+                "canary.session.handshake": switched_at - attempt.started,
+                "canary.session.bytes_to_backend": to_backend,
+                "canary.session.bytes_to_client": to_client,
+            }
+            provider = self._providers.get(attempt.backend, PROVIDER)
+            self._client_span(
+                exchange, attempt, now, None, None, None, provider, None, extra=session
+            )
 
     def feedback(self, request_id: str, score: Score) -> tuple[str, Variant] | None:
         """Count a score for the variant that served `request_id`; None when this process
@@ -533,6 +601,7 @@ class Recorder:
         operation: str | None,
         provider: str,
         tpot_s: float | None,
+        extra: Attributes | None = None,
     ) -> None:
         sink = self.sink
         trace = exchange.trace
@@ -578,6 +647,8 @@ class Recorder:
         if attempt.pool_wait_s:
             attributes["canary.pool.wait"] = attempt.pool_wait_s
             attributes["canary.pool.queued_ahead"] = attempt.queued_ahead
+        if extra is not None:
+            attributes.update(extra)
         if facts is not None and operation is not None:
             if facts.model is not None:
                 attributes["gen_ai.response.model"] = facts.model
