@@ -24,7 +24,7 @@ typecheck: $(STAMP)
 	MYPYPATH=tests/bench $(BIN)/mypy --strict --explicit-package-bases tests/bench/*.py
 
 # The request path: every branch of these is exercised by a test.
-HOT_PATH := proxy/http/forwarding.py,proxy/http/relay.py,proxy/http/body.py,proxy/http/headers.py,proxy/http/http1.py,proxy/http/pool.py,proxy/http/deadlines.py,proxy/http/inbound.py,proxy/routing/assignment.py,proxy/routing/keys.py
+HOT_PATH := proxy/http/forwarding.py,proxy/http/relay.py,proxy/http/tunnel.py,proxy/http/body.py,proxy/http/headers.py,proxy/http/http1.py,proxy/http/pool.py,proxy/http/deadlines.py,proxy/http/inbound.py,proxy/routing/assignment.py,proxy/routing/keys.py
 
 # Branch coverage of the package, its child processes included: at least 90% of it,
 # and all of the hot path. Two workers, a test file each at a time: most tests wait on

@@ -637,6 +637,30 @@ async def test_switching_protocols_is_a_protocol_error() -> None:
             await connection.head()
 
 
+async def test_a_101_asked_for_is_the_answer_and_what_follows_it_the_new_protocols() -> None:
+    upgrade = replies(
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\n\r\nfirst frames",
+        linger_s=0.5,
+    )
+
+    async with scripted(upgrade) as (_, pool):
+        connection = await pool.acquire()
+        connection.expect_upgrade()
+        connection.send(GET, None)
+        # The answer came before anyone waited for it.
+        await eventually("the 101", lambda: connection.at_eof(), timeout_s=5)
+        head = await connection.head()
+        transport, rest = connection.take_over()
+        assert head.status == 101
+        assert rest == b"first frames"
+        assert not connection.reusable  # the transport is the new protocol's now
+        assert pool.open_connections == 1
+        transport.close()
+        connection.connection_lost(None)  # as the new protocol passes the end on
+        assert pool.open_connections == 0
+
+
 async def test_the_body_a_head_answer_is_followed_by_is_not_an_overrun() -> None:
     # The body comes after the head, as what a GET would have got.
     with_body = replies(

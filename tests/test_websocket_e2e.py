@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
@@ -32,6 +33,7 @@ from tests.harness import (
     running_proxy,
     sticky,
 )
+from tests.otlp_receiver import attributes, otlp_receiver
 from tests.raw import read_answer
 
 pytestmark = pytest.mark.timeout(30)
@@ -183,6 +185,41 @@ async def test_a_session_closed_by_the_client_is_recorded_with_its_bytes(
         frozenset({*labels - {("canary_operation", "realtime")}, ("outcome", "ok")}): 1.0
     }
     assert not samples(found, "gen_ai_client_operation_duration_seconds_count")
+
+
+async def test_a_sampled_session_is_one_client_span_over_the_whole_session(
+    backends: Backends,
+) -> None:
+    async with otlp_receiver() as receiver:
+        telemetry = f"telemetry: {{otlp_endpoint: '{receiver.endpoint}', trace_sample_ratio: 1}}"
+        await backends.canary.clear()
+        async with running_proxy(config(backends, top=telemetry)) as proxy, client() as http:
+            async with http.session.ws_connect(f"{proxy.url}{REALTIME}") as socket:
+                await socket.receive_json(timeout=5)
+                await socket.send_str("hello")
+                await socket.receive_json(timeout=5)
+                await asyncio.sleep(0.2)
+            spans = await receiver.wait_for_spans(2)
+            [received] = await backends.canary.requests()
+    [server] = [span for span in spans if span.kind == Span.SPAN_KIND_SERVER]
+    [session] = [span for span in spans if span.kind == Span.SPAN_KIND_CLIENT]
+    assert session.parent_span_id == server.span_id
+    assert session.name == "GET"
+    found = attributes(session)
+    assert found["canary.variant"] == "canary"
+    assert found["http.response.status_code"] == 101
+    # A WebSocket close handshake ends with the server closing its TCP connection first.
+    assert found["canary.session.end"] == "backend_closed"
+    assert found["canary.session.bytes_to_backend"] > 0
+    assert found["canary.session.bytes_to_client"] > 0
+    assert "gen_ai.operation.name" not in found
+    assert "error.type" not in found
+    lasted_s = (session.end_time_unix_nano - session.start_time_unix_nano) / 1e9
+    assert found["canary.session.handshake"] < 0.2 <= lasted_s
+    assert attributes(server)["http.response.status_code"] == 101
+    # The backend's request carries the session span as its parent.
+    headers = {name.lower(): value for name, value in received["headers"]}
+    assert headers["traceparent"].split("-")[2] == session.span_id.hex()
 
 
 async def test_a_session_closed_by_the_backend_closes_the_client_and_is_clean(

@@ -457,9 +457,9 @@ class Metrics:
         self.token_time: dict[tuple[str, str, str], float] = {}
         self.pool_wait: dict[str, SeriesHistogram] = {}
         # (route, variant, backend, operation, outcome, error type)
-        self.session_duration: dict[tuple[str, str, str, str, str, str], SeriesHistogram] = {}
+        self.session_duration: dict[tuple[str, Variant, str, str, str, str], SeriesHistogram] = {}
         # (route, variant, backend, operation, direction)
-        self.session_io: dict[tuple[str, str, str, str, str], int] = {}
+        self.session_io: dict[tuple[str, Variant, str, str, str], int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.notifications: dict[tuple[str, str], int] = {}
         self.feedback: dict[tuple[str, str, str], int] = {}
@@ -554,7 +554,7 @@ class Metrics:
     def record_session(
         self,
         route: str,
-        variant: str,
+        variant: Variant,
         backend: str,
         operation: str,
         outcome: str,

@@ -486,10 +486,10 @@ class Recorder:
         outcome = "error" if error_type else "cancelled" if attempt.cancelled else "ok"
         trace = exchange.trace
         span_id = attempt.span_id
-        traced = trace is not None and span_id is not None
+        traced = (trace.trace_id, span_id) if trace is not None and span_id is not None else None
         self.metrics.record_session(
             attempt.route,
-            attempt.variant.value,
+            attempt.variant,
             attempt.backend,
             session_operation(exchange.path),
             outcome,
@@ -497,9 +497,9 @@ class Recorder:
             now - attempt.started,
             to_backend,
             to_client,
-            (trace.trace_id, span_id) if trace is not None and span_id is not None else None,
+            traced,
         )
-        if traced:
+        if traced is not None:
             session: Attributes = {
                 "canary.session.end": end or _SESSION_CUT_BY_PROXY,
                 "canary.session.handshake": switched_at - attempt.started,
