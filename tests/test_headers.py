@@ -247,9 +247,3 @@ def test_a_101_keeps_the_backends_upgrade_and_end_to_end_headers_as_received() -
         b"x-canary-variant: stable",
         b"x-request-id: r",
     ]
-
-
-def test_a_connection_header_with_options_only_drops_nothing_else() -> None:
-    upstream = [(b"Connection", b"keep-alive"), (b"X-Kept", b"1")]
-    out = response_headers(upstream, variant=Variant.CANARY, request_id="r")
-    assert out == [("X-Kept", "1"), ("x-canary-variant", "canary"), ("x-request-id", "r")]
