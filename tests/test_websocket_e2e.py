@@ -208,8 +208,9 @@ async def test_a_sampled_session_is_one_client_span_over_the_whole_session(
     found = attributes(session)
     assert found["canary.variant"] == "canary"
     assert found["http.response.status_code"] == 101
-    # A WebSocket close handshake ends with the server closing its TCP connection first.
-    assert found["canary.session.end"] == "backend_closed"
+    # After a WebSocket close handshake both sides close their connections at about the
+    # same moment: either may be the first the proxy sees.
+    assert found["canary.session.end"] in ("client_closed", "backend_closed")
     assert found["canary.session.bytes_to_backend"] > 0
     assert found["canary.session.bytes_to_client"] > 0
     assert "gen_ai.operation.name" not in found
