@@ -466,6 +466,7 @@ class Recorder:
                 error=canary.error_type,
             )
         )
+
     def session_done(
         self,
         exchange: Exchange,
