@@ -134,7 +134,7 @@ class Snapshot:
 
 
 class ClientLine(Protocol):
-    """The client's connection, as an upgrade needs it (Rule 11)."""
+    """The client's connection, as an upgrade needs it (Rule 12)."""
 
     def take_over(self) -> tuple[asyncio.Transport, bytes]:
         """The connection's transport, no longer read as HTTP, and the bytes the client
@@ -180,7 +180,7 @@ class Forwarder:
     async def __call__(
         self, request: web.BaseRequest, client: ClientLine | None = None
     ) -> web.StreamResponse:
-        """Answer `request`; `client` only for a WebSocket upgrade (Rule 11)."""
+        """Answer `request`; `client` only for a WebSocket upgrade (Rule 12)."""
         snapshot = self.snapshot
         telemetry = self.telemetry
         headers = request.headers
@@ -294,7 +294,7 @@ class Forwarder:
         )
 
     async def _session(self, opened: Opened, client: ClientLine, exchange: Exchange) -> Switched:
-        """Rule 11: the backend switched protocols; relay both ways until the session ends."""
+        """Rule 12: the backend switched protocols; relay both ways until the session ends."""
         attempt = opened.attempt
         connection = opened.connection
         self.deadlines.unwatch(opened.watch)

@@ -27,7 +27,7 @@ Rules:
    of waiting for the rest of the body.
 4. A request that asks to upgrade the protocol reads no more HTTP on its connection,
    which is closed after its answer. A WebSocket upgrade (`GET`, `Upgrade: websocket`)
-   is the `Forwarder`'s to make (its Rule 11): once the backend switched protocols,
+   is the `Forwarder`'s to make (its Rule 12): once the backend switched protocols,
    the connection is taken over whole (`take_over`), and the bytes the client sent
    after its request go with it. Any other upgrade is answered as a plain request.
 5. An error of the proxy itself (a bug) is still answered in OpenAI's shape, 500,
