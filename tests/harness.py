@@ -103,10 +103,23 @@ async def run_cli(*argv: str, timeout_s: float = 30.0) -> tuple[int, str, str]:
 
 
 def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (connections are refused)."""
+    """A port on 127.0.0.1 that nothing listens on now (a server may bind it next)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 that refuses connections for the rest of the test process:
+    bound, with no listener. A port merely closed again (`closed_port`) can be taken
+    meanwhile by a server another test starts, which then answers in its place."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    _REFUSING.append(sock)
+    return int(sock.getsockname()[1])
+
+
+_REFUSING: list[socket.socket] = []
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fake_backend.wire import JSON_GARBAGE_BODY
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, eventually, proxy_yaml, running_proxy
+from tests.harness import RunningProxy, eventually, proxy_yaml, refused_port, running_proxy
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 TIMEOUTS = "timeouts: {connect: 1s, first_byte: 300ms, idle: 300ms}"
@@ -67,7 +67,7 @@ FAULTS = {
 
 
 def canary_config(backends: Backends, refused: bool = False) -> str:
-    canary = f"http://127.0.0.1:{closed_port()}" if refused else backends.canary.url
+    canary = f"http://127.0.0.1:{refused_port()}" if refused else backends.canary.url
     return proxy_yaml(
         backends.stable.url,
         canary,

@@ -18,9 +18,9 @@ from proxy.http.http1 import BackendClosed, BackendCut, BackendProtocolError, Co
 from proxy.http.pool import BackendPool, ConnectFailed, ConnectTimeout, PoolTimeout
 from tests.harness import (
     RunningProxy,
-    closed_port,
     eventually,
     proxy_yaml,
+    refused_port,
     running_proxy,
     unanswered_port,
 )
@@ -402,7 +402,7 @@ async def test_a_close_before_the_head_says_whether_any_byte_came() -> None:
 
 
 async def test_refused_connection_is_connect_failed() -> None:
-    pool = BackendPool(make_backend(closed_port()))
+    pool = BackendPool(make_backend(refused_port()))
     with pytest.raises(ConnectFailed, match="cannot connect to backend b"):
         await pool.acquire()
     assert pool.open_connections == 0

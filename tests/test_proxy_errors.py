@@ -13,7 +13,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from tests.conftest import Backends
-from tests.harness import BackendProcess, closed_port, proxy_yaml, running_proxy, start_backend
+from tests.harness import BackendProcess, proxy_yaml, refused_port, running_proxy, start_backend
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -97,7 +97,7 @@ async def test_413_when_the_body_is_over_the_limit(backends: Backends, chunked: 
 
 
 async def test_502_when_the_backend_is_unreachable(backends: Backends) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{refused_port()}"
     async with running_proxy(proxy_yaml(dead, backends.canary.url)) as proxy:
         status, headers, body = await post(
             f"{proxy.url}/v1/chat/completions", json=CHAT, headers={"x-user-id": "u"}
@@ -234,7 +234,7 @@ async def test_fallback_covers_every_failure_before_the_first_byte(
     why: str,
     stream: bool,
 ) -> None:
-    canary = backends.canary.url if canary_fault else f"http://127.0.0.1:{closed_port()}"
+    canary = backends.canary.url if canary_fault else f"http://127.0.0.1:{refused_port()}"
     config = proxy_yaml(
         backends.stable.url,
         canary,

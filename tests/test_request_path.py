@@ -22,9 +22,9 @@ from tests.conftest import Backends
 from tests.harness import (
     BackendProcess,
     RunningProxy,
-    closed_port,
     eventually,
     proxy_yaml,
+    refused_port,
     running_proxy,
     unanswered_port,
 )
@@ -86,7 +86,7 @@ async def test_504_when_the_backend_host_takes_no_connection_within_connect(
 
 
 async def test_502_from_stable_when_the_canary_and_then_the_stable_fail_before_a_byte() -> None:
-    stable, canary = (f"http://127.0.0.1:{closed_port()}" for _ in range(2))
+    stable, canary = (f"http://127.0.0.1:{refused_port()}" for _ in range(2))
     config = proxy_yaml(stable, canary, route="rollout: {weight: 100}\nfallback_to_stable: true")
     async with running_proxy(config) as proxy:
         status, headers, body = await ask(proxy)

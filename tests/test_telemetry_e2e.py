@@ -25,7 +25,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends
-from tests.harness import RunningProxy, closed_port, eventually, proxy_yaml, running_proxy
+from tests.harness import RunningProxy, eventually, proxy_yaml, refused_port, running_proxy
 from tests.otlp_receiver import attributes, grpc_receiver, otlp_receiver
 
 CHAT = {"model": "llama-3-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -491,7 +491,7 @@ async def test_a_collector_down_or_slow_costs_requests_nothing(
     # default is 10 s; 2 s here, in seconds as the Python SDK reads it).
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "2")
     async with otlp_receiver(delay_s=10.0) as slow:
-        endpoint = slow.endpoint if collector == "slow" else f"http://127.0.0.1:{closed_port()}"
+        endpoint = slow.endpoint if collector == "slow" else f"http://127.0.0.1:{refused_port()}"
         reference = proxy_yaml(backends.stable.url, backends.canary.url)
         troubled = proxy_yaml(
             backends.stable.url, backends.canary.url, top=telemetry_yaml(endpoint)

@@ -27,9 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import Backends
 from tests.harness import (
     RunningProxy,
-    closed_port,
     eventually,
     proxy_yaml,
+    refused_port,
     running_proxy,
     sticky,
 )
@@ -262,7 +262,7 @@ async def test_a_canary_failing_before_its_101_falls_back_to_stable(
     headers = {"x-fake-status": "503", "x-fake-only": "m-canary"}
     route = f"{CANARY_ONLY}\nfallback_to_stable: true"
     if canary_fault == "unreachable":
-        text = proxy_yaml(backends.stable.url, f"http://127.0.0.1:{closed_port()}", route)
+        text = proxy_yaml(backends.stable.url, f"http://127.0.0.1:{refused_port()}", route)
     else:
         text = config(backends, route)
     async with running_proxy(text) as proxy, client() as http:
