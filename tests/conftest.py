@@ -1,4 +1,5 @@
-"""Shared fixtures: one stable and one canary fake-backend process for the session;
+"""Shared fixtures: one stable and one canary fake-backend process for the session (and
+a fresh pair for a test that needs its own, `pair`);
 a fresh redis-server for each test that asks for one, and an emptied Redis Cluster."""
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from tests.redis_server import (
 class Backends:
     stable: BackendProcess
     canary: BackendProcess
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[BackendProcess, BackendProcess]]:
+    """A stable and a canary backend of the test's own (their journals start empty)."""
+    stable = start_backend("m-stable")
+    canary = start_backend("m-canary")
+    try:
+        yield stable, canary
+    finally:
+        stable.stop()
+        canary.stop()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,6 @@ from tests.harness import (
 )
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[BackendProcess, BackendProcess]]:
-    stable = start_backend("m-stable")
-    canary = start_backend("m-canary")
-    yield stable, canary
-    stable.stop()
-    canary.stop()
 
 
 def write_config(

@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,6 @@ from tests.otlp_receiver import attributes, otlp_receiver
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 STREAM = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[BackendProcess, BackendProcess]]:
-    stable = start_backend("m-stable")
-    canary = start_backend("m-canary")
-    yield stable, canary
-    stable.stop()
-    canary.stop()
 
 
 def write_config(

@@ -369,21 +369,38 @@ def _test(
 ) -> Transition:
     """An A/B test of its own at its weight, from now."""
     weight = auto.steps[0]
-    new = RouteState(
+    new = _begun(state, route, Status.TESTING, weight, 0, identity, weight, now)
+    ends = format_duration(auto.ab_duration_s)
+    return _record(new, state, now, cause, Action.TEST, f"weight {weight:g}% for {ends}: {why}")
+
+
+def _begun(
+    state: RouteState | None,
+    route: str,
+    status: Status,
+    weight: float,
+    step: int,
+    identity: str,
+    config_weight: float,
+    now: float,
+    *,
+    shadow: bool = False,
+) -> RouteState:
+    """A rollout (or test) of `identity` beginning now, with fresh evidence; the route's
+    decisions and store version carry over from `state`."""
+    return RouteState(
         route,
-        Status.TESTING,
+        status,
         weight,
-        0,
+        step,
         step_started_at=now,
         started_at=now,
-        evidence=Evidence.fresh(_next_slice(now)),
+        evidence=Evidence.fresh(_next_slice(now), shadow=shadow),
         canary=identity,
-        config_weight=weight,
+        config_weight=config_weight,
         decisions=state.decisions if state is not None else (),
         version=state.version if state is not None else 0,
     )
-    ends = format_duration(auto.ab_duration_s)
-    return _record(new, state, now, cause, Action.TEST, f"weight {weight:g}% for {ends}: {why}")
 
 
 def ab_left_s(state: RouteState, auto: AutoRollout | None, now: float) -> float:
@@ -444,18 +461,8 @@ def _restart(
 ) -> Transition:
     """A rollout of its own from the first step, or from shadow when it is configured."""
     if auto.shadow is not None:
-        new = RouteState(
-            route,
-            Status.SHADOW,
-            0.0,
-            -1,
-            step_started_at=now,
-            started_at=now,
-            evidence=Evidence.fresh(_next_slice(now), shadow=True),
-            canary=identity,
-            config_weight=config_weight,
-            decisions=state.decisions if state is not None else (),
-            version=state.version if state is not None else 0,
+        new = _begun(
+            state, route, Status.SHADOW, 0.0, -1, identity, config_weight, now, shadow=True
         )
         return _record(
             new,
@@ -482,18 +489,15 @@ def _adopt(
     action: Action = Action.ADOPT,
 ) -> Transition:
     """A rollout of its own from `weight`, ramping from the step at or below it."""
-    new = RouteState(
+    new = _begun(
+        state,
         route,
         Status.PROGRESSING,
         weight,
         _step_of(auto, weight),
-        step_started_at=now,
-        started_at=now,
-        evidence=Evidence.fresh(_next_slice(now)),
-        canary=identity,
-        config_weight=config_weight,
-        decisions=state.decisions if state is not None else (),
-        version=state.version if state is not None else 0,
+        identity,
+        config_weight,
+        now,
     )
     return _record(new, state, now, Cause.CONFIG, action, f"weight {weight:g}%: {why}")
 
